@@ -1,0 +1,37 @@
+"""`eva-repro bench`: run benchmark suites and write one JSON result per suite.
+
+Each suite is a module in this package with `run(output_dir: Path, quick: bool) -> dict`;
+results go to `<output_dir>/<suite>.json`. Benchmarks are never timed assertions in tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import time
+from pathlib import Path
+
+from eva_repro.shards import atomic_write_json
+
+SUITES = ("model", "extract", "train", "evaluate")
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--output_dir", default="bench_results", help="where <suite>.json files go")
+    p.add_argument("--suite", action="append", choices=SUITES,
+                   help="suite to run (repeatable); default: all")
+    p.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for suite in args.suite or SUITES:
+        start = time.time()
+        print(f"[bench] {suite} ...", flush=True)
+        result = importlib.import_module(f"eva_repro.bench.{suite}").run(out, args.quick)
+        result = {"suite": suite, "wall_s": round(time.time() - start, 1), **result}
+        atomic_write_json(out / f"{suite}.json", result)
+        print(json.dumps(result, indent=2), flush=True)
+    return 0

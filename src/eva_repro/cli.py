@@ -1,0 +1,44 @@
+"""`eva-repro` command line: one subcommand per pipeline stage.
+
+Each subcommand lives in its own module, which defines `configure_parser(parser)` and
+`run(args) -> int | None`; modules are imported only when their command runs, so `eva-repro
+--help` stays fast and a missing optional dependency only affects the command that needs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = {
+    "extract": ("eva_repro.extract", "images -> frozen EVA-CLIP / CLIP patch embeddings -> shards"),
+    "synth": ("eva_repro.synth", "write synthetic shards with a known target function"),
+    "train": ("eva_repro.train", "train the DiT on shards (single process, DDP or FSDP2)"),
+    "evaluate": ("eva_repro.evaluate", "evaluate a trained model on held-out shards"),
+    "sample": ("eva_repro.generate", "generate EVA embeddings for CLIP embeddings (shards in/out)"),
+    "demo": ("eva_repro.demo", "images -> shards -> model -> report, offline"),
+    "bench": ("eva_repro.bench", "run benchmarks and write JSON results"),
+}
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="eva-repro", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    wanted = next((a for a in argv if not a.startswith("-")), None)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == wanted:  # only the command being run pays for its imports
+            importlib.import_module(module).configure_parser(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv).parse_args(argv)
+    module = importlib.import_module(COMMANDS[args.command][0])
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

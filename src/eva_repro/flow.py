@@ -1,0 +1,245 @@
+"""Rectified flow: the one place the time convention, target scaling, loss and samplers live.
+
+Convention (everywhere in eva-repro):
+    t = 0 is noise, t = 1 is data
+    x_t = (1 - t) * x0 + t * x1          x0 ~ N(0, I), x1 = normalised target
+    v   = dx_t/dt = x1 - x0              the network regresses v
+Sampling integrates dx/dt = v(x, t) forward from t = 0 (noise) to t = 1 (data).
+
+Target scaling: EVA tokens are L2-normalised per token and multiplied by sqrt(D), so a target
+element has unit variance like the noise. (Unit-norm targets next to N(0, I) noise would make
+the data a vanishing fraction of x_t in 4096-d.) `normalize_target` is the only place this
+happens; `denormalize_target` maps generated tokens back to a chosen token norm.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+METHODS = ("euler", "heun", "dopri5")
+TIME_SCHEMES = ("uniform", "logit_normal")
+
+
+def _expand_time(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """[B] -> [B, 1, 1, ...] so t broadcasts over a token tensor."""
+    return t.reshape(t.shape[0], *([1] * (x.dim() - 1))).to(x.dtype)
+
+
+def interpolate(x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """x_t = (1 - t) x0 + t x1, with t [B] (t=0 noise, t=1 data)."""
+    t = _expand_time(t, x0)
+    return (1 - t) * x0 + t * x1
+
+
+def target_velocity(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
+    """v = x1 - x0, the (constant) velocity of the straight path from noise to data."""
+    return x1 - x0
+
+
+def normalize_target(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Per-token x / ||x|| * sqrt(D): elements then have unit variance, like N(0, I) noise."""
+    x = x.float()
+    return x * (math.sqrt(x.shape[-1]) / x.norm(dim=-1, keepdim=True).clamp_min(eps))
+
+
+def denormalize_target(y: torch.Tensor, norm: float = 1.0, eps: float = 1e-6) -> torch.Tensor:
+    """Inverse of `normalize_target` up to the token norm the caller wants (e.g. the data mean)."""
+    return y * (norm / y.norm(dim=-1, keepdim=True).clamp_min(eps))
+
+
+def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """Resolution shift (SD3 / Lumina) in our convention: shift > 1 spends more time near noise.
+
+    SD3 writes s*u / (1 + (s-1)*u) for u = 1 - t (u=1 noise); we map back to t = 1 - u'.
+    shift = 1 is the identity; t = 0 and t = 1 are fixed points.
+    """
+    if shift == 1.0:
+        return t
+    u = 1 - t
+    return 1 - shift * u / (1 + (shift - 1) * u)
+
+
+def sample_time(
+    batch: int,
+    scheme: str = "logit_normal",
+    mean: float = 0.0,
+    std: float = 1.0,
+    shift: float = 1.0,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Training times t [B] in (0, 1): `uniform` or `logit_normal(mean, std)` (SD3), then shifted."""
+    if scheme == "uniform":
+        t = torch.rand(batch, generator=generator, device=device)
+    elif scheme == "logit_normal":
+        t = torch.sigmoid(mean + std * torch.randn(batch, generator=generator, device=device))
+    else:
+        raise ValueError(f"unknown time scheme {scheme!r}; choose one of {TIME_SCHEMES}")
+    return shift_time(t, shift)
+
+
+# ---------------------------------------------------------------------------------------------
+# training objective
+
+
+@dataclass
+class FlowConfig:
+    time_scheme: str = "logit_normal"
+    time_mean: float = 0.0
+    time_std: float = 1.0
+    shift: float = 1.0
+    cfg_dropout: float = 0.1  # probability of replacing the condition by the learned null one
+
+
+@dataclass
+class FlowLoss:
+    loss: torch.Tensor  # scalar, differentiable
+    cosine: torch.Tensor  # mean cos(predicted v, true v) per token, detached
+    per_example: torch.Tensor  # [B] (weighted) MSE per example, detached
+    t: torch.Tensor  # [B] the times used
+
+
+def flow_loss(
+    model: torch.nn.Module,
+    target: torch.Tensor,
+    cond: torch.Tensor,
+    cfg: FlowConfig | None = None,
+    generator: torch.Generator | None = None,
+    weighting: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> FlowLoss:
+    """MSE between predicted and true velocity on fresh noise and fresh t for every example.
+
+    `target` is the raw EVA tokens [B, T, D] (normalised here); `weighting(t) -> [B]` optionally
+    reweights examples by time.
+    """
+    cfg = cfg or FlowConfig()
+    x1 = normalize_target(target)
+    b = x1.shape[0]
+    x0 = torch.randn(x1.shape, generator=generator, device=x1.device, dtype=x1.dtype)
+    t = sample_time(b, cfg.time_scheme, cfg.time_mean, cfg.time_std, cfg.shift, generator, x1.device)
+    drop = None
+    if cfg.cfg_dropout > 0:
+        drop = torch.rand(b, generator=generator, device=x1.device) < cfg.cfg_dropout
+    v_true = target_velocity(x0, x1)
+    v_pred = model(interpolate(x0, x1, t), t, cond, drop_cond=drop).float()
+    per_example = (v_pred - v_true).pow(2).mean(dim=tuple(range(1, v_true.dim())))
+    if weighting is not None:
+        per_example = per_example * weighting(t)
+    cosine = F.cosine_similarity(v_pred.detach(), v_true, dim=-1).mean()
+    return FlowLoss(per_example.mean(), cosine, per_example.detach(), t)
+
+
+# ---------------------------------------------------------------------------------------------
+# sampling
+
+
+def time_grid(steps: int, shift: float = 1.0, device: torch.device | str | None = None) -> torch.Tensor:
+    """steps + 1 times from 0 (noise) to 1 (data), uniformly spaced then shifted."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    return shift_time(torch.linspace(0.0, 1.0, steps + 1, device=device, dtype=torch.float64),
+                      shift)
+
+
+def sample_ode(
+    velocity_fn: VelocityFn,
+    x0: torch.Tensor,
+    steps: int = 20,
+    method: str = "heun",
+    shift: float = 1.0,
+    atol: float = 1e-5,
+    rtol: float = 1e-5,
+) -> tuple[torch.Tensor, int]:
+    """Integrate dx/dt = v(x, t) from t=0 (x0 = noise) to t=1. Returns (x1, network evaluations).
+
+    euler: 1 evaluation per step (1st order); heun: 2 per step (2nd order, trapezoidal
+    corrector); dopri5: adaptive Dormand-Prince via torchdiffeq, `steps` ignored, and
+    `shift` reparametrises time so its step-size control sees the same schedule.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown sampler {method!r}; choose one of {METHODS}")
+    b = x0.shape[0]
+    nfe = 0
+
+    def v(x: torch.Tensor, t: float) -> torch.Tensor:
+        nonlocal nfe
+        nfe += 1
+        return velocity_fn(x, torch.full((b,), t, device=x.device, dtype=x.dtype))
+
+    if method == "dopri5":
+        return _dopri5(v, x0, shift, atol, rtol), nfe
+    ts = time_grid(steps, shift, x0.device).tolist()
+    x = x0
+    for t0, t1 in zip(ts[:-1], ts[1:], strict=True):
+        h = t1 - t0
+        d0 = v(x, t0)
+        if method == "euler":
+            x = x + h * d0
+        else:
+            d1 = v(x + h * d0, t1)
+            x = x + 0.5 * h * (d0 + d1)
+    return x, nfe
+
+
+def _dopri5(
+    v: Callable[[torch.Tensor, float], torch.Tensor], x0: torch.Tensor, shift: float,
+    atol: float, rtol: float,
+) -> torch.Tensor:
+    from torchdiffeq import odeint
+
+    # Integrate in s in [0, 1] with t = shift_time(s): dx/ds = v(x, t(s)) * dt/ds.
+    def field(s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if shift == 1.0:
+            return v(x, float(s))
+        s = s.detach().double()
+        u = 1 - s  # t = 1 - shift*u / (1 + (shift-1)*u); dt/ds = shift / (1 + (shift-1)*u)^2
+        t = 1 - shift * u / (1 + (shift - 1) * u)
+        dt_ds = shift / (1 + (shift - 1) * u) ** 2
+        return v(x, float(t)) * float(dt_ds)
+
+    s = torch.tensor([0.0, 1.0], device=x0.device, dtype=x0.dtype)
+    return odeint(field, x0, s, method="dopri5", atol=atol, rtol=rtol)[-1]
+
+
+def guided_velocity(
+    model: torch.nn.Module, cond: torch.Tensor, cfg_scale: float = 1.0
+) -> VelocityFn:
+    """velocity_fn for `sample_ode`: v_u + s * (v_c - v_u), one batched call; s = 1 is off."""
+
+    def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if cfg_scale == 1.0:
+            return model(x, t, cond).float()
+        b = x.shape[0]
+        drop = torch.arange(2 * b, device=x.device) >= b
+        v = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, cond]), drop_cond=drop)
+        v_cond, v_uncond = v.float().chunk(2)
+        return v_uncond + cfg_scale * (v_cond - v_uncond)
+
+    return velocity
+
+
+@torch.no_grad()
+def sample(
+    model: torch.nn.Module,
+    cond: torch.Tensor,
+    steps: int = 20,
+    method: str = "heun",
+    shift: float = 1.0,
+    cfg_scale: float = 1.0,
+    generator: torch.Generator | None = None,
+    tokens: int | None = None,
+) -> tuple[torch.Tensor, int]:
+    """Draw targets for `cond` [B, Tc, Dc] from N(0, I) noise; returns normalised-space tokens.
+
+    `tokens` defaults to the condition's token count (target and condition share the grid).
+    """
+    config = model.config
+    shape = (cond.shape[0], tokens or cond.shape[1], config.target_dim)
+    x0 = torch.randn(shape, generator=generator, device=cond.device, dtype=torch.float32)
+    return sample_ode(guided_velocity(model, cond, cfg_scale), x0, steps, method, shift)

@@ -1,0 +1,353 @@
+"""BLIP3-o / Lumina-Next style Diffusion Transformer over patch tokens, in one file.
+
+    x_t [B, T, D_target], t [B], c [B, Tc, D_cond]  ->  velocity [B, T, D_target]
+
+    h   = W_in x_t                                   input projection
+    c'  = W_c RMSNorm(c)                             condition projected once (or the learned
+                                                     null condition, for classifier-free guidance)
+    a   = TimestepMLP(sin(t)) + W_p RMSNorm(mean c') adaLN input
+    per block (sandwich norm, zero-init tanh gates):
+        s1, g1, s2, g2 = W_ada SiLU(a)               (zero init: every block starts as identity)
+        h += tanh(g1) * RMSNorm(Attn(RMSNorm(h) * (1 + s1), c'))
+        h += tanh(g2) * RMSNorm(SwiGLU(RMSNorm(h) * (1 + s2)))
+    Attn = self-attention over h + tanh(gate_head) * cross-attention to c', QK-norm, GQA,
+           3D RoPE on (slot, row, col) for both the patch tokens and the condition tokens
+    out = W_out (RMSNorm(h) * (1 + s_f))             (zero init: the initial velocity is 0)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch.utils.checkpoint import checkpoint
+
+from eva_repro.shards import atomic_save_safetensors, atomic_write_json
+
+TOKEN_MODES = ("patch_only", "cls_patch")
+ARCHITECTURE = "eva-repro-dit"
+CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+
+# width, depth, heads, kv heads: the public reference's sizes, so results compare.
+PRESETS = {
+    "tiny": dict(hidden=384, depth=6, n_heads=6, n_kv_heads=2),
+    "small": dict(hidden=512, depth=8, n_heads=8, n_kv_heads=4),
+    "base": dict(hidden=768, depth=12, n_heads=12, n_kv_heads=4),
+    "large": dict(hidden=1024, depth=16, n_heads=16, n_kv_heads=8),
+}
+
+
+@dataclass
+class DiTConfig:
+    target_dim: int = 1024  # EVA-CLIP token width
+    cond_dim: int = 1024  # CLIP token width
+    hidden: int = 384
+    depth: int = 6
+    n_heads: int = 6
+    n_kv_heads: int = 2
+    ffn_multiple_of: int = 256  # SwiGLU hidden = 8/3 * hidden rounded up to this
+    token_mode: str = "patch_only"  # "patch_only": T = g*g; "cls_patch": T = g*g + 1 (CLS first)
+    rope_theta: float = 10000.0
+    rope_axes: tuple[int, int, int] | None = None  # head_dim split (slot, row, col); None = auto
+    norm_eps: float = 1e-6
+    grad_checkpointing: bool = False
+    target_norm: float = 1.0  # mean L2 norm of raw target tokens; maps samples back to EVA scale
+    extra: dict = field(default_factory=dict)  # free-form provenance (preset name, encoders...)
+
+    def __post_init__(self) -> None:
+        if self.token_mode not in TOKEN_MODES:
+            raise ValueError(f"token_mode must be one of {TOKEN_MODES}, got {self.token_mode!r}")
+        if self.hidden % self.n_heads or self.n_heads % self.n_kv_heads:
+            raise ValueError(f"hidden ({self.hidden}) must divide by n_heads ({self.n_heads}) and "
+                             f"n_heads by n_kv_heads ({self.n_kv_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim {self.head_dim} must be even for RoPE")
+        if self.rope_axes is None:
+            slot = 2 * max(1, self.head_dim // 16)  # the slot axis only has positions 0 and 1
+            row = (self.head_dim - slot) // 4 * 2
+            self.rope_axes = (slot, row, self.head_dim - slot - row)
+        self.rope_axes = tuple(self.rope_axes)
+        if sum(self.rope_axes) != self.head_dim or any(a % 2 for a in self.rope_axes):
+            raise ValueError(f"rope_axes {self.rope_axes} must be even and sum to {self.head_dim}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.n_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        m = self.ffn_multiple_of
+        return m * math.ceil(int(8 * self.hidden / 3) / m)
+
+    @property
+    def ada_dim(self) -> int:
+        return min(self.hidden, 1024)
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> DiTConfig:
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], "extra": {"preset": name}, **overrides})
+
+    def to_dict(self) -> dict:
+        return {"architecture": ARCHITECTURE, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> DiTConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def estimate_flops(cfg: DiTConfig, tokens: int, cond_tokens: int) -> float:
+    """Forward-pass FLOPs per sample (matmuls and attention; norms and RoPE are not counted)."""
+    T, Tc, h, hd = tokens, cond_tokens, cfg.hidden, cfg.head_dim
+    q, kv = cfg.n_heads * hd, cfg.n_kv_heads * hd
+    per_block = (
+        2 * T * h * (q + 2 * kv)  # q, k, v
+        + 2 * Tc * h * 2 * kv  # cross k, v
+        + 4 * T * T * q + 4 * T * Tc * q  # scores and weighted sums, self and cross
+        + 2 * T * q * h  # output projection
+        + 2 * T * h * cfg.ffn_dim * 3  # SwiGLU
+    )
+    io = 2 * T * cfg.target_dim * h * 2 + 2 * Tc * cfg.cond_dim * h
+    return float(cfg.depth * per_block + io)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3D rotary position embedding
+
+
+def token_positions(tokens: int, cls_first: bool, scale: float = 1.0) -> torch.Tensor:
+    """(slot, row, col) per token [T, 3]: CLS -> (0, 0, 0), patch (r, c) -> (1, r*scale, c*scale).
+
+    `scale` maps another grid onto the target grid, so the condition patch that covers the same
+    image region as a target patch gets the same (row, col).
+    """
+    g = math.isqrt(tokens - int(cls_first))
+    if g * g != tokens - int(cls_first):
+        raise ValueError(f"{tokens} tokens is not a square grid{' plus CLS' if cls_first else ''}")
+    r, c = torch.meshgrid(torch.arange(g), torch.arange(g), indexing="ij")
+    patches = torch.stack([torch.ones(g * g), r.flatten() * scale, c.flatten() * scale], dim=-1)
+    return torch.cat([torch.zeros(1, 3), patches]) if cls_first else patches
+
+
+def rope_angles(positions: torch.Tensor, axes: tuple[int, ...], theta: float) -> torch.Tensor:
+    """Angles [T, head_dim/2]: each axis block rotates its pairs by pos_axis * theta^(-2i/d_axis)."""
+    parts = []
+    for a, dim in enumerate(axes):
+        freqs = theta ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+        parts.append(positions[:, a, None].double() * freqs)
+    return torch.cat(parts, dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each (even, odd) pair of x [B, T, H, hd] by its angle: a true 2D rotation per pair,
+    so q.k depends only on the position difference on each axis."""
+    x2 = x.unflatten(-1, (-1, 2))
+    x0, x1 = x2[..., 0], x2[..., 1]
+    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
+    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
+
+
+# ---------------------------------------------------------------------------------------------
+# layers
+
+
+class Attention(nn.Module):
+    """Self-attention over x plus zero-gated cross-attention to the condition; QK-norm; GQA."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        self.wqkv = nn.Linear(cfg.hidden, q + 2 * kv, bias=False)
+        self.wkv_cond = nn.Linear(cfg.hidden, 2 * kv, bias=False)
+        self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
+        self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
+        self.k_cond_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
+        self.cond_gate = nn.Parameter(torch.zeros(cfg.n_heads))  # tanh(0) = 0: self-attn only
+        self.wo = nn.Linear(q, cfg.hidden, bias=False)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q [B, T, H, hd], k/v [B, S, KV, hd] -> [B, H, T, hd]."""
+        q, k, v = (y.transpose(1, 2) for y in (q, k, v))
+        if self.n_kv_heads == self.n_heads:
+            return F.scaled_dot_product_attention(q, k, v)
+        if q.is_cuda:
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        rep = self.n_heads // self.n_kv_heads  # CPU: expanded K/V is faster than enable_gqa
+        return F.scaled_dot_product_attention(
+            q, k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, rope_x: tuple, rope_c: tuple) -> torch.Tensor:
+        B, T, _ = x.shape
+        hd, kvd = self.head_dim, self.n_kv_heads * self.head_dim
+        q, k, v = self.wqkv(x).split([self.n_heads * hd, kvd, kvd], dim=-1)
+        q = apply_rope(self.q_norm(q.view(B, T, -1, hd)), *rope_x)
+        k = apply_rope(self.k_norm(k.view(B, T, -1, hd)), *rope_x)
+        kc, vc = self.wkv_cond(c).view(B, c.shape[1], 2, -1, hd).unbind(2)
+        kc = apply_rope(self.k_cond_norm(kc), *rope_c)
+        out = self._attend(q, k, v.view(B, T, -1, hd))
+        out_cond = self._attend(q, kc, vc)
+        out = out + torch.tanh(self.cond_gate).view(1, -1, 1, 1) * out_cond
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w13 = nn.Linear(dim, 2 * hidden, bias=False)  # gate and value in one matmul
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, value = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * value)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        norm = lambda: nn.RMSNorm(cfg.hidden, eps=cfg.norm_eps)  # noqa: E731
+        self.attn_norm1, self.attn_norm2, self.ffn_norm1, self.ffn_norm2 = norm(), norm(), norm(), norm()
+        self.attn = Attention(cfg)
+        self.ffn = SwiGLU(cfg.hidden, cfg.ffn_dim)
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(cfg.ada_dim, 4 * cfg.hidden))
+
+    def forward(self, x, c, ada, rope_x, rope_c):
+        scale_attn, gate_attn, scale_ffn, gate_ffn = self.ada(ada).unsqueeze(1).chunk(4, dim=-1)
+        h = self.attn(self.attn_norm1(x) * (1 + scale_attn), c, rope_x, rope_c)
+        x = x + torch.tanh(gate_attn) * self.attn_norm2(h)
+        h = self.ffn(self.ffn_norm1(x) * (1 + scale_ffn))
+        return x + torch.tanh(gate_ffn) * self.ffn_norm2(h)
+
+
+class TimestepEmbedder(nn.Module):
+    """t in [0, 1] -> sinusoidal features of 1000 t (DiT's frequency range) -> MLP."""
+
+    def __init__(self, dim: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device) / half)
+        args = 1000.0 * t.float()[:, None] * freqs[None]
+        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
+
+
+# ---------------------------------------------------------------------------------------------
+# the network
+
+
+class DiT(nn.Module):
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        self.config = cfg = config
+        self.x_embed = nn.Linear(cfg.target_dim, cfg.hidden)
+        self.cond_norm = nn.RMSNorm(cfg.cond_dim, eps=cfg.norm_eps)
+        self.cond_proj = nn.Linear(cfg.cond_dim, cfg.hidden)
+        self.null_cond = nn.Parameter(torch.randn(cfg.hidden) * 0.02)  # CFG "no condition"
+        self.t_embed = TimestepEmbedder(cfg.ada_dim)
+        self.cond_pool = nn.Sequential(nn.RMSNorm(cfg.hidden, eps=cfg.norm_eps),
+                                       nn.Linear(cfg.hidden, cfg.ada_dim))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.final_norm = nn.RMSNorm(cfg.hidden, eps=cfg.norm_eps, elementwise_affine=False)
+        self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(cfg.ada_dim, cfg.hidden))
+        self.out = nn.Linear(cfg.hidden, cfg.target_dim)
+        self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        for lin in (self.t_embed.mlp[0], self.t_embed.mlp[2]):
+            nn.init.normal_(lin.weight, std=0.02)
+        # zero init: blocks start as identity, the output (velocity) starts at exactly zero
+        for layer in [b.ada[-1] for b in self.blocks] + [self.final_ada[-1], self.out]:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"params={self.num_parameters() / 1e6:.2f}M, hidden={c.hidden}, depth={c.depth}, "
+                f"heads={c.n_heads}/{c.n_kv_heads}kv, token_mode={c.token_mode}")
+
+    def rope(self, tokens: int, grid_tokens: int, device: torch.device) -> tuple:
+        """(cos, sin) [tokens, hd/2] for a token sequence, positions in target-grid units."""
+        key = (tokens, grid_tokens, str(device))
+        if key not in self._rope_cache:
+            cls = self.config.token_mode == "cls_patch"
+            g_ref = math.isqrt(grid_tokens - int(cls))
+            g = math.isqrt(tokens - int(cls))
+            pos = token_positions(tokens, cls, scale=g_ref / max(g, 1))
+            ang = rope_angles(pos, self.config.rope_axes, self.config.rope_theta)
+            self._rope_cache[key] = (ang.cos().float().to(device), ang.sin().float().to(device))
+        return self._rope_cache[key]
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        cond: torch.Tensor,
+        drop_cond: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x [B, T, D_target] at time t [B] (0 noise, 1 data), cond [B, Tc, D_cond] -> v."""
+        c = self.cond_proj(self.cond_norm(cond))
+        if drop_cond is not None:  # classifier-free guidance: swap in the learned null condition
+            c = torch.where(drop_cond.view(-1, 1, 1), self.null_cond.to(c.dtype), c)
+        ada = self.t_embed(t) + self.cond_pool(c.mean(dim=1))
+        rope_x = self.rope(x.shape[1], x.shape[1], x.device)
+        rope_c = self.rope(c.shape[1], x.shape[1], x.device)
+        h = self.x_embed(x)
+        for block in self.blocks:
+            if self.config.grad_checkpointing and self.training:
+                h = checkpoint(block, h, c, ada, rope_x, rope_c, use_reentrant=False)
+            else:
+                h = block(h, c, ada, rope_x, rope_c)
+        h = self.final_norm(h) * (1 + self.final_ada(ada).unsqueeze(1))
+        return self.out(h)
+
+    # -- persistence: config.json + model.safetensors, like transformers / diffusers ---------
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        directory = Path(directory)
+        state = {k: v.detach().cpu() for k, v in self.state_dict().items()}
+        atomic_save_safetensors(state, directory / WEIGHTS_FILE, {"architecture": ARCHITECTURE})
+        atomic_write_json(directory / CONFIG_FILE, self.config.to_dict())
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, map_location: str = "cpu") -> DiT:
+        directory = Path(directory)
+        config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+        if not config_path.exists() or not weights_path.exists():
+            raise ValueError(f"{directory}: not a saved eva-repro model (needs {CONFIG_FILE} and "
+                             f"{WEIGHTS_FILE}); pass the directory written by save_pretrained")
+        data = json.loads(config_path.read_text())
+        if data.get("architecture") != ARCHITECTURE:
+            raise ValueError(f"{config_path}: architecture {data.get('architecture')!r} is not "
+                             f"{ARCHITECTURE!r}")
+        model = cls(DiTConfig.from_dict(data))
+        state = load_file(str(weights_path), device=map_location)
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # shape mismatch
+            raise ValueError(f"{weights_path}: weights do not fit {config_path}: {e}") from e
+        if missing or unexpected:
+            raise ValueError(f"{weights_path}: weights do not match {config_path} (missing "
+                             f"{missing[:3]}, unexpected {unexpected[:3]}); the files come from "
+                             "different models")
+        return model.to(map_location)

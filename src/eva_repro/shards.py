@@ -1,0 +1,373 @@
+"""Embedding shards: the one on-disk format between extraction and training/evaluation.
+
+A shard directory holds
+
+    manifest.json               what the directory contains (written last, see `write_manifest`)
+    shard-00000.safetensors     tensors `clip` [N, T, D_clip] and `eva` [N, T, D_eva]
+    shard-00000.json            sidecar: keys, captions, sample count and sha256 of the tensors
+    failures.jsonl              one line per input that was skipped, with its reason
+
+A shard is finished when its sidecar exists: the tensors are renamed into place first and the
+sidecar (which records their sha256) second, both atomically, so a killed writer leaves either
+a finished shard or nothing that counts. Readers memory-map the tensors (safetensors), so memory
+stays bounded whatever the data size. No pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+FORMAT = "eva-repro-shards"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+FAILURES = "failures.jsonl"
+TENSOR_KEYS = ("clip", "eva")
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+class ShardError(ValueError):
+    """A shard directory or file that cannot be used; the message names the file and the fix."""
+
+
+# ---------------------------------------------------------------------------------------------
+# atomic files
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` via a temp file in the same directory and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def atomic_save_safetensors(
+    tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
+) -> None:
+    """`safetensors.torch.save_file` through a temp file + rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+
+
+def shard_stem(index: int) -> str:
+    return f"shard-{index:05d}"
+
+
+@dataclass
+class ShardInfo:
+    index: int
+    file: str  # file name of the tensors, relative to the shard directory
+    num_samples: int
+    sha256: str
+    keys: list[str] = field(default_factory=list, repr=False)
+    captions: list[str | None] = field(default_factory=list, repr=False)
+
+    def summary(self) -> dict[str, Any]:
+        """What the manifest lists per shard (keys stay in the sidecar)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("keys", "captions")}
+
+
+def write_shard(
+    out_dir: str | os.PathLike,
+    index: int,
+    clip: torch.Tensor,
+    eva: torch.Tensor,
+    keys: Sequence[str],
+    captions: Sequence[str | None] | None = None,
+    dtype: str = "float16",
+) -> ShardInfo:
+    """Write one finished shard atomically: tensors first, then the sidecar that commits it."""
+    n = len(keys)
+    if clip.shape[0] != n or eva.shape[0] != n:
+        raise ValueError(f"shard {index}: {n} keys but clip {tuple(clip.shape)}, eva {tuple(eva.shape)}")
+    if clip.shape[1] != eva.shape[1]:
+        raise ValueError(f"shard {index}: clip has {clip.shape[1]} tokens, eva {eva.shape[1]}")
+    captions = list(captions) if captions is not None else [None] * n
+    out_dir = Path(out_dir)
+    stem = shard_stem(index)
+    tensors = {"clip": clip.to(DTYPES[dtype]).cpu(), "eva": eva.to(DTYPES[dtype]).cpu()}
+    atomic_save_safetensors(tensors, out_dir / f"{stem}.safetensors", {"format": FORMAT})
+    info = ShardInfo(
+        index=index,
+        file=f"{stem}.safetensors",
+        num_samples=n,
+        sha256=sha256_file(out_dir / f"{stem}.safetensors"),
+        keys=list(keys),
+        captions=captions,
+    )
+    atomic_write_json(out_dir / f"{stem}.json", asdict(info))
+    return info
+
+
+def read_sidecar(path: str | os.PathLike) -> ShardInfo:
+    try:
+        data = json.loads(Path(path).read_text())
+        return ShardInfo(**data)
+    except (OSError, json.JSONDecodeError, TypeError) as e:
+        raise ShardError(f"{path}: unreadable shard sidecar ({e}); delete it and its .safetensors "
+                         "file and re-run extraction to rewrite that shard") from e
+
+
+def finished_shards(out_dir: str | os.PathLike) -> dict[int, ShardInfo]:
+    """Shards whose sidecar and tensors both exist (a resumed writer skips these)."""
+    out_dir = Path(out_dir)
+    done = {}
+    for sidecar in sorted(out_dir.glob("shard-*.json")):
+        info = read_sidecar(sidecar)
+        if (out_dir / info.file).exists():
+            done[info.index] = info
+    return done
+
+
+def append_failures(out_dir: str | os.PathLike, failures: Iterable[dict[str, Any]]) -> None:
+    """Append skipped inputs (`{"path": ..., "reason": ...}`) to failures.jsonl."""
+    lines = "".join(json.dumps(f) + "\n" for f in failures)
+    if lines:
+        with open(Path(out_dir) / FAILURES, "a") as f:
+            f.write(lines)
+
+
+def read_failures(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    path = Path(out_dir) / FAILURES
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_manifest(
+    out_dir: str | os.PathLike, meta: dict[str, Any], shards: Sequence[ShardInfo] | None = None
+) -> dict[str, Any]:
+    """Write manifest.json covering `shards` (default: every finished shard in `out_dir`).
+
+    `meta` carries what the writer knows: grid, tokens, include_cls, dtype, encoders provenance.
+    Dims and counts are read back from the shards themselves so the manifest cannot disagree.
+    """
+    out_dir = Path(out_dir)
+    shards = sorted(shards if shards is not None else finished_shards(out_dir).values(),
+                    key=lambda s: s.index)
+    if not shards:
+        raise ShardError(f"{out_dir}: no finished shards to list in a manifest")
+    with safe_open(str(out_dir / shards[0].file), framework="pt") as f:
+        clip_shape = f.get_slice("clip").get_shape()
+        eva_shape = f.get_slice("eva").get_shape()
+    failures = read_failures(out_dir)
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        **meta,
+        "num_samples": sum(s.num_samples for s in shards),
+        "num_failures": len(failures),
+        "tokens": clip_shape[1],
+        "clip_dim": clip_shape[2],
+        "eva_dim": eva_shape[2],
+        "shards": [s.summary() for s in shards],
+    }
+    atomic_write_json(out_dir / MANIFEST, manifest)
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+
+
+@dataclass
+class Manifest:
+    root: Path
+    data: dict[str, Any]
+
+    @property
+    def shards(self) -> list[dict[str, Any]]:
+        return self.data["shards"]
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.data["num_samples"])
+
+    @property
+    def tokens(self) -> int:
+        return int(self.data["tokens"])
+
+    @property
+    def clip_dim(self) -> int:
+        return int(self.data["clip_dim"])
+
+    @property
+    def eva_dim(self) -> int:
+        return int(self.data["eva_dim"])
+
+    @property
+    def include_cls(self) -> bool:
+        return bool(self.data.get("include_cls", False))
+
+    @property
+    def grid(self) -> int:
+        return int(self.data["grid"])
+
+    def sidecar(self, shard: dict[str, Any]) -> ShardInfo:
+        return read_sidecar(self.root / (Path(shard["file"]).stem + ".json"))
+
+
+def read_manifest(root: str | os.PathLike) -> Manifest:
+    """Open a shard directory; every problem is a `ShardError` naming the path and the fix."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ShardError(f"{root}: shard directory does not exist; run `eva-repro extract` "
+                         "(or `eva-repro synth`) with --output_dir pointing there first")
+    path = root / MANIFEST
+    if not path.exists():
+        hint = ("it has shards but no manifest: run `eva-repro extract --merge --output_dir "
+                f"{root}`" if any(root.glob("shard-*.json")) else "it holds no shards: run "
+                "`eva-repro extract` (or `eva-repro synth`) into it first")
+        raise ShardError(f"{path}: missing; {hint}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ShardError(f"{path}: not valid JSON ({e}); re-run `eva-repro extract --merge`") from e
+    if data.get("format") != FORMAT:
+        raise ShardError(f"{path}: not an {FORMAT} manifest (format={data.get('format')!r})")
+    if data.get("format_version", 0) > FORMAT_VERSION:
+        raise ShardError(f"{path}: format version {data['format_version']} is newer than this "
+                         f"eva-repro understands ({FORMAT_VERSION}); upgrade eva-repro")
+    if not data.get("shards") or data.get("num_samples", 0) == 0:
+        raise ShardError(f"{path}: lists no samples; the extraction produced nothing usable "
+                         f"(see {root / FAILURES})")
+    for shard in data["shards"]:
+        if not (root / shard["file"]).exists():
+            raise ShardError(f"{root / shard['file']}: listed in the manifest but missing; "
+                             "restore it or re-run extraction into this directory")
+    return Manifest(root=root, data=data)
+
+
+def verify_checksums(manifest: Manifest) -> None:
+    """Raise `ShardError` for the first shard whose sha256 differs from the manifest."""
+    for shard in manifest.shards:
+        path = manifest.root / shard["file"]
+        if sha256_file(path) != shard["sha256"]:
+            raise ShardError(f"{path}: sha256 does not match {manifest.root / MANIFEST}; the file "
+                             "is corrupt or was replaced: re-extract it or restore it")
+
+
+class ShardReader:
+    """Memory-mapped row access to every shard of a manifest.
+
+    Rows are addressed globally (0 .. num_samples-1) in manifest order; `locate(i)` gives the
+    (shard, row) pair. Files are opened lazily per process so the reader is safe to use in
+    DataLoader workers (each worker opens its own maps).
+    """
+
+    def __init__(self, manifest: Manifest | str | os.PathLike):
+        self.manifest = manifest if isinstance(manifest, Manifest) else read_manifest(manifest)
+        counts = [int(s["num_samples"]) for s in self.manifest.shards]
+        self.offsets = [0]
+        for c in counts:
+            self.offsets.append(self.offsets[-1] + c)
+        self._handles: dict[int, Any] = {}
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_handles"] = {}
+        return state
+
+    def locate(self, index: int) -> tuple[int, int]:
+        import bisect
+
+        if not 0 <= index < len(self):
+            raise IndexError(f"row {index} out of range for {len(self)} samples")
+        shard = bisect.bisect_right(self.offsets, index) - 1
+        return shard, index - self.offsets[shard]
+
+    def _open(self, shard: int):
+        if os.getpid() != self._pid:  # forked: never share mmap handles across processes
+            self._handles, self._pid = {}, os.getpid()
+        if shard not in self._handles:
+            path = self.manifest.root / self.manifest.shards[shard]["file"]
+            try:
+                self._handles[shard] = safe_open(str(path), framework="pt")
+            except Exception as e:  # safetensors raises its own error types
+                raise ShardError(f"{path}: cannot be read as safetensors ({e}); re-extract it") from e
+        return self._handles[shard]
+
+    def read_rows(self, shard: int, start: int, stop: int) -> dict[str, torch.Tensor]:
+        """Rows [start, stop) of one shard as {'clip': ..., 'eva': ...} in the stored dtype."""
+        f = self._open(shard)
+        return {k: f.get_slice(k)[start:stop] for k in TENSOR_KEYS}
+
+    def read(self, index: int) -> dict[str, torch.Tensor]:
+        shard, row = self.locate(index)
+        return {k: v[0] for k, v in self.read_rows(shard, row, row + 1).items()}
+
+    def keys(self) -> list[str]:
+        """Sample keys for every global row, in order (read from the sidecars)."""
+        out: list[str] = []
+        for shard in self.manifest.shards:
+            out.extend(self.manifest.sidecar(shard).keys)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# held-out split
+
+
+def heldout_score(key: str, salt: str = "eva-repro") -> float:
+    """A stable uniform number in [0, 1) per key: the split depends on the key only, not order."""
+    digest = hashlib.sha256(f"{salt}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def split_indices(
+    keys: Sequence[str], eval_fraction: float, salt: str = "eva-repro"
+) -> tuple[list[int], list[int]]:
+    """Deterministic (train, heldout) row indices by key hash."""
+    if not 0.0 <= eval_fraction < 1.0:
+        raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+    train, heldout = [], []
+    for i, key in enumerate(keys):
+        (heldout if heldout_score(key, salt) < eval_fraction else train).append(i)
+    return train, heldout
