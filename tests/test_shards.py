@@ -1,0 +1,106 @@
+"""The shard format: atomic writes, manifest, memory-mapped reads, checksums, held-out split."""
+
+import pickle
+
+import pytest
+import torch
+
+from eva_repro import shards
+
+
+def _write(tmp_path, index, n, start=0, dtype="float16"):
+    clip, eva = torch.randn(n, 5, 6), torch.randn(n, 5, 8)
+    keys = [f"k{i}" for i in range(start, start + n)]
+    info = shards.write_shard(tmp_path, index, clip, eva, keys, [f"cap {k}" for k in keys], dtype)
+    return info, clip, eva
+
+
+def test_write_and_read_round_trip(tmp_path):
+    a, clip_a, eva_a = _write(tmp_path, 0, 3)
+    b, clip_b, eva_b = _write(tmp_path, 1, 2, start=3)
+    manifest = shards.write_manifest(tmp_path, {"grid": 2, "include_cls": True, "dtype": "float16"})
+    assert manifest["num_samples"] == 5 and manifest["tokens"] == 5
+    assert (manifest["clip_dim"], manifest["eva_dim"]) == (6, 8)
+    assert [s["sha256"] for s in manifest["shards"]] == [a.sha256, b.sha256]
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*"))
+
+    reader = shards.ShardReader(tmp_path)
+    assert len(reader) == 5 and reader.locate(3) == (1, 0)
+    row = reader.read(4)
+    assert row["clip"].dtype == torch.float16
+    assert torch.equal(row["eva"], eva_b[1].half())
+    assert torch.equal(reader.read_rows(0, 1, 3)["clip"], clip_a[1:3].half())
+    assert reader.keys() == ["k0", "k1", "k2", "k3", "k4"]
+    assert reader.manifest.sidecar(reader.manifest.shards[1]).captions == ["cap k3", "cap k4"]
+    # a reader crosses into DataLoader workers without its open memory maps
+    clone = pickle.loads(pickle.dumps(reader))
+    assert torch.equal(clone.read(0)["clip"], reader.read(0)["clip"])
+    with pytest.raises(IndexError):
+        reader.read(5)
+
+
+def test_float32_shards_are_exact(tmp_path):
+    _, clip, _ = _write(tmp_path, 0, 2, dtype="float32")
+    shards.write_manifest(tmp_path, {"grid": 2, "include_cls": True})
+    assert torch.equal(shards.ShardReader(tmp_path).read(1)["clip"], clip[1])
+
+
+def test_only_committed_shards_count(tmp_path):
+    _write(tmp_path, 0, 2)
+    info, _, _ = _write(tmp_path, 1, 2, start=2)
+    (tmp_path / "shard-00001.json").unlink()  # killed between tensors and sidecar
+    assert list(shards.finished_shards(tmp_path)) == [0]
+    (tmp_path / "shard-00000.safetensors").unlink()  # sidecar without tensors does not count
+    assert shards.finished_shards(tmp_path) == {}
+
+
+def test_manifest_errors_name_the_file_and_the_fix(tmp_path):
+    with pytest.raises(shards.ShardError, match="does not exist; run `eva-repro extract`"):
+        shards.read_manifest(tmp_path / "nope")
+    with pytest.raises(shards.ShardError, match="holds no shards"):
+        shards.read_manifest(tmp_path)
+    _write(tmp_path, 0, 2)
+    with pytest.raises(shards.ShardError, match="extract --merge"):
+        shards.read_manifest(tmp_path)
+    shards.write_manifest(tmp_path, {"grid": 2, "include_cls": True})
+    (tmp_path / "shard-00000.safetensors").unlink()
+    with pytest.raises(shards.ShardError, match="listed in the manifest but missing"):
+        shards.read_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text("{broken")
+    with pytest.raises(shards.ShardError, match="not valid JSON"):
+        shards.read_manifest(tmp_path)
+
+
+def test_checksum_mismatch_is_detected(tmp_path):
+    _write(tmp_path, 0, 2)
+    shards.write_manifest(tmp_path, {"grid": 2, "include_cls": True})
+    manifest = shards.read_manifest(tmp_path)
+    shards.verify_checksums(manifest)
+    path = tmp_path / "shard-00000.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(shards.ShardError, match="sha256 does not match"):
+        shards.verify_checksums(manifest)
+
+
+def test_failures_are_appended_and_counted(tmp_path):
+    _write(tmp_path, 0, 1)
+    shards.append_failures(tmp_path, [{"path": "a.jpg", "reason": "truncated"}])
+    shards.append_failures(tmp_path, [{"path": "b.jpg", "reason": "zero bytes"}])
+    assert [f["path"] for f in shards.read_failures(tmp_path)] == ["a.jpg", "b.jpg"]
+    assert shards.write_manifest(tmp_path, {"grid": 2})["num_failures"] == 2
+
+
+def test_split_is_deterministic_by_key_and_near_the_fraction():
+    keys = [f"img-{i}" for i in range(20000)]
+    train, heldout = shards.split_indices(keys, 0.05)
+    assert sorted(train + heldout) == list(range(20000))
+    assert 0.045 < len(heldout) / len(keys) < 0.055
+    # membership depends on the key only: reordering or subsetting the data keeps it
+    shuffled = list(reversed(keys))
+    _, heldout_rev = shards.split_indices(shuffled, 0.05)
+    assert {shuffled[i] for i in heldout_rev} == {keys[i] for i in heldout}
+    assert shards.split_indices(keys[:10], 0.0)[1] == []
+    with pytest.raises(ValueError, match="eval_fraction"):
+        shards.split_indices(keys, 1.0)
