@@ -104,3 +104,15 @@ def test_split_is_deterministic_by_key_and_near_the_fraction():
     assert shards.split_indices(keys[:10], 0.0)[1] == []
     with pytest.raises(ValueError, match="eval_fraction"):
         shards.split_indices(keys, 1.0)
+
+
+def test_atomic_files_get_normal_permissions(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        _write(tmp_path, 0, 1)
+    finally:
+        os.umask(old)
+    for name in ("shard-00000.safetensors", "shard-00000.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644  # readable by a shared team

@@ -39,3 +39,9 @@ def test_synth_cli_writes_a_valid_shard_directory(tmp_path):
     assert json.loads((out / "manifest.json").read_text())["encoders"]["eva"]["name"] == "synthetic"
     with pytest.raises(ValueError, match="num_samples"):
         write_synthetic_shards(tmp_path / "x", 0)
+
+
+def test_cli_reports_user_errors_in_one_line(tmp_path, capsys):
+    assert cli(["synth", "--output_dir", str(tmp_path), "--num_samples", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --num_samples must be >= 1") and "Traceback" not in err

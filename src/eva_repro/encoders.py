@@ -1,0 +1,536 @@
+"""Frozen vision encoders for extraction: registry, weights, preprocessing, grid pooling.
+
+Every encoder gives the tokens after its final norm as [B, 1 + g*g, width]: one summary token
+first (the class token; SigLIP has none, so its attention-pool output stands in), then the g x g
+patch tokens in row-major order. Pre-projection width, never the contrastive embedding.
+
+Backends
+    timm       EVA-CLIP (open_clip builds these as a timm trunk; we build the same trunk without
+               the text tower and accept open_clip checkpoints, `visual.trunk.*`), DINOv2, SigLIP
+    open_clip  OpenAI CLIP ViT-L-14 / ViT-L-14-336 (quick-gelu), open_clip's own VisionTransformer
+    hf         BAAI EVA-CLIP-8B through transformers `trust_remote_code` from a local snapshot
+
+Weights: "auto" (a local HF / open_clip cache if present, else random init with a loud
+warning), "pretrained" (download), "random", or a path to a file / snapshot directory. A file
+that does not fit the architecture is an `EncoderError` before any image is read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import os
+import re
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from eva_repro.shards import sha256_file
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SIGLIP_MEAN = (0.5, 0.5, 0.5)
+SIGLIP_STD = (0.5, 0.5, 0.5)
+
+WEIGHT_MODES = ("auto", "pretrained", "random")
+RESIZE = "shortest side to image_size (bicubic), center crop image_size x image_size"
+# file names looked for in a cache snapshot or a weights directory, best first
+WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin",
+                "model.safetensors", "pytorch_model.bin")
+
+
+class EncoderError(ValueError):
+    """Unknown encoder, unusable weights: one line naming the problem and the fix."""
+
+
+class RandomInitWarning(UserWarning):
+    """An encoder runs with random weights: its embeddings carry no meaning."""
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    name: str
+    backend: str  # "timm" | "open_clip" | "hf"
+    arch: str  # timm model name, open_clip config name, or HF repo id
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    hf_repos: tuple[str, ...] = ()  # where cached / downloadable weights live
+    summary_token: str = "cls"  # "cls" | "map" (attention-pool output; the model has no CLS)
+    timm_kwargs: dict[str, Any] = field(default_factory=dict)
+    note: str = ""
+
+
+def _eva(name: str, arch: str, size: int, repo: str) -> EncoderSpec:
+    return EncoderSpec(name, "timm", arch, size, OPENAI_MEAN, OPENAI_STD, (repo,),
+                       note="EVA-CLIP (open_clip config uses this timm trunk)")
+
+
+REGISTRY: dict[str, EncoderSpec] = {s.name: s for s in (
+    _eva("EVA02-L-14", "eva02_large_patch14_clip_224", 224,
+         "timm/eva02_large_patch14_clip_224.merged2b_s4b_b131k"),
+    _eva("EVA02-L-14-336", "eva02_large_patch14_clip_336", 336,
+         "timm/eva02_large_patch14_clip_336.merged2b_s6b_b61k"),
+    _eva("EVA02-E-14", "eva02_enormous_patch14_clip_224", 224,
+         "timm/eva02_enormous_patch14_clip_224.laion2b_s4b_b115k"),
+    _eva("EVA02-E-14-plus", "eva02_enormous_patch14_clip_224", 224,
+         "timm/eva02_enormous_patch14_plus_clip_224.laion2b_s9b_b144k"),
+    _eva("EVA01-g-14", "eva_giant_patch14_224", 224,
+         "timm/eva_giant_patch14_clip_224.laion400m_s11b_b41k"),
+    _eva("EVA02-B-16", "eva02_base_patch16_clip_224", 224,
+         "timm/eva02_base_patch16_clip_224.merged2b_s8b_b131k"),
+    EncoderSpec("EVA-CLIP-8B", "hf", "BAAI/EVA-CLIP-8B", 224, OPENAI_MEAN, OPENAI_STD,
+                ("BAAI/EVA-CLIP-8B",), note="transformers trust_remote_code, local snapshot"),
+    EncoderSpec("ViT-L-14", "open_clip", "ViT-L-14-quickgelu", 224, OPENAI_MEAN, OPENAI_STD,
+                ("timm/vit_large_patch14_clip_224.openai",), note="OpenAI CLIP, quick-gelu"),
+    EncoderSpec("ViT-L-14-336", "open_clip", "ViT-L-14-336-quickgelu", 336, OPENAI_MEAN,
+                OPENAI_STD, ("timm/vit_large_patch14_clip_336.openai",),
+                note="OpenAI CLIP, quick-gelu"),
+    EncoderSpec("ViT-B-16", "open_clip", "ViT-B-16-quickgelu", 224, OPENAI_MEAN, OPENAI_STD,
+                ("timm/vit_base_patch16_clip_224.openai",),
+                note="OpenAI CLIP base, quick-gelu, 14x14 (small: smoke runs)"),
+    EncoderSpec("DINOv2-L-14", "timm", "vit_large_patch14_dinov2", 224, IMAGENET_MEAN,
+                IMAGENET_STD, ("timm/vit_large_patch14_dinov2.lvd142m",),
+                timm_kwargs={"img_size": 224}, note="DINOv2 at 224 px (16x16)"),
+    EncoderSpec("SigLIP-SO400M-14", "timm", "vit_so400m_patch14_siglip_224", 224, SIGLIP_MEAN,
+                SIGLIP_STD, ("timm/vit_so400m_patch14_siglip_224.webli",
+                             "timm/vit_so400m_patch14_siglip_224.v2_webli"),
+                summary_token="map", note="SigLIP, no CLS: the MAP-pool output is token 0"),
+)}
+ALIASES = {"DINOv2": "DINOv2-L-14", "SigLIP": "SigLIP-SO400M-14"}
+
+
+def list_encoders() -> list[str]:
+    return list(REGISTRY)
+
+
+def get_spec(name: str) -> EncoderSpec:
+    spec = REGISTRY.get(ALIASES.get(name, name))
+    if spec is None:
+        raise EncoderError(f"unknown encoder {name!r}; choose one of: {', '.join(REGISTRY)}")
+    return spec
+
+
+# ---------------------------------------------------------------------------------------------
+# preprocessing (the decode side runs in DataLoader workers, normalisation on the device)
+
+
+def resize_center_crop(img: Image.Image, size: int) -> torch.Tensor:
+    """RGB PIL image -> uint8 [3, size, size]: open_clip's eval transform before ToTensor."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    img = TF.resize(img, size, interpolation=InterpolationMode.BICUBIC)
+    img = TF.center_crop(img, [size, size])
+    return TF.pil_to_tensor(img)
+
+
+def pool_grid(tokens: torch.Tensor, grid: int) -> torch.Tensor:
+    """[B, 1 + n*n, D] -> [B, 1 + grid*grid, D]: patches area-averaged, token 0 untouched.
+
+    n divisible by grid (16 -> 8) is an exact k x k average; otherwise (24 -> 16) each output
+    cell averages the input cells its area overlaps (adaptive average pooling).
+    """
+    b, t, d = tokens.shape
+    n = math.isqrt(t - 1)
+    if n * n != t - 1:
+        raise ValueError(f"expected 1 + n*n tokens, got {t}")
+    if grid == n:
+        return tokens
+    if grid > n:
+        raise EncoderError(f"--grid {grid} is finer than the encoder's native {n}x{n} grid; "
+                           f"use --grid {n} or smaller")
+    patches = tokens[:, 1:].float().transpose(1, 2).reshape(b, d, n, n)
+    pooled = F.adaptive_avg_pool2d(patches, grid).flatten(2).transpose(1, 2)
+    return torch.cat([tokens[:, :1].float(), pooled], dim=1).to(tokens.dtype)
+
+
+def select_tokens(tokens: torch.Tensor, training_mode: str) -> torch.Tensor:
+    """patch_only drops token 0; cls_patch keeps it."""
+    if training_mode == "patch_only":
+        return tokens[:, 1:]
+    if training_mode == "cls_patch":
+        return tokens
+    raise ValueError(f"training_mode must be patch_only or cls_patch, got {training_mode!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# backends: each wraps a model and returns final-norm tokens [B, 1 + n*n, width]
+
+
+class _TimmTokens(nn.Module):
+    def __init__(self, model: nn.Module, summary_token: str):
+        super().__init__()
+        self.model = model
+        self.summary_token = summary_token
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = self.model.forward_features(x)  # after the final norm
+        prefix = int(getattr(self.model, "num_prefix_tokens", 1))
+        patches = feats[:, prefix:]
+        # SigLIP has no CLS token: its attention-pool output is the summary token
+        summary = (self.model.attn_pool(feats)[:, None] if self.summary_token == "map"
+                   else feats[:, :1])
+        return torch.cat([summary, patches], dim=1)
+
+
+class _OpenClipTokens(nn.Module):
+    def __init__(self, visual: nn.Module):
+        super().__init__()
+        self.visual = visual
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        v = self.visual
+        return v.ln_post(v.transformer(v._embeds(x)))  # what open_clip pools, before proj
+
+
+class _HFTokens(nn.Module):
+    def __init__(self, vision: nn.Module):
+        super().__init__()
+        self.vision = vision
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = next(self.vision.parameters()).dtype
+        out = self.vision(pixel_values=x.to(dtype), return_dict=True)
+        hidden = out.last_hidden_state
+        # EVA-CLIP-8B (like HF CLIP) normalises only the pooled CLS; we want every token normed
+        norm = getattr(self.vision, "post_layernorm", None)
+        return (norm(hidden) if norm is not None else hidden).float()
+
+
+class FrozenEncoder(nn.Module):
+    """A frozen encoder plus its preprocessing constants and provenance."""
+
+    def __init__(self, spec: EncoderSpec, tokens: nn.Module, width: int, patch_size: int,
+                 provenance: dict[str, Any]):
+        super().__init__()
+        self.spec = spec
+        self.tokens = tokens.eval().requires_grad_(False)
+        self.width = width
+        self.patch_size = patch_size
+        self.image_size = spec.image_size
+        self.native_grid = spec.image_size // patch_size
+        self.provenance = provenance
+        self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, 3, s, s] -> normalised float on this encoder's device."""
+        x = pixels.to(self.mean.device, non_blocking=True).float().div_(255.0)
+        return x.sub_(self.mean).div_(self.std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tokens(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# weights
+
+
+_BLOCK = re.compile(r"^(blocks|transformer\.resblocks|encoder\.layers)\.(\d+)\.")
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A weights file as a flat {name: tensor}; safetensors or torch.load(weights_only=True)."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd: Any = load_file(str(path))
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # each reader raises its own types; all mean "unusable file"
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise EncoderError(f"{path}: cannot read weights ({msg}); pass a .safetensors file or a "
+                           "state_dict saved with torch.save (loadable with weights_only=True)"
+                           ) from e
+    for wrapper in ("state_dict", "model", "module"):  # common checkpoint nestings
+        if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
+            sd = sd[wrapper]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise EncoderError(f"{path}: not a state_dict of tensors; save `model.state_dict()`")
+    return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+def _strip_prefixes(sd: dict[str, torch.Tensor], prefixes: tuple[str, ...]) -> dict:
+    for p in prefixes:  # keep only the vision part of a full CLIP checkpoint
+        if any(k.startswith(p) for k in sd):
+            sd = {k[len(p):]: v for k, v in sd.items() if k.startswith(p)}
+    return sd
+
+
+def _drop_blocks(sd: dict[str, torch.Tensor], depth: int | None) -> dict:
+    if depth is None:
+        return sd
+    return {k: v for k, v in sd.items()
+            if not ((m := _BLOCK.match(k)) and int(m.group(2)) >= depth)}
+
+
+def _check_and_load(model: nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
+    """Load `sd` into `model`, or raise one line saying how they differ."""
+    params = dict(model.named_parameters())
+    expected = model.state_dict()
+    missing = [k for k in params if k not in sd]  # buffers (e.g. rope tables) are recomputed
+    unexpected = [k for k in sd if k not in expected]
+    shape = [f"{k} {list(sd[k].shape)} vs {list(expected[k].shape)}"
+             for k in sd if k in expected and sd[k].shape != expected[k].shape]
+    if missing or unexpected or shape:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected),
+                            ("shape mismatches", shape)):
+            if keys:
+                parts.append(f"{len(keys)} {label} (e.g. {keys[0]})")
+        raise EncoderError(f"{what}: {'; '.join(parts)}")
+    model.load_state_dict({k: v for k, v in sd.items() if k in expected}, strict=False)
+
+
+def _dir_sha256(files: list[Path]) -> str:
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{f.name}:{sha256_file(f)}\n".encode())
+    return h.hexdigest()
+
+
+@dataclass
+class WeightsSource:
+    kind: str  # "random" | "file" | "dir"
+    path: Path | None = None
+    origin: str = ""  # "file", "hf-cache", "pretrained"
+
+
+def _weight_files(spec: EncoderSpec) -> tuple[str, ...]:
+    # the same HF repos also hold timm-format files, which open_clip's ViT cannot load
+    return WEIGHT_FILES[:2] if spec.backend == "open_clip" else WEIGHT_FILES
+
+
+def _cached_file(spec: EncoderSpec) -> Path | None:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    for repo in spec.hf_repos:
+        for name in _weight_files(spec):
+            hit = try_to_load_from_cache(repo, name)
+            if isinstance(hit, str) and Path(hit).exists():
+                return Path(hit)
+    return None
+
+
+def _cached_snapshot(repo: str) -> Path | None:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    hit = try_to_load_from_cache(repo, "config.json")
+    return Path(hit).parent if isinstance(hit, str) else None
+
+
+def _download(spec: EncoderSpec, flag: str) -> WeightsSource:
+    try:
+        from huggingface_hub import hf_hub_download, snapshot_download
+
+        if spec.backend == "hf":
+            return WeightsSource("dir", Path(snapshot_download(spec.hf_repos[0])), "pretrained")
+        errors = []
+        for repo in spec.hf_repos:
+            for name in _weight_files(spec):
+                try:
+                    return WeightsSource("file", Path(hf_hub_download(repo, name)), "pretrained")
+                except Exception as e:  # not in this repo, or no network: try the next one
+                    errors.append(f"{repo}/{name}: {type(e).__name__}")
+        raise RuntimeError(errors[-1] if errors else "no repository known")
+    except Exception as e:
+        raise EncoderError(f"{spec.name}: could not download pretrained weights ({e}); without "
+                           f"network pass {flag}_weights FILE, or auto/random") from e
+
+
+def resolve_weights(spec: EncoderSpec, weights: str, flag: str = "--eva") -> WeightsSource:
+    """Where this encoder's weights come from (no loading yet)."""
+    if weights == "random":
+        return WeightsSource("random")
+    if weights == "pretrained":
+        return _download(spec, flag)
+    if weights == "auto":
+        if spec.backend == "hf":
+            snap = _cached_snapshot(spec.hf_repos[0])
+            return WeightsSource("dir", snap, "hf-cache") if snap else WeightsSource("random")
+        hit = _cached_file(spec)
+        return WeightsSource("file", hit, "hf-cache") if hit else WeightsSource("random")
+    path = Path(weights).expanduser()
+    if not path.exists():
+        raise EncoderError(f"{flag}_weights {weights}: no such file or directory; pass a weights "
+                           "file, a snapshot directory, or one of auto/pretrained/random")
+    if path.is_dir() and spec.backend != "hf":
+        found = [path / n for n in _weight_files(spec) if (path / n).exists()]
+        if not found:
+            raise EncoderError(f"{path}: no weights file in this directory (looked for "
+                               f"{', '.join(_weight_files(spec))}); pass the file itself")
+        path = found[0]
+    return WeightsSource("dir" if path.is_dir() else "file", path, "file")
+
+
+def _warn_random(spec: EncoderSpec, flag: str, seed: int) -> None:
+    msg = (f"{spec.name}: no local weights found, using RANDOM initialisation (seed {seed}); "
+           f"the embeddings are meaningless for real use. Pass {flag}_weights pretrained, a "
+           f"weights file, or {flag}_weights random to silence this.")
+    print(f"\n{'!' * 80}\nWARNING: {msg}\n{'!' * 80}\n", file=sys.stderr, flush=True)
+    warnings.warn(msg, RandomInitWarning, stacklevel=3)
+
+
+# ---------------------------------------------------------------------------------------------
+# builders
+
+
+def _build_timm(spec: EncoderSpec, depth: int | None, seed: int) -> tuple[nn.Module, int]:
+    import timm
+
+    kwargs = dict(spec.timm_kwargs)
+    if depth is not None:
+        kwargs["depth"] = depth
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = timm.create_model(spec.arch, pretrained=False, num_classes=0, **kwargs)
+    return model, len(model.blocks)
+
+
+def _build_open_clip(spec: EncoderSpec, depth: int | None, seed: int) -> tuple[nn.Module, int]:
+    import open_clip
+    from open_clip.model import _build_vision_tower
+
+    cfg = open_clip.get_model_config(spec.arch)
+    vision_cfg = dict(cfg["vision_cfg"])
+    if depth is not None:
+        vision_cfg["layers"] = depth
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        visual = _build_vision_tower(cfg["embed_dim"], vision_cfg,
+                                     quick_gelu=cfg.get("quick_gelu", False))
+    visual.proj = None  # the contrastive projection is not part of the token output
+    return visual, vision_cfg["layers"]
+
+
+def _full_depth(spec: EncoderSpec) -> int | None:
+    if spec.backend == "timm":
+        import timm
+
+        with torch.device("meta"):  # architecture only, no memory or init time
+            return len(timm.create_model(spec.arch, pretrained=False, num_classes=0,
+                                         **spec.timm_kwargs).blocks)
+    if spec.backend == "open_clip":
+        import open_clip
+
+        return int(open_clip.get_model_config(spec.arch)["vision_cfg"]["layers"])
+    return None
+
+
+def _load_hf(spec: EncoderSpec, src: WeightsSource, depth: int | None, device: torch.device,
+             flag: str) -> tuple[nn.Module, int, int, int]:
+    if src.kind != "dir":
+        raise EncoderError(f"{spec.name} needs its model code: pass {flag}_weights DIR, a local "
+                           f"snapshot of {spec.arch} (config.json, modeling files, weights)")
+    try:
+        from transformers import AutoModel
+
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        try:
+            model = AutoModel.from_pretrained(str(src.path), trust_remote_code=True, dtype=dtype)
+        except TypeError:  # transformers < 4.56 spells it torch_dtype
+            model = AutoModel.from_pretrained(str(src.path), trust_remote_code=True,
+                                              torch_dtype=dtype)
+    except ImportError as e:
+        raise EncoderError(f"{spec.name} needs transformers: pip install 'eva-repro[hf]'") from e
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise EncoderError(f"{src.path}: cannot load {spec.name} with transformers ({msg})") from e
+    vision = getattr(model, "vision_model", model)
+    layers = vision.encoder.layers
+    full = len(layers)
+    if depth is not None:
+        vision.encoder.layers = layers[:depth]
+    cfg = getattr(vision, "config", None) or model.config
+    cfg = getattr(cfg, "vision_config", cfg)
+    return vision, int(cfg.hidden_size), int(cfg.patch_size), full
+
+
+def load_encoder(name: str, weights: str = "auto", *, depth: int | None = None, seed: int = 0,
+                 device: str | torch.device = "cpu", flag: str = "--eva") -> FrozenEncoder:
+    """Build a frozen encoder by registry name; `flag` only words the error messages."""
+    spec = get_spec(name)
+    device = torch.device(device)
+    if depth is not None and depth < 1:
+        raise EncoderError(f"--encoder_depth must be >= 1, got {depth}")
+    src = resolve_weights(spec, weights, flag)
+    if src.kind == "random" and weights == "auto" and spec.backend != "hf":
+        _warn_random(spec, flag, seed)  # (the hf backend cannot run random: it errors below)
+
+    if spec.backend == "hf":
+        vision, width, patch, full = _load_hf(spec, src, depth, device, flag)
+        tokens: nn.Module = _HFTokens(vision)
+        files = sorted(p for p in src.path.iterdir() if p.suffix in (".safetensors", ".bin"))
+        weights_info = {"weights": src.origin, "weights_path": str(src.path),
+                        "weights_sha256": _dir_sha256(files)}
+    else:
+        full = _full_depth(spec) if depth is not None else None
+        if depth is not None and full is not None and depth > full:
+            raise EncoderError(f"--encoder_depth {depth} exceeds {spec.name}'s {full} blocks")
+        build = _build_timm if spec.backend == "timm" else _build_open_clip
+        model, built = build(spec, depth, seed)
+        full = full or built
+        if src.kind == "random":
+            weights_info = {"weights": f"random-init, seed {seed}"}
+        else:
+            sd = read_state_dict(src.path)
+            if spec.backend == "timm":
+                sd = _timm_filter(_strip_prefixes(sd, ("visual.", "trunk.")), model)
+                sd = {k: v for k, v in sd.items() if not k.startswith(("head.", "head_drop."))}
+            else:
+                sd = {k: v for k, v in _strip_prefixes(sd, ("visual.",)).items() if k != "proj"}
+            what = (f"{src.path}: weights do not match {spec.name} ({spec.arch}, "
+                    f"depth {depth or full})")
+            _check_and_load(model, _drop_blocks(sd, depth), what + f"; pass weights saved from "
+                            f"this architecture or choose the matching {flag} model")
+            weights_info = {"weights": src.origin, "weights_path": str(src.path),
+                            "weights_sha256": sha256_file(src.path)}
+        if spec.backend == "timm":
+            tokens = _TimmTokens(model, spec.summary_token)
+            width, patch = int(model.embed_dim), int(model.patch_embed.patch_size[0])
+        else:
+            tokens = _OpenClipTokens(model)
+            width, patch = int(model.conv1.out_channels), int(model.conv1.kernel_size[0])
+
+    provenance = {
+        "name": spec.name, "backend": spec.backend, "arch": spec.arch,
+        **weights_info,
+        "width": width, "patch_size": patch, "image_size": spec.image_size,
+        "native_grid": spec.image_size // patch,
+        "depth": depth or full, "full_depth": full, "truncated": depth is not None,
+        "mean": list(spec.mean), "std": list(spec.std), "resize": RESIZE,
+        "token_convention": ("final-norm tokens, pre-projection; token 0 = "
+                             + ("attention-pool (MAP) output, the model has no CLS"
+                                if spec.summary_token == "map" else "CLS")
+                             + ", then g*g patches row-major"),
+    }
+    return FrozenEncoder(spec, tokens, width, patch, provenance).to(device)
+
+
+def _timm_filter(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """timm's own checkpoint filter for the model family: original-format keys, pos-embed
+    resampling (e.g. DINOv2's 518-px table to 224 px)."""
+    fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
+    if fn is None:
+        return sd
+    try:
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+            return fn(sd, model)  # some filters print per key
+    except Exception:  # the strict key check afterwards reports the mismatch in one line
+        return sd

@@ -1,0 +1,572 @@
+"""`eva-repro extract`: images -> frozen EVA-CLIP (target) and CLIP (condition) tokens -> shards.
+
+The input list (see `eva_repro.images.discover`) is cut into chunks of `shard_size` inputs;
+chunk i becomes shard i, whatever the number of processes, so shard names are global:
+
+* resume: a chunk is done when its record (`chunks/chunk-00007.json`: inputs, samples,
+  failures) and, if it has samples, its shard exist; a rerun skips done chunks. A killed run
+  loses at most the chunks in progress, and a resumed run writes exactly the shards an
+  uninterrupted one would (batches never straddle chunks, so even float rounding matches).
+* torchrun: chunk i goes to rank i % world_size; after a barrier rank 0 merges.
+* merge (`--merge`, or automatically at the end): failures.jsonl rebuilt from the records,
+  then manifest.json; it checks that inputs = samples + failures.
+
+`extract_config.json` pins what determines the bytes on disk (encoders and their weights,
+grid, mode, dtype, shard size, the input list); resuming with different settings is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from eva_repro import __version__, shards
+from eva_repro.encoders import (
+    FrozenEncoder,
+    list_encoders,
+    load_encoder,
+    pool_grid,
+    select_tokens,
+)
+from eva_repro.images import (
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MIN_SIZE,
+    Discovery,
+    ImageDataset,
+    InputItem,
+    collate,
+    discover,
+    list_images,
+)
+
+__all__ = ["ExtractError", "Settings", "configure_parser", "extract", "list_images", "merge",
+           "run", "run_extraction"]
+
+CONFIG = "extract_config.json"
+CHUNKS = "chunks"
+CONFIG_FORMAT = "eva-repro-extract"
+TRAINING_MODES = ("patch_only", "cls_patch")
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
+
+
+class ExtractError(ValueError):
+    """A run that cannot start or finish: one line naming the problem and the fix."""
+
+
+@dataclass
+class Settings:
+    """Everything an extraction depends on. `fingerprint()` is what the bytes depend on."""
+
+    eva: str = "EVA02-L-14"
+    clip: str = "ViT-L-14"
+    eva_weights: str = "auto"
+    clip_weights: str = "auto"
+    grid: int = 16
+    training_mode: str = "patch_only"
+    dtype: str = "float16"
+    shard_size: int = 512
+    encoder_depth: int | None = None
+    seed: int = 0
+    min_size: int = DEFAULT_MIN_SIZE
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    limit: int | None = None
+    # not in the fingerprint: they change speed, not results
+    batch_size: int = 32
+    num_workers: int | None = None
+    device: str | None = None
+    autocast: str = "bf16"
+    progress: bool = True
+
+    def fingerprint(self) -> dict[str, Any]:
+        keys = ("eva", "clip", "grid", "training_mode", "dtype", "shard_size", "encoder_depth",
+                "seed", "min_size", "max_pixels", "limit")
+        return {k: getattr(self, k) for k in keys}
+
+    def validate(self) -> None:
+        if self.training_mode not in TRAINING_MODES:
+            raise ExtractError(f"--training_mode must be one of {TRAINING_MODES}, "
+                               f"got {self.training_mode!r}")
+        if self.dtype not in shards.DTYPES:
+            raise ExtractError(f"--dtype must be one of {tuple(shards.DTYPES)}, got {self.dtype!r}")
+        if self.autocast not in AUTOCAST:
+            raise ExtractError(f"--autocast must be one of {tuple(AUTOCAST)}")
+        for name in ("grid", "shard_size", "batch_size", "min_size", "max_pixels"):
+            if getattr(self, name) < 1:
+                raise ExtractError(f"--{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class Stats:
+    images: int = 0  # inputs processed by this rank in this call (decoded or failed)
+    samples: int = 0
+    failures: int = 0
+    seconds: float = 0.0  # from the first batch request to the last shard written
+    chunks_written: int = 0
+    chunks_skipped: int = 0
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class Result:
+    manifest: dict[str, Any] | None
+    stats: Stats = field(default_factory=Stats)
+
+
+# ---------------------------------------------------------------------------------------------
+# distributed
+
+
+@dataclass
+class DistContext:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    owns_group: bool = False
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def close(self) -> None:
+        if self.owns_group:
+            torch.distributed.destroy_process_group()
+
+
+def _dist_context() -> DistContext:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    ctx = DistContext(rank=int(os.environ.get("RANK", "0")), world=world,
+                      local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo")  # only barriers: gloo works everywhere
+        ctx.owns_group = True
+    return ctx
+
+
+def _device(requested: str | None, ctx: DistContext) -> torch.device:
+    if requested:
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        return torch.device("cuda", ctx.local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# plan: chunks, config, resume state
+
+
+def chunk_path(out_dir: Path, index: int) -> Path:
+    return out_dir / CHUNKS / f"chunk-{index:05d}.json"
+
+
+def _inputs_digest(items: Sequence[InputItem]) -> str:
+    h = hashlib.sha256()
+    for it in items:
+        h.update(f"{it.key}\t{it.source}\n".encode())
+    return h.hexdigest()
+
+
+def _provenance_id(prov: dict[str, Any]) -> dict[str, Any]:
+    """Provenance minus where the weights happen to lie (same sha256 = same weights)."""
+    return {k: v for k, v in prov.items() if k != "weights_path"}
+
+
+def _make_config(settings: Settings, inputs: Sequence[str], discovery: Discovery,
+                 encoders: dict[str, FrozenEncoder]) -> dict[str, Any]:
+    return {
+        "format": CONFIG_FORMAT,
+        "version": 1,
+        "created_by": f"eva-repro {__version__}",
+        "settings": settings.fingerprint(),
+        "encoders": {role: enc.provenance for role, enc in encoders.items()},
+        "inputs": list(inputs),
+        "num_inputs": discovery.num_inputs,
+        "num_items": len(discovery.items),
+        "num_chunks": math.ceil(len(discovery.items) / settings.shard_size),
+        "inputs_sha256": _inputs_digest(discovery.items),
+        "discovery_failures": discovery.failures,
+    }
+
+
+def _config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    diff = [f"settings.{k}" for k in new["settings"]
+            if old.get("settings", {}).get(k) != new["settings"][k]]
+    for role in new["encoders"]:
+        if _provenance_id(old.get("encoders", {}).get(role, {})) != \
+                _provenance_id(new["encoders"][role]):
+            diff.append(f"{role} encoder/weights")
+    if old.get("inputs_sha256") != new["inputs_sha256"]:
+        diff.append(f"input list ({old.get('num_inputs')} -> {new['num_inputs']} inputs)")
+    return diff
+
+
+def _prepare_output(out_dir: Path, config: dict[str, Any], ctx: DistContext) -> None:
+    """Write the config on a fresh directory; refuse to resume one made with other settings."""
+    path = out_dir / CONFIG
+    if path.exists():
+        old = json.loads(path.read_text())
+        diff = _config_diff(old, config)
+        if diff:
+            raise ExtractError(f"{path}: this directory holds an extraction with a different "
+                               f"{', '.join(diff)}; use a new --output_dir, or the same "
+                               "arguments to resume it")
+        return
+    if ctx.rank != 0:  # rank 0 checks and writes; looking here would race with its first shard
+        return
+    if any(out_dir.glob("shard-*.json")):
+        raise ExtractError(f"{out_dir}: holds shards not written by `eva-repro extract` (no "
+                           f"{CONFIG}); use a new --output_dir")
+    shards.atomic_write_json(path, config)
+
+
+def _read_record(out_dir: Path, index: int) -> dict[str, Any] | None:
+    path = chunk_path(out_dir, index)
+    try:
+        return json.loads(path.read_text()) if path.exists() else None
+    except json.JSONDecodeError:
+        return None  # a torn record cannot exist (atomic writes); treat as not done anyway
+
+
+def finished_chunks(out_dir: Path, num_chunks: int) -> dict[int, dict[str, Any]]:
+    """Chunk index -> record, for chunks whose record and (if non-empty) shard are committed."""
+    done_shards = shards.finished_shards(out_dir)
+    done = {}
+    for i in range(num_chunks):
+        rec = _read_record(out_dir, i)
+        if rec is not None and (rec["num_samples"] == 0 or i in done_shards):
+            done[i] = rec
+    return done
+
+
+# ---------------------------------------------------------------------------------------------
+# the pipeline
+
+
+def _chunks(items: Sequence[InputItem], size: int) -> list[list[InputItem]]:
+    return [list(items[i:i + size]) for i in range(0, len(items), size)]
+
+
+def _batches(chunk_sizes: Sequence[int], batch_size: int) -> tuple[list[list[int]], list[int]]:
+    """Per-chunk batches of flat dataset indices (never across a chunk) and each one's chunk."""
+    batches, owner, start = [], [], 0
+    for c, n in enumerate(chunk_sizes):
+        for b in range(0, n, batch_size):
+            batches.append(list(range(start + b, start + min(b + batch_size, n))))
+            owner.append(c)
+        start += n
+    return batches, owner
+
+
+def _encode(enc: FrozenEncoder, pixels: dict[int, torch.Tensor], settings: Settings,
+            out_dtype: torch.dtype) -> torch.Tensor:
+    x = enc.normalize(pixels[enc.image_size])
+    amp = AUTOCAST[settings.autocast] if x.device.type == "cuda" else None
+    ctx = torch.autocast("cuda", dtype=amp) if amp else contextlib.nullcontext()
+    with ctx:
+        tokens = enc(x)
+    tokens = select_tokens(pool_grid(tokens.float(), settings.grid), settings.training_mode)
+    return tokens.to(out_dtype).cpu()  # cast on the device: half the bytes to copy back
+
+
+def _write_chunk(out_dir: Path, index: int, items: Sequence[InputItem],
+                 buf: dict[str, Any], settings: Settings) -> None:
+    """Record first, shard second: the chunk counts as done only once both exist."""
+    record = {"index": index, "num_inputs": len(items), "num_samples": len(buf["keys"]),
+              "failures": buf["failures"]}
+    shards.atomic_write_json(chunk_path(out_dir, index), record)
+    if buf["keys"]:
+        shards.write_shard(out_dir, index, torch.cat(buf["clip"]), torch.cat(buf["eva"]),
+                           buf["keys"], buf["captions"], settings.dtype)
+
+
+def _log(out_dir: Path, rank: int, record: dict[str, Any]) -> None:
+    path = out_dir / "logs" / f"extract-rank{rank}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+
+
+def _default_workers(device: torch.device, world: int) -> int:
+    cpus = os.cpu_count() or 2
+    if device.type == "cuda":
+        return max(1, min(8, cpus // world))
+    return max(0, min(4, cpus // world - 1))  # the CPU forward needs the cores too
+
+
+def run_pipeline(out_dir: Path, chunks: Sequence[Sequence[InputItem]], todo: Sequence[int],
+                 eva: FrozenEncoder, clip: FrozenEncoder, settings: Settings,
+                 device: torch.device, rank: int = 0) -> Stats:
+    """Decode, encode and write the chunks `todo` (global indices into `chunks`)."""
+    stats = Stats()
+    if not todo:
+        return stats
+    flat = [it for c in todo for it in chunks[c]]
+    batches, owner = _batches([len(chunks[c]) for c in todo], settings.batch_size)
+    dataset = ImageDataset(flat, [eva.image_size, clip.image_size],
+                           min_size=settings.min_size, max_pixels=settings.max_pixels)
+    workers = (settings.num_workers if settings.num_workers is not None
+               else _default_workers(device, 1))
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
+        pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
+    out_dtype = shards.DTYPES[settings.dtype]
+    remaining = {c: len(chunks[c]) for c in todo}
+    bufs: dict[int, dict[str, Any]] = {}
+    bar = tqdm(total=len(flat), unit="img", desc=f"extract[rank {rank}]" if rank else "extract",
+               disable=not settings.progress or rank != 0, dynamic_ncols=True)
+    start = chunk_start = time.perf_counter()
+    with torch.inference_mode():
+        for batch, k in zip(loader, owner, strict=True):
+            c = todo[k]
+            buf = bufs.setdefault(c, {"clip": [], "eva": [], "keys": [], "captions": [],
+                                      "failures": []})
+            for idx, reason in batch.failures:
+                it = flat[idx]
+                buf["failures"].append({"path": it.source, "key": it.key, "reason": reason})
+            if batch.indices:
+                buf["eva"].append(_encode(eva, batch.pixels, settings, out_dtype))
+                buf["clip"].append(_encode(clip, batch.pixels, settings, out_dtype))
+                buf["keys"] += [flat[i].key for i in batch.indices]
+                buf["captions"] += batch.captions
+            n = len(batch.indices) + len(batch.failures)
+            remaining[c] -= n
+            stats.images += n
+            stats.samples += len(batch.indices)
+            stats.failures += len(batch.failures)
+            bar.update(n)
+            if remaining[c] == 0:
+                _write_chunk(out_dir, c, chunks[c], bufs.pop(c), settings)
+                stats.chunks_written += 1
+                now = time.perf_counter()
+                secs = now - chunk_start
+                _log(out_dir, rank, {"chunk": c, "inputs": len(chunks[c]),
+                                     "seconds": round(secs, 3),
+                                     "images_per_s": round(len(chunks[c]) / secs, 2)})
+                chunk_start = now
+    bar.close()
+    stats.seconds = time.perf_counter() - start
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------
+# merge
+
+
+def merge(output_dir: str | os.PathLike) -> dict[str, Any]:
+    """failures.jsonl + manifest.json from the finished chunks; every chunk must be done."""
+    out_dir = Path(output_dir)
+    path = out_dir / CONFIG
+    if not path.exists():
+        raise ExtractError(f"{path}: missing; {out_dir} is not an `eva-repro extract` output "
+                           "(run extract into it first)")
+    config = json.loads(path.read_text())
+    n = config["num_chunks"]
+    done = finished_chunks(out_dir, n)
+    missing = [i for i in range(n) if i not in done]
+    if missing:
+        raise ExtractError(f"{out_dir}: {len(missing)} of {n} chunks unfinished (first: "
+                           f"{missing[0]}); re-run the same extract command to finish them")
+    failures = list(config["discovery_failures"])
+    for i in range(n):
+        failures += done[i]["failures"]
+    shards.atomic_write_bytes(out_dir / shards.FAILURES,
+                              "".join(json.dumps(f) + "\n" for f in failures).encode())
+    finished = shards.finished_shards(out_dir)
+    listed = [finished[i] for i in range(n) if done[i]["num_samples"] > 0]
+    if not listed:
+        raise ExtractError(f"{out_dir}: no input could be decoded (all {config['num_inputs']} "
+                           f"failed); see {out_dir / shards.FAILURES}")
+    s = config["settings"]
+    meta = {
+        "created_by": config["created_by"] + " extract",
+        "grid": s["grid"],
+        "include_cls": s["training_mode"] == "cls_patch",
+        "training_mode": s["training_mode"],
+        "dtype": s["dtype"],
+        "token_layout": ("[CLS] + " if s["training_mode"] == "cls_patch" else "")
+                        + f"{s['grid']}x{s['grid']} patches, row-major",
+        "num_inputs": config["num_inputs"],
+        "shard_size": s["shard_size"],
+        "inputs": config["inputs"],
+        "encoders": config["encoders"],
+        "settings": s,
+    }
+    manifest = shards.write_manifest(out_dir, meta, listed)
+    if manifest["num_samples"] + manifest["num_failures"] != config["num_inputs"]:
+        raise ExtractError(f"{out_dir}: counts do not add up ({manifest['num_samples']} samples"
+                           f" + {manifest['num_failures']} failures != {config['num_inputs']} "
+                           "inputs); delete the directory and extract again")
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------
+# entry points
+
+
+def run_extraction(inputs: Any, output_dir: str | os.PathLike, settings: Settings,
+                   encoders: tuple[FrozenEncoder, FrozenEncoder] | None = None) -> Result:
+    """The whole job: discover, build encoders, extract this rank's chunks, merge.
+
+    Pass `encoders` (eva, clip) to reuse already built ones (benchmarks)."""
+    settings.validate()
+    out_dir = Path(output_dir)
+    single = isinstance(inputs, (str, os.PathLike))
+    inputs_list = [str(inputs)] if single else [str(p) for p in inputs]
+    discovery = discover(inputs)  # missing inputs fail here, before any model is built
+    if settings.limit is not None:
+        discovery.items = discovery.items[:settings.limit]
+    ctx = _dist_context()
+    try:
+        device = _device(settings.device, ctx)
+        if encoders is None:
+            eva = load_encoder(settings.eva, settings.eva_weights, depth=settings.encoder_depth,
+                               seed=settings.seed, device=device, flag="--eva")
+            clip = load_encoder(settings.clip, settings.clip_weights,
+                                depth=settings.encoder_depth, seed=settings.seed,
+                                device=device, flag="--clip")
+        else:
+            eva, clip = (e.to(device) for e in encoders)
+        for enc, flag in ((eva, "--eva"), (clip, "--clip")):
+            if settings.grid > enc.native_grid:
+                raise ExtractError(f"--grid {settings.grid} is finer than {flag} "
+                                   f"{enc.spec.name}'s native {enc.native_grid}x"
+                                   f"{enc.native_grid} grid; use --grid {enc.native_grid} or less")
+        config = _make_config(settings, inputs_list, discovery, {"eva": eva, "clip": clip})
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _prepare_output(out_dir, config, ctx)
+        chunks = _chunks(discovery.items, settings.shard_size)
+        done = finished_chunks(out_dir, len(chunks))
+        mine = [c for c in range(len(chunks)) if c % ctx.world == ctx.rank]
+        todo = [c for c in mine if c not in done]
+        if settings.num_workers is None:
+            settings.num_workers = _default_workers(device, ctx.world)
+        stats = run_pipeline(out_dir, chunks, todo, eva, clip, settings, device, ctx.rank)
+        stats.chunks_skipped = len(mine) - len(todo)
+        ctx.barrier()  # every rank's shards are committed before the manifest covers them
+        manifest = None
+        error: Exception | None = None
+        if ctx.rank == 0:
+            try:
+                manifest = merge(out_dir)
+            except ExtractError as e:
+                error = e  # still release the other ranks from the barrier below
+        ctx.barrier()
+        if error is not None:
+            raise error
+        if manifest is None and (out_dir / shards.MANIFEST).exists():
+            manifest = json.loads((out_dir / shards.MANIFEST).read_text())
+        return Result(manifest, stats)
+    finally:
+        ctx.close()
+
+
+def extract(inputs: Any, output_dir: str | os.PathLike, *, eva: str = "EVA02-L-14",
+            clip: str = "ViT-L-14", eva_weights: str = "auto", clip_weights: str = "auto",
+            grid: int = 16, training_mode: str = "patch_only", batch_size: int = 32,
+            num_workers: int | None = None, shard_size: int = 512, dtype: str = "float16",
+            encoder_depth: int | None = None, device: str | None = None, seed: int = 0,
+            autocast: str = "bf16", min_size: int = DEFAULT_MIN_SIZE,
+            max_pixels: int = DEFAULT_MAX_PIXELS, limit: int | None = None,
+            progress: bool = True) -> dict[str, Any]:
+    """Extract `inputs` (a folder, .tar files, a list file, or image paths) into shards in
+    `output_dir`; resumes a partial run. Returns the manifest dict (see `eva_repro.shards`)."""
+    settings = Settings(eva=eva, clip=clip, eva_weights=str(eva_weights),
+                        clip_weights=str(clip_weights), grid=grid, training_mode=training_mode,
+                        dtype=dtype, shard_size=shard_size, encoder_depth=encoder_depth,
+                        seed=seed, min_size=min_size, max_pixels=max_pixels, limit=limit,
+                        batch_size=batch_size, num_workers=num_workers, device=device,
+                        autocast=autocast, progress=progress)
+    return run_extraction(inputs, output_dir, settings).manifest
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    d = Settings()
+    p.add_argument("inputs", nargs="*", help="image folders, webdataset .tar files, list files "
+                   "(one path per line, optional TAB caption) or image files")
+    p.add_argument("--input_dir", action="append", default=[], help="image folder (repeatable)")
+    p.add_argument("--output_dir", help="shard directory to write (or resume, or --merge)")
+    p.add_argument("--eva", default=d.eva, help=f"target encoder, one of {list_encoders()}")
+    p.add_argument("--clip", default=d.clip, help="condition encoder (same choices)")
+    p.add_argument("--eva_weights", default=d.eva_weights,
+                   help="auto | pretrained | random | PATH (file or snapshot dir)")
+    p.add_argument("--clip_weights", default=d.clip_weights, help="as --eva_weights")
+    p.add_argument("--grid", type=int, default=d.grid,
+                   help="patch grid per side: 16 native at 224 px, 8 = avg-pooled (BLIP3-o)")
+    p.add_argument("--training_mode", choices=TRAINING_MODES, default=d.training_mode,
+                   help="patch_only drops the CLS token, cls_patch keeps it first")
+    p.add_argument("--dtype", choices=list(shards.DTYPES), default=d.dtype)
+    p.add_argument("--batch_size", type=int, default=d.batch_size)
+    p.add_argument("--num_workers", type=int, default=None, help="decode workers (default: "
+                   "up to 8 per GPU, fewer on CPU)")
+    p.add_argument("--shard_size", type=int, default=d.shard_size, help="inputs per shard")
+    p.add_argument("--encoder_depth", type=int, default=None,
+                   help="keep only the first N blocks of both encoders (smoke runs)")
+    p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available")
+    p.add_argument("--autocast", choices=list(AUTOCAST), default=d.autocast,
+                   help="autocast dtype on CUDA (CPU always runs fp32)")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of random-init encoders")
+    p.add_argument("--min_size", type=int, default=d.min_size,
+                   help="skip images smaller than this many px per side")
+    p.add_argument("--max_pixels", type=int, default=d.max_pixels,
+                   help="skip images with more pixels (decompression bombs)")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N inputs")
+    p.add_argument("--merge", action="store_true",
+                   help="only write manifest.json + failures.jsonl from finished shards")
+    p.add_argument("--no_progress", action="store_true")
+    p.add_argument("--list_encoders", action="store_true", help="print the registry and exit")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.list_encoders:
+        from eva_repro.encoders import REGISTRY
+
+        for name, spec in REGISTRY.items():
+            print(f"{name:18s} {spec.backend:9s} {spec.arch:34s} {spec.image_size}px  {spec.note}")
+        return 0
+    if not args.output_dir:
+        raise ExtractError("--output_dir is required")
+    if args.merge:
+        m = merge(args.output_dir)
+        print(f"merged {len(m['shards'])} shards: {m['num_samples']} samples, "
+              f"{m['num_failures']} failures -> {Path(args.output_dir) / shards.MANIFEST}")
+        return 0
+    inputs = list(args.inputs) + list(args.input_dir)
+    if not inputs:
+        raise ExtractError("no inputs: pass image folders / .tar / list files, or --input_dir")
+    settings = Settings(
+        eva=args.eva, clip=args.clip, eva_weights=args.eva_weights,
+        clip_weights=args.clip_weights, grid=args.grid, training_mode=args.training_mode,
+        dtype=args.dtype, shard_size=args.shard_size, encoder_depth=args.encoder_depth,
+        seed=args.seed, min_size=args.min_size, max_pixels=args.max_pixels, limit=args.limit,
+        batch_size=args.batch_size, num_workers=args.num_workers, device=args.device,
+        autocast=args.autocast, progress=not args.no_progress)
+    result = run_extraction(inputs, args.output_dir, settings)
+    st = result.stats
+    print(f"[extract] this process: {st.images} inputs in {st.seconds:.1f} s "
+          f"({st.images_per_s:.1f} img/s), {st.chunks_written} chunks written, "
+          f"{st.chunks_skipped} already done", file=sys.stderr)
+    if result.manifest is not None:
+        m = result.manifest
+        print(f"{m['num_samples']} samples + {m['num_failures']} failures = {m['num_inputs']} "
+              f"inputs; {len(m['shards'])} shards, {m['tokens']} tokens, clip {m['clip_dim']}-d,"
+              f" eva {m['eva_dim']}-d -> {Path(args.output_dir) / shards.MANIFEST}")
+    return 0
