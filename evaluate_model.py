@@ -1,0 +1,10 @@
+#!/usr/bin/env python
+"""Seed-compatible entry point: `python evaluate_model.py --model_path CKPT_OR_RUN_DIR
+--embeddings_dir D --output_dir O --num_samples 1000` (the same flags as `eva-repro evaluate`)."""
+
+import sys
+
+from eva_repro.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["evaluate", *sys.argv[1:]]))

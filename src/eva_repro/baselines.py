@@ -1,0 +1,218 @@
+"""Baselines the DiT must beat, fitted on the training split only and streamed from shards.
+
+mean   the mean target token per position (of L2-normalised tokens: the direction that maximises
+       the summed cosine to the training tokens). Ignores the condition entirely.
+ridge  a linear map from a condition token to the target token at the same position, plus a
+       per-position bias, fitted in closed form. Features are RMS-normalised condition tokens
+       (like the DiT's input RMSNorm, which keeps CLIP's few huge-norm tokens from dominating);
+       targets are L2-normalised (the metric is cosine).
+
+Ridge needs only X^T X [Dc+P, Dc+P] and X^T Y [Dc+P, De] (P = positions with a bias), summed
+over batches in float64, so memory is independent of the number of samples and D can be 4096.
+lambda = alpha * (number of training tokens), alpha picked on a held-in tenth of the training
+samples by closed-form validation error (no second pass over the data), then refit on all.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from eva_repro.shards import ShardReader
+
+ALPHAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# streaming rows out of shards
+
+
+def iter_batches(
+    reader: ShardReader, indices: Sequence[int], batch_size: int
+) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
+    """Yield (indices, {'clip', 'eva'} float32) for `indices` in the given order, `batch_size` at a
+    time, reading each run of consecutive rows of a shard with one memory-mapped slice."""
+    for start in range(0, len(indices), batch_size):
+        batch = list(indices[start:start + batch_size])
+        parts: dict[str, list[torch.Tensor]] = {"clip": [], "eva": []}
+        run_shard, run_start, run_stop = None, 0, 0
+        for index in [*batch, None]:
+            shard, row = reader.locate(index) if index is not None else (None, 0)
+            if shard == run_shard and row == run_stop:
+                run_stop += 1
+                continue
+            if run_shard is not None:
+                rows = reader.read_rows(run_shard, run_start, run_stop)
+                for k in parts:
+                    parts[k].append(rows[k].float())
+            run_shard, run_start, run_stop = shard, row, row + 1
+        yield batch, {k: torch.cat(v) for k, v in parts.items()}
+
+
+def rms_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Per-token x / rms(x): unit mean square per element (ridge features)."""
+    x = x.float()
+    return x * (math.sqrt(x.shape[-1]) / x.norm(dim=-1, keepdim=True).clamp_min(eps))
+
+
+# ---------------------------------------------------------------------------------------------
+# mean target token per position
+
+
+@dataclass
+class MeanBaseline:
+    mean: torch.Tensor  # [T, De], mean of unit-norm target tokens per position
+
+    def predict(self, clip: torch.Tensor) -> torch.Tensor:
+        """The same tokens for every image: [B, T, De]."""
+        return self.mean.to(clip.device).expand(clip.shape[0], -1, -1)
+
+
+class MeanAccumulator:
+    def __init__(self) -> None:
+        self.total: torch.Tensor | None = None
+        self.count = 0
+
+    def update(self, eva: torch.Tensor) -> None:
+        s = F.normalize(eva.float(), dim=-1).sum(dim=0).double()
+        self.total = s if self.total is None else self.total + s
+        self.count += eva.shape[0]
+
+    def result(self) -> MeanBaseline:
+        if self.total is None:
+            raise ValueError("mean baseline: no training samples to fit on")
+        return MeanBaseline((self.total / self.count).float())
+
+
+# ---------------------------------------------------------------------------------------------
+# ridge regression, condition token -> target token
+
+
+@dataclass
+class RidgeBaseline:
+    weight: torch.Tensor  # [Dc, De]
+    bias: torch.Tensor  # [P, De]: per position (P = T) or one global bias (P = 1)
+    alpha: float
+    info: dict = field(default_factory=dict)
+
+    def predict(self, clip: torch.Tensor) -> torch.Tensor:
+        x = rms_normalize(clip)
+        return x @ self.weight.to(x.device) + self.bias.to(x.device)
+
+
+class RidgeAccumulator:
+    """Sufficient statistics of the ridge problem with features [x, one-hot(position group)]."""
+
+    def __init__(self, cond_dim: int, target_dim: int, tokens: int, position_bias: bool = True,
+                 device: torch.device | str = "cpu"):
+        self.groups = tokens if position_bias else 1
+        f64 = dict(dtype=torch.float64, device=device)
+        self.sxx = torch.zeros(cond_dim, cond_dim, **f64)
+        self.sxp = torch.zeros(self.groups, cond_dim, **f64)  # sum of x per group
+        self.count = torch.zeros(self.groups, **f64)
+        self.sxy = torch.zeros(cond_dim, target_dim, **f64)
+        self.spy = torch.zeros(self.groups, target_dim, **f64)  # sum of y per group
+        self.syy = torch.zeros((), **f64)
+        self.device = device
+
+    def update(self, clip: torch.Tensor, eva: torch.Tensor) -> None:
+        x = rms_normalize(clip.to(self.device))  # [B, T, Dc]
+        y = F.normalize(eva.to(self.device).float(), dim=-1)  # [B, T, De]
+        if self.groups == 1:
+            x, y = x.reshape(1, -1, x.shape[-1]), y.reshape(1, -1, y.shape[-1])
+        else:
+            x, y = x.transpose(0, 1), y.transpose(0, 1)  # [T, B, D]: group = position
+        flat_x, flat_y = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+        # per-batch products in fp32 (fast), accumulated in fp64 (exact enough over millions of rows)
+        self.sxx += (flat_x.T @ flat_x).double()
+        self.sxy += (flat_x.T @ flat_y).double()
+        self.sxp += x.sum(dim=1).double()
+        self.spy += y.sum(dim=1).double()
+        self.count += x.shape[1]
+        self.syy += flat_y.square().sum().double()
+
+    def __iadd__(self, other: RidgeAccumulator) -> RidgeAccumulator:
+        for name in ("sxx", "sxp", "count", "sxy", "spy", "syy"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        return self
+
+    @property
+    def tokens_seen(self) -> float:
+        return float(self.count.sum())
+
+    def _system(self, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normal equations A W = B of the augmented problem; lambda on the x block only."""
+        dc = self.sxx.shape[0]
+        a = torch.cat([
+            torch.cat([self.sxx + lam * torch.eye(dc, dtype=self.sxx.dtype, device=self.sxx.device),
+                       self.sxp.T], dim=1),
+            torch.cat([self.sxp, torch.diag(self.count.clamp_min(1.0))], dim=1),
+        ])
+        return a, torch.cat([self.sxy, self.spy])
+
+    def solve(self, alpha: float) -> torch.Tensor:
+        """Weights [Dc+P, De] for lambda = alpha * tokens seen."""
+        a, b = self._system(alpha * self.tokens_seen)
+        return torch.linalg.solve(a, b)
+
+    def mse(self, w: torch.Tensor) -> float:
+        """Mean squared error per token of weights `w` on the data in these statistics:
+        ||Y - XW||^2 = tr(Y'Y) - 2 tr(W'X'Y) + tr(W'X'XW), no pass over the data needed."""
+        a, b = self._system(0.0)
+        sse = self.syy - 2 * (w * b).sum() + (w * (a @ w)).sum()
+        return float(sse / self.tokens_seen)
+
+
+def fit_baselines(
+    reader: ShardReader,
+    train_indices: Sequence[int],
+    batch_size: int = 64,
+    alphas: Sequence[float] = ALPHAS,
+    position_bias: bool = True,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> tuple[MeanBaseline, RidgeBaseline]:
+    """Fit both baselines in one streamed pass over `train_indices` (training split only)."""
+    if len(train_indices) == 0:
+        raise ValueError("baselines: no training samples to fit on")
+    m = reader.manifest
+    mean_acc = MeanAccumulator()
+    fit = RidgeAccumulator(m.clip_dim, m.eva_dim, m.tokens, position_bias, device)
+    val = RidgeAccumulator(m.clip_dim, m.eva_dim, m.tokens, position_bias, device)
+    # every 10th training sample is held in to choose alpha (none when there are too few)
+    held_in = set(list(train_indices)[9::10]) if len(train_indices) >= 20 else set()
+    bar = tqdm(total=len(train_indices), desc="fit baselines", unit="img", disable=not progress,
+               leave=False)
+    for batch, rows in iter_batches(reader, train_indices, batch_size):
+        mean_acc.update(rows["eva"])
+        is_val = torch.tensor([i in held_in for i in batch])
+        if (~is_val).any():
+            fit.update(rows["clip"][~is_val], rows["eva"][~is_val])
+        if is_val.any():
+            val.update(rows["clip"][is_val], rows["eva"][is_val])
+        bar.update(len(batch))
+    bar.close()
+    scores = {}
+    if held_in and fit.tokens_seen > 0:
+        scores = {a: val.mse(fit.solve(a)) for a in alphas}
+        alpha = min(scores, key=scores.get)
+    else:
+        alpha = 1e-2  # too few samples to validate: a light default
+    fit += val
+    w = fit.solve(alpha).float().cpu()
+    info = {
+        "alpha": alpha,
+        "lambda": alpha * fit.tokens_seen,
+        "validation_mse": {f"{a:g}": round(s, 6) for a, s in scores.items()},
+        "num_train_samples": len(train_indices),
+        "num_held_in_samples": len(held_in),
+        "features": "RMS-normalised condition token + per-position bias" if position_bias
+        else "RMS-normalised condition token + bias",
+    }
+    ridge = RidgeBaseline(weight=w[: m.clip_dim], bias=w[m.clip_dim:], alpha=alpha, info=info)
+    return mean_acc.result(), ridge

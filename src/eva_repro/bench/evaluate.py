@@ -1,0 +1,161 @@
+"""Evaluation benchmark: images/s of `eva-repro evaluate` and the NFE each sampler needs.
+
+A small DiT is trained in-process on synthetic shards (`eva_repro.synth`, known target
+function), then evaluated. For every sampler (euler, heun, dopri5, with and without time shift)
+the cosine to the true targets is measured over a range of step counts; the "converged" cosine
+is the one at the finest setting, and we report the smallest NFE from which the cosine stays
+within 1% of it (99% of the converged value, from above or below).
+Goal: heun with time shift within 10 NFE.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from eva_repro import flow, metrics
+from eva_repro.generate import generate_batch
+from eva_repro.model import DiT, DiTConfig
+from eva_repro.shards import atomic_write_json
+from eva_repro.synth import make_pairs, write_synthetic_shards
+
+
+def train_synth_model(
+    clip: torch.Tensor, eva: torch.Tensor, steps: int = 400, hidden: int = 96, depth: int = 2,
+    batch: int = 32, lr: float = 2e-2, seed: int = 0, time_scheme: str = "uniform",
+) -> DiT:
+    """A small DiT fitted with flow_loss + AdamW (warmup, cosine decay); deterministic in `seed`.
+
+    The high learning rate is what lets a 2-layer model learn the synthetic map in a few hundred
+    steps on a CPU (at 3e-3 it needs thousands).
+    """
+    torch.manual_seed(seed)
+    cfg = DiTConfig(target_dim=eva.shape[-1], cond_dim=clip.shape[-1], hidden=hidden, depth=depth,
+                    n_heads=4, n_kv_heads=2,
+                    token_mode="cls_patch" if math.isqrt(clip.shape[1]) ** 2 != clip.shape[1]
+                    else "patch_only",
+                    target_norm=eva.float().norm(dim=-1).mean().item())
+    model = DiT(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 30) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    g = torch.Generator().manual_seed(seed)
+    flow_cfg = flow.FlowConfig(time_scheme=time_scheme, cfg_dropout=0.1)
+    for _ in range(steps):
+        idx = torch.randint(0, clip.shape[0], (batch,), generator=g)
+        out = flow.flow_loss(model, eva[idx].float(), clip[idx].float(), flow_cfg, generator=g)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+    return model.eval()
+
+
+def nfe_from(curve: list[dict], ok) -> float:
+    """Smallest NFE from which on every setting of `curve` satisfies `ok(entry)`."""
+    ordered = sorted(curve, key=lambda e: e["nfe"])
+    reach = ordered[-1]["nfe"]
+    for e in reversed(ordered):
+        if not ok(e):
+            break
+        reach = e["nfe"]
+    return reach
+
+
+def nfe_within(curve: list[dict], converged: float, tolerance: float = 0.01) -> float:
+    """Smallest NFE from which on the cosine stays within `tolerance` (relative) of `converged`.
+
+    "Within 1%" rather than ">= 99%": a sampler can overshoot at few steps (one Euler step lands on
+    the conditional mean, whose cosine is higher than a proper sample's), and that is not
+    convergence.
+    """
+    return nfe_from(curve, lambda e: abs(e["cosine"] - converged) <= tolerance * abs(converged))
+
+
+def nfe_to_converge(model: DiT, clip: torch.Tensor, eva: torch.Tensor, quick: bool) -> dict:
+    """Per sampler and shift: cosine to the targets vs NFE, the converged cosine (finest setting)
+    and the NFE from which it stays within 1% of it. Also, per setting, the cosine to a reference
+    ODE solution from the same noise (dopri5, tol 1e-6; 1e-5 when quick): the solver error alone,
+    without the
+    sample-to-sample spread of the model."""
+    grids = {
+        "euler": [1, 2, 3, 4, 6, 8, 12, 16, 24, 32] + ([] if quick else [64, 128]),
+        "heun": [1, 2, 3, 4, 5, 6, 8, 12, 16] + ([] if quick else [32, 64]),
+        "dopri5": [1e-2, 1e-3, 1e-4] + ([] if quick else [1e-5]),
+    }
+    reference, _ = generate_batch(model, clip, 0, "dopri5", seed=0, tol=1e-5 if quick else 1e-6)
+    out = {}
+    for method, grid in grids.items():
+        for shift in (1.0, 3.0):
+            curve = []
+            for knob in grid:
+                steps, tol = (0, knob) if method == "dopri5" else (knob, 1e-5)
+                gen, nfe = generate_batch(model, clip, steps, method, shift=shift, seed=0, tol=tol)
+                curve.append({"steps": steps, "tol": tol if method == "dopri5" else None, "nfe": nfe,
+                              "cosine": metrics.token_cosines(gen, eva).mean().item(),
+                              "solution_cosine": metrics.token_cosines(gen, reference).mean().item()})
+            converged = curve[-1]["cosine"]
+            out[f"{method}_shift{shift:g}"] = {
+                "converged_cosine": round(converged, 4),
+                "nfe_within_1pct": nfe_within(curve, converged),
+                "nfe_to_solution_0.99": nfe_from(curve, lambda e: e["solution_cosine"] >= 0.99),
+                "curve": [{**e, "cosine": round(e["cosine"], 4),
+                           "solution_cosine": round(e["solution_cosine"], 4)} for e in curve]}
+    return out
+
+
+def run(output_dir: Path, quick: bool) -> dict:
+    from eva_repro.evaluate import evaluate
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":  # a shared small CPU: more intra-op threads than free cores thrash
+        torch.set_num_threads(1)
+    work = Path(output_dir) / "evaluate_bench"
+    n_train, n_eval = (1024, 256) if quick else (4096, 1024)
+    dims = dict(grid=4, clip_dim=64, eva_dim=128, seed=0)
+    write_synthetic_shards(work / "shards", n_train + n_eval, **dims)
+    clip, eva = make_pairs(n_train, **dims)  # rows 0 .. n_train-1 of the shards
+    start = time.perf_counter()
+    model = train_synth_model(clip, eva, steps=800 if quick else 3000, hidden=128, depth=3, lr=1e-2)
+    train_s = time.perf_counter() - start
+    # a run directory as training writes it: the model and the held-out keys (rows >= n_train)
+    run_dir = work / "run"
+    model.save_pretrained(run_dir / "model")
+    atomic_write_json(run_dir / "split.json", {
+        "data_dir": str((work / "shards").resolve()), "eval_fraction": n_eval / (n_train + n_eval),
+        "salt": "eva-repro", "num_train": n_train, "num_heldout": n_eval, "max_samples": None,
+        "heldout_keys": [f"synth-{i:07d}" for i in range(n_train, n_train + n_eval)]})
+    model = model.to(device)
+    test_clip, test_eva = make_pairs(128, **dims, start=n_train)
+    sampler = nfe_to_converge(model, test_clip, test_eva, quick)
+    generate_batch(model, test_clip[:8], 2, "heun")  # warm-up
+    start = time.perf_counter()
+    generate_batch(model, test_clip, 10, "heun", shift=3.0)
+    generation_per_s = len(test_clip) / (time.perf_counter() - start)
+
+    report = evaluate(run_dir, work / "shards", work / "report", num_samples=n_eval,
+                      sweep="small", device=device, progress=False, method="heun", steps=10,
+                      shift=3.0)
+    heun = sampler["heun_shift3"]
+    return {
+        "device": device,
+        "cpu_threads": torch.get_num_threads(),
+        "model": {"params": model.num_parameters(), "hidden": 128, "depth": 3,
+                  "train_seconds": round(train_s, 1)},
+        "generation_images_per_s": round(generation_per_s, 1),  # heun 10 steps, shift 3, batch 128
+        "evaluate": {"n_samples": report["n_samples"], "seconds": report["timing"]["seconds"],
+                     "main_pass_images_per_s": report["timing"]["main_pass_images_per_s"],
+                     "sampler": "heun 10 steps shift 3 (20 NFE) + controls + velocity",
+                     "token_mean": round(report["cosine"]["token_mean"], 4),
+                     "mean_baseline": round(report["baselines"]["mean"]["token_mean"], 4),
+                     "ridge_baseline": round(report["baselines"]["ridge"]["token_mean"], 4)},
+        "nfe_within_1pct": {k: v["nfe_within_1pct"] for k, v in sampler.items()},
+        "nfe_to_solution_0.99": {k: v["nfe_to_solution_0.99"] for k, v in sampler.items()},
+        "converged_cosine": {k: v["converged_cosine"] for k, v in sampler.items()},
+        "goal_heun_shift_within_10_nfe": heun["nfe_within_1pct"] <= 10,
+        "curves": {k: v["curve"] for k, v in sampler.items()},
+    }

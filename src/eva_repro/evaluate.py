@@ -1,0 +1,623 @@
+"""`eva-repro evaluate`: how close generated EVA tokens are to the real ones, against baselines.
+
+    eva-repro evaluate --model_path RUN_OR_MODEL_DIR --embeddings_dir SHARDS --output_dir OUT
+
+Which samples: when the model path is a training run whose split.json was made on the same shard
+directory, the run's held-out keys (never trained on). Otherwise no split is known: the given
+shards are split by key hash (`shards.split_indices`, --eval_fraction), baselines are fitted on
+one part and everything is scored on the other, and the report says the model may have seen them.
+
+What (all cosines after per-token L2 normalisation, see `eva_repro.metrics`):
+  cosine       per token (mean, median, p10), per image, of mean-pooled embeddings, quality bands
+  baselines    mean token per position and ridge regression, fitted on training samples only
+  controls     conditions shuffled across images (must fall), two samples per condition (diversity)
+  retrieval    mean-pooled generated vs true targets in a pool: recall@1, @5
+  velocity     cos(predicted v, true v) at fixed t on held-out pairs
+  sweep        cosine vs network evaluations for euler / heun / dopri5, time shift, CFG scales
+
+Writes report.json, report.md and PNG plots (per-image histogram with the bands, per-position
+heatmap, cosine vs NFE). Deterministic for a given --seed (noise per sample, seeded subsets).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from eva_repro import __version__ as _version
+from eva_repro import flow, metrics, shards
+from eva_repro.baselines import fit_baselines, iter_batches
+from eva_repro.generate import METHODS, ModelDataMismatch, add_sampler_args, generate_batch, resolve_device
+
+PLOTS = {"histogram": "cosine_hist.png", "heatmap": "cosine_heatmap.png", "nfe": "cosine_vs_nfe.png"}
+SWEEP_SIZES = ("auto", "none", "small", "full")  # auto: full on CUDA, small on CPU
+
+
+class ModelPathError(ValueError):
+    """A --model_path that holds no loadable model."""
+
+
+# ---------------------------------------------------------------------------------------------
+# loading: eva_repro.checkpoint.load_model is the one loader; this adds the run-dir-without-model case
+
+
+def load_model(path: str | Path):
+    """A run dir, a model dir (save_pretrained) or a checkpoint dir -> checkpoint.LoadedModel
+    (model on CPU, run_dir, split, source)."""
+    from eva_repro.checkpoint import latest_checkpoint
+    from eva_repro.checkpoint import load_model as checkpoint_load_model
+
+    path = Path(path)
+    is_run = (path / "run_config.json").exists() or (path / "checkpoints").is_dir()
+    if is_run and not (path / "model" / "config.json").exists() and latest_checkpoint(path) is None:
+        raise ModelPathError(f"{path}: run directory with no model (no {path / 'model'} and no "
+                             "complete checkpoint): training has not saved one yet; wait for its "
+                             "first checkpoint or pass another run")
+    return checkpoint_load_model(path)
+
+
+def check_model_fits_data(model: torch.nn.Module, manifest: shards.Manifest, model_path: Any) -> None:
+    """One-line error when the model's dims or token layout do not match the shards."""
+    cfg, where = model.config, manifest.root / shards.MANIFEST
+    problems = []
+    if cfg.cond_dim != manifest.clip_dim:
+        problems.append(f"clip_dim {manifest.clip_dim} vs model cond_dim {cfg.cond_dim}")
+    if cfg.target_dim != manifest.eva_dim:
+        problems.append(f"eva_dim {manifest.eva_dim} vs model target_dim {cfg.target_dim}")
+    if (cfg.token_mode == "cls_patch") != manifest.include_cls:
+        problems.append(f"include_cls={manifest.include_cls} vs model token_mode {cfg.token_mode!r}")
+    if problems:
+        raise ModelDataMismatch(f"{where}: shards do not match the model at {model_path} ("
+                                f"{'; '.join(problems)}); evaluate on embeddings from the same "
+                                "encoders and token mode the model was trained on")
+
+
+# ---------------------------------------------------------------------------------------------
+# options
+
+
+@dataclass
+class EvalOptions:
+    num_samples: int = 1000
+    method: str = "heun"
+    steps: int = 20
+    shift: float = 1.0
+    cfg_scale: float = 1.0
+    seed: int = 0
+    batch_size: int = 64
+    device: str | None = None
+    eval_fraction: float = 0.1  # only when no run split is known
+    baseline_samples: int = 2000  # training samples the baselines are fitted on (at most)
+    control_samples: int = 256  # images for the shuffled control and diversity (at most)
+    retrieval_pool: int = 1000  # images per retrieval pool
+    t_values: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
+    sweep: str = "auto"  # auto (full on CUDA, small on CPU) | none | small | full
+    sweep_samples: int = 0  # 0: 32 (small) or 256 (full)
+    sweep_shift: float = 3.0  # the shifted schedule the sweep compares to shift 1
+    plots: bool = True
+    progress: bool = True
+
+
+# ---------------------------------------------------------------------------------------------
+# which samples
+
+
+def resolve_split(
+    loaded: Any, manifest: shards.Manifest, keys: list[str], eval_fraction: float
+) -> tuple[list[int], list[int], dict]:
+    """(heldout rows, training rows, description) for this model and shard directory."""
+    split, root = loaded.split, manifest.root.resolve()
+    if split is not None:
+        split_dir = Path(split.get("data_dir", "")).resolve() if split.get("data_dir") else None
+        if split_dir == root:
+            wanted = set(split.get("heldout_keys", []))
+            heldout = [i for i, k in enumerate(keys) if k in wanted]
+            train = [i for i, k in enumerate(keys) if k not in wanted]
+            if heldout:
+                return heldout, train, {
+                    "known": True,
+                    "source": f"{loaded.run_dir}/split.json",
+                    "model_trained_on": f"the training split of {root} ({len(train)} samples"
+                    + (f", at most {split['max_samples']} used" if split.get("max_samples") else "")
+                    + ")",
+                    "evaluated_on": f"the run's held-out split ({len(heldout)} samples, never "
+                    "trained on)",
+                    "baselines_fit_on": "the run's training split",
+                }
+            reason = f"split.json lists no held-out key present in {root}"
+        else:
+            reason = f"the run was trained on {split_dir}, not on {root}"
+    else:
+        reason = f"{loaded.source} at the model path carries no split.json"
+    fraction = float(split.get("eval_fraction", eval_fraction)) if split else eval_fraction
+    train, heldout = shards.split_indices(keys, fraction)
+    if not heldout:
+        raise shards.ShardError(f"{manifest.root}: none of its {len(keys)} samples falls in the "
+                                f"held-out fraction {fraction}; raise --eval_fraction or use more data")
+    return heldout, train, {
+        "known": False,
+        "source": f"key-hash split of the given shards (eval_fraction={fraction}, salt 'eva-repro')",
+        "note": f"no training split known ({reason}): the model may have been trained on the "
+        "evaluated samples",
+        "model_trained_on": "unknown",
+        "evaluated_on": f"the key-hash held-out part of {root} ({len(heldout)} samples)",
+        "baselines_fit_on": f"the other part of {root} ({len(train)} samples)",
+    }
+
+
+def seeded_subset(indices: list[int], n: int, seed: int) -> list[int]:
+    """n of `indices` chosen by a seeded permutation, returned sorted (sequential reads)."""
+    if n >= len(indices):
+        return list(indices)
+    perm = torch.randperm(len(indices), generator=torch.Generator().manual_seed(seed))[:n]
+    return sorted(indices[i] for i in perm.tolist())
+
+
+# ---------------------------------------------------------------------------------------------
+# the main pass
+
+
+@dataclass
+class Collected:
+    """Everything the report needs from the main pass, kept small: [N, T] cosines, [N, D] pools."""
+
+    dit: list[torch.Tensor] = field(default_factory=list)
+    mean: list[torch.Tensor] = field(default_factory=list)
+    ridge: list[torch.Tensor] = field(default_factory=list)
+    shuffled: list[torch.Tensor] = field(default_factory=list)
+    diversity: list[torch.Tensor] = field(default_factory=list)
+    pooled: dict[str, list[torch.Tensor]] = field(
+        default_factory=lambda: {"dit": [], "mean": [], "ridge": [], "target": []})
+    velocity: dict[str, list[tuple[float, int]]] = field(default_factory=dict)
+    nfe: list[tuple[int, int]] = field(default_factory=list)
+
+    def cat(self, name: str) -> torch.Tensor:
+        return torch.cat(getattr(self, name))
+
+
+def main_pass(model, reader, eval_idx, baselines, opts: EvalOptions, device) -> tuple[Collected, float]:
+    mean_b, ridge_b = baselines
+    c = Collected()
+    rolled = eval_idx[1:] + eval_idx[:1]  # image i gets the condition of image i+1
+    n_control = min(opts.control_samples, len(eval_idx)) if len(eval_idx) > 1 else 0
+    bar = tqdm(total=len(eval_idx), desc="evaluate", unit="img", disable=not opts.progress)
+    start_time, done = time.perf_counter(), 0
+    for (batch, rows), (_, other) in zip(iter_batches(reader, eval_idx, opts.batch_size),
+                                         iter_batches(reader, rolled, opts.batch_size), strict=True):
+        clip, eva = rows["clip"], rows["eva"]
+        # noise is keyed by the global row, so an image gets the same noise whatever --num_samples
+        gen, nfe = generate_batch(model, clip, opts.steps, opts.method, opts.cfg_scale, opts.shift,
+                                  opts.seed, ids=batch)
+        gen = gen.cpu()
+        c.nfe.append((nfe, len(batch)))
+        c.dit.append(metrics.token_cosines(gen, eva))
+        c.pooled["dit"].append(metrics.mean_pool(gen))
+        c.pooled["target"].append(metrics.mean_pool(eva))
+        mean_pred = mean_b.predict(clip)
+        c.mean.append(metrics.token_cosines(mean_pred, eva))
+        c.pooled["mean"].append(metrics.mean_pool(mean_pred))
+        ridge_pred = ridge_b.predict(clip)
+        c.ridge.append(metrics.token_cosines(ridge_pred, eva))
+        c.pooled["ridge"].append(metrics.mean_pool(ridge_pred))
+        k = max(0, min(len(batch), n_control - done))
+        if k:  # controls on the first n_control images: shuffled conditions, a second sample
+            shuffled, _ = generate_batch(model, other["clip"][:k], opts.steps, opts.method,
+                                         opts.cfg_scale, opts.shift, opts.seed, ids=batch[:k])
+            c.shuffled.append(metrics.token_cosines(shuffled.cpu(), eva[:k]))
+            second, _ = generate_batch(model, clip[:k], opts.steps, opts.method, opts.cfg_scale,
+                                       opts.shift, opts.seed + 1, ids=batch[:k])
+            c.diversity.append(metrics.token_cosines(gen[:k], second.cpu()))
+        velocity_fn = flow.guided_velocity(model, clip.to(device))
+        # bf16 autocast on CUDA only: on CPU bf16 is ~100x slower than fp32
+        with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
+            v = metrics.velocity_cosine(velocity_fn, eva.to(device), opts.t_values,
+                                        torch.Generator().manual_seed(opts.seed * 7919 + done))
+        for t, value in v.items():
+            c.velocity.setdefault(t, []).append((value, len(batch)))
+        done += len(batch)
+        bar.update(len(batch))
+    bar.close()
+    return c, done / max(time.perf_counter() - start_time, 1e-9)
+
+
+def sampler_sweep(model, reader, eval_idx, opts: EvalOptions, device: torch.device) -> list[dict]:
+    """Cosine vs network evaluations on a fixed subset, for the samplers, shifts and CFG scales."""
+    size = opts.sweep if opts.sweep != "auto" else ("full" if device.type == "cuda" else "small")
+    if size == "none":
+        return []
+    full = size == "full"
+    n = opts.sweep_samples or (256 if full else 32)
+    subset = eval_idx[:n]
+    _, rows = next(iter_batches(reader, subset, len(subset)))
+    shifts = (1.0, opts.sweep_shift)
+    configs = []
+    for shift in shifts:
+        for steps in ((1, 2, 4, 8, 16, 32, 64) if full else (1, 2, 4, 8, 16)):
+            configs.append(dict(method="euler", steps=steps, shift=shift))
+        for steps in ((1, 2, 3, 4, 6, 8, 16, 32) if full else (1, 2, 4, 8)):
+            configs.append(dict(method="heun", steps=steps, shift=shift))
+        for tol in ((1e-2, 1e-3, 1e-4, 1e-5) if full else (1e-2, 1e-4)):
+            configs.append(dict(method="dopri5", steps=0, shift=shift, tol=tol))
+    for cfg_scale in ((1.5, 2.0, 3.0, 4.0) if full else (1.5, 3.0)):
+        configs.append(dict(method=opts.method, steps=opts.steps, shift=opts.shift,
+                            cfg_scale=cfg_scale))
+    out = []
+    for cfg in tqdm(configs, desc="sampler sweep", unit="cfg", disable=not opts.progress):
+        cos, nfe = [], []
+        for s in range(0, len(subset), opts.batch_size):
+            gen, k = generate_batch(model, rows["clip"][s:s + opts.batch_size], cfg["steps"],
+                                    cfg["method"], cfg.get("cfg_scale", 1.0), cfg["shift"],
+                                    opts.seed, ids=subset[s:s + opts.batch_size],
+                                    tol=cfg.get("tol", 1e-5))
+            cos.append(metrics.token_cosines(gen.cpu(), rows["eva"][s:s + opts.batch_size]))
+            nfe.append(k)
+        out.append({"method": cfg["method"], "steps": cfg["steps"], "shift": cfg["shift"],
+                    "cfg_scale": cfg.get("cfg_scale", 1.0), "tol": cfg.get("tol"),
+                    "nfe": sum(nfe) / len(nfe), "token_mean": torch.cat(cos).mean().item(),
+                    "n_samples": len(subset)})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the Python API
+
+
+def evaluate(
+    model_path: str | Path,
+    embeddings_dir: str | Path,
+    output_dir: str | Path | None = None,
+    options: EvalOptions | None = None,
+    **overrides: Any,
+) -> dict:
+    """Evaluate a model on shards; returns the report dict (and writes it when output_dir is set)."""
+    opts = options or EvalOptions()
+    opts = EvalOptions(**{**asdict(opts), **overrides})
+    if opts.method not in METHODS:
+        raise ValueError(f"--method {opts.method!r}: choose one of {METHODS}")
+    if opts.sweep not in SWEEP_SIZES:
+        raise ValueError(f"--sweep {opts.sweep!r}: choose one of {SWEEP_SIZES}")
+    if opts.num_samples < 1:
+        raise ValueError(f"--num_samples must be >= 1, got {opts.num_samples}")
+    torch.manual_seed(opts.seed)
+    start_time = time.time()
+    device = resolve_device(opts.device)
+    manifest = shards.read_manifest(embeddings_dir)
+    loaded = load_model(model_path)
+    check_model_fits_data(loaded.model, manifest, model_path)
+    model = loaded.model.to(device).eval()
+    reader = shards.ShardReader(manifest)
+    keys = reader.keys()
+    heldout, train, split_info = resolve_split(loaded, manifest, keys, opts.eval_fraction)
+
+    warnings = []
+    if opts.num_samples > len(heldout):
+        warnings.append(f"--num_samples {opts.num_samples} is larger than the {len(heldout)} "
+                        f"held-out samples; evaluating all {len(heldout)}")
+        print(f"warning: {warnings[-1]}", file=sys.stderr)
+    eval_idx = seeded_subset(heldout, opts.num_samples, opts.seed)
+    train_idx = seeded_subset(train, opts.baseline_samples, opts.seed + 1)
+    if not train_idx:
+        raise shards.ShardError(f"{manifest.root}: no training samples to fit the baselines on")
+    baselines = fit_baselines(reader, train_idx, opts.batch_size, device=device,
+                              progress=opts.progress)
+    collected, images_per_s = main_pass(model, reader, eval_idx, baselines, opts, device)
+    sweep = sampler_sweep(model, reader, eval_idx, opts, device)
+    report = build_report(collected, sweep, baselines, opts, manifest, loaded, model_path,
+                          split_info, len(eval_idx), warnings)
+    report["timing"] = {"seconds": round(time.time() - start_time, 2),
+                        "main_pass_images_per_s": round(images_per_s, 2), "device": str(device)}
+    if output_dir is not None:
+        write_outputs(report, collected, sweep, Path(output_dir), manifest, opts.plots)
+    return report
+
+
+def _weighted(pairs: list[tuple[float, int]]) -> float:
+    return sum(v * n for v, n in pairs) / sum(n for _, n in pairs)
+
+
+def build_report(c: Collected, sweep, baselines, opts, manifest, loaded, model_path, split_info,
+                 n_samples, warnings) -> dict:
+    dit_cos = c.cat("dit")
+    pooled = {k: torch.cat(v) for k, v in c.pooled.items()}
+    def pooled_cos(name: str) -> torch.Tensor:
+        return F.cosine_similarity(pooled[name], pooled["target"], dim=-1)
+
+    cosine = metrics.cosine_summary(dit_cos, pooled_cos("dit"))
+    per_position = dit_cos.mean(dim=0)
+    cls = manifest.include_cls
+    cosine["per_position"] = [round(x, 5) for x in per_position.tolist()]
+    if cls:
+        cosine["cls_mean"] = per_position[0].item()
+        cosine["patch_mean"] = per_position[1:].mean().item()
+    pool = min(opts.retrieval_pool, n_samples)
+    retrieval = metrics.retrieval_recall(pooled["dit"], pooled["target"], pool_size=pool)
+    retrieval.update({"pool_size": pool, "n_pools": math.ceil(n_samples / pool),
+                      "chance_at_1": 1.0 / pool, "chance_at_5": min(1.0, 5.0 / pool),
+                      "ridge": metrics.retrieval_recall(pooled["ridge"], pooled["target"],
+                                                        pool_size=pool)})
+    _, ridge_b = baselines
+    base = {
+        "mean": {**metrics.cosine_summary(c.cat("mean"), pooled_cos("mean")),
+                 "fit": {"what": "mean unit target token per position",
+                         "num_train_samples": ridge_b.info["num_train_samples"]}},
+        "ridge": {**metrics.cosine_summary(c.cat("ridge"), pooled_cos("ridge")),
+                  "fit": ridge_b.info},
+    }
+    for b in base.values():
+        b["dit_minus_baseline"] = cosine["token_mean"] - b["token_mean"]
+        b["error_reduction"] = 1 - (1 - cosine["token_mean"]) / max(1 - b["token_mean"], 1e-9)
+    controls: dict[str, Any] = {}
+    if c.shuffled:
+        shuffled = c.cat("shuffled")
+        controls["shuffled"] = {**metrics.cosine_summary(shuffled), "n_samples": shuffled.shape[0],
+                                "how": "image i generated from the condition of image i+1",
+                                "drop": cosine["token_mean"] - shuffled.mean().item()}
+        controls["diversity"] = {"token_mean": c.cat("diversity").mean().item(),
+                                 "n_samples": shuffled.shape[0],
+                                 "how": f"cosine between samples for seeds {opts.seed} and "
+                                 f"{opts.seed + 1}, same condition (1.0 = deterministic)"}
+    cfg = loaded.model.config
+    return {
+        "n_samples": n_samples,
+        "n_requested": opts.num_samples,
+        "cosine": cosine,
+        "baselines": base,
+        "controls": controls,
+        "retrieval": retrieval,
+        "velocity_cosine": {t: _weighted(v) for t, v in c.velocity.items()},
+        "sampler": {"method": opts.method, "steps": opts.steps, "nfe": _weighted(c.nfe),
+                    "cfg_scale": opts.cfg_scale, "shift": opts.shift,
+                    "nfe_note": "network calls per sample; with cfg_scale != 1 each call runs the "
+                    "conditional and unconditional branch in one doubled batch"},
+        "sweep": sweep,
+        "seed": opts.seed,
+        "model": {"path": str(Path(model_path).resolve()), "source": loaded.source,
+                  "run_dir": str(loaded.run_dir) if loaded.run_dir else None,
+                  "num_parameters": loaded.model.num_parameters(),
+                  "config": cfg.to_dict()},
+        "data": {"embeddings_dir": str(manifest.root.resolve()),
+                 **{k: manifest.data.get(k) for k in ("num_samples", "tokens", "clip_dim", "eva_dim",
+                                                       "grid", "include_cls", "encoders", "dtype")}},
+        "split": split_info,
+        "options": {k: v for k, v in asdict(opts).items() if k not in ("progress",)},
+        "warnings": warnings,
+        "versions": {"eva_repro": _version, "torch": torch.__version__,
+                     "python": platform.python_version()},
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# outputs
+
+
+def write_outputs(report: dict, c: Collected, sweep: list[dict], out: Path,
+                  manifest: shards.Manifest, plots: bool) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    if plots:
+        report["plots"] = write_plots(out, c.cat("dit").mean(dim=1), report, manifest)
+    shards.atomic_write_json(out / "report.json", report)
+    shards.atomic_write_bytes(out / "report.md", markdown(report).encode())
+
+
+def write_plots(out: Path, per_image: torch.Tensor, report: dict, manifest: shards.Manifest) -> dict:
+    """The three PNGs; returns {name: file name}."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    written = {}
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    _histogram(ax, per_image, report)
+    written["histogram"] = _save(fig, out / PLOTS["histogram"])
+    fig, ax = plt.subplots(figsize=(5, 4.2))
+    _heatmap(fig, ax, report["cosine"]["per_position"], manifest)
+    written["heatmap"] = _save(fig, out / PLOTS["heatmap"])
+    if report["sweep"]:
+        fig, ax = plt.subplots(figsize=(6.5, 4))
+        _nfe_curve(ax, report["sweep"], report["sampler"])
+        written["nfe"] = _save(fig, out / PLOTS["nfe"])
+    plt.close("all")
+    return written
+
+
+def _save(fig, path: Path) -> str:
+    import io
+
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=110)
+    shards.atomic_write_bytes(path, buf.getvalue())
+    return path.name
+
+
+def _histogram(ax, per_image: torch.Tensor, report: dict) -> None:
+    colors = {"poor": "#d62728", "moderate": "#ff7f0e", "high": "#bcbd22", "very high": "#2ca02c",
+              "excellent": "#1f77b4"}
+    values = per_image.numpy()
+    xmin = min(0.0, float(values.min()))
+    edges = [xmin] + [e for e, _ in metrics.BANDS[1:]] + [1.0]
+    for lo, hi, (_, name) in zip(edges[:-1], edges[1:], metrics.BANDS, strict=True):
+        ax.axvspan(lo, hi, color=colors[name], alpha=0.12, lw=0)
+        ax.text((lo + hi) / 2, 1.0, name, transform=ax.get_xaxis_transform(), ha="center",
+                va="bottom", fontsize=7, color=colors[name])
+    ax.hist(values, bins=40, range=(xmin, 1.0), color="#333333")
+    base = report["baselines"]
+    for name, style in (("mean", ":"), ("ridge", "--")):
+        ax.axvline(base[name]["image_mean"], color="k", ls=style, lw=1, label=f"{name} baseline")
+    ax.axvline(report["cosine"]["image_mean"], color="#9467bd", lw=2, label="DiT mean")
+    ax.set_xlim(xmin, 1.0)
+    ax.set_xlabel("per-image mean token cosine")
+    ax.set_ylabel("images")
+    ax.legend(fontsize=7, loc="upper left")
+
+
+def _heatmap(fig, ax, per_position: list[float], manifest: shards.Manifest) -> None:
+    cls = manifest.include_cls
+    values = torch.tensor(per_position[1:] if cls else per_position)
+    g = math.isqrt(values.numel())
+    # not a square grid (should not happen with shards from extract/synth): show one row
+    grid = values.view(g, g) if g * g == values.numel() else values.view(1, -1)
+    im = ax.imshow(grid.numpy(), cmap="viridis", vmin=min(0.0, float(values.min())), vmax=1.0)
+    fig.colorbar(im, ax=ax, label="mean token cosine")
+    ax.set_xticks(range(grid.shape[1]))
+    ax.set_yticks(range(grid.shape[0]))
+    if grid.shape[0] <= 8 and grid.shape[0] > 1:  # small grids: print the values
+        for (r, c), v in zip(torch.cartesian_prod(torch.arange(grid.shape[0]),
+                                                  torch.arange(grid.shape[1])).tolist(),
+                             grid.flatten().tolist(), strict=True):
+            ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=7, color="w")
+    title = f"cosine per patch position ({grid.shape[0]} x {grid.shape[1]})"
+    if cls:
+        title += f"\nCLS token: {per_position[0]:.3f}"
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("column")
+    ax.set_ylabel("row")
+
+
+def _nfe_curve(ax, sweep: list[dict], sampler: dict) -> None:
+    colors = {"euler": "#1f77b4", "heun": "#d62728", "dopri5": "#2ca02c"}
+    lines: dict[tuple, list[dict]] = {}
+    for e in sweep:
+        if e["cfg_scale"] == 1.0:
+            lines.setdefault((e["method"], e["shift"]), []).append(e)
+    for (method, shift), entries in sorted(lines.items()):
+        entries = sorted(entries, key=lambda e: e["nfe"])
+        ax.plot([e["nfe"] for e in entries], [e["token_mean"] for e in entries], marker="o",
+                ms=3, ls="-" if shift == 1.0 else "--", color=colors.get(method),
+                label=f"{method}, shift {shift:g}")
+    guided = [e for e in sweep if e["cfg_scale"] != 1.0]
+    for e in guided:
+        ax.scatter(e["nfe"], e["token_mean"], marker="*", s=60, zorder=3, color="k")
+        ax.annotate(f"CFG {e['cfg_scale']:g}", (e["nfe"], e["token_mean"]), fontsize=7,
+                    xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("network evaluations per sample (NFE)")
+    ax.set_ylabel("mean token cosine")
+    ax.set_title(f"sampler sweep ({sweep[0]['n_samples']} images); CFG stars: main sampler "
+                 f"({sampler['method']}, {sampler['steps']} steps, shift {sampler['shift']:g})",
+                 fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.0f}%"
+
+
+def markdown(r: dict) -> str:
+    cos, s = r["cosine"], r["sampler"]
+    lines = [
+        f"# Evaluation of `{r['model']['path']}`",
+        "",
+        f"**Quality: {cos['band']}**: mean per-image cosine **{cos['image_mean']:.3f}** on "
+        f"{r['n_samples']} held-out images ({s['method']}, {s['steps']} steps, "
+        f"{s['nfe']:.0f} NFE, shift {s['shift']:g}, CFG {s['cfg_scale']:g}, seed {r['seed']}).",
+        "",
+        "| | token cos (mean) | median | p10 | image cos | global cos | DiT beats it by |",
+        "|---|---|---|---|---|---|---|",
+        _row("**DiT**", cos, ""),
+    ]
+    for name, label in (("mean", "mean-token baseline"), ("ridge", "ridge baseline")):
+        b = r["baselines"][name]
+        delta = b["dit_minus_baseline"]
+        verdict = (f"{delta:+.3f} ({_pct(b['error_reduction'])} less error)" if delta > 0 else
+                   f"{delta:+.3f}: the baseline is better")
+        lines.append(_row(label, b, verdict))
+    if r["controls"]:
+        sh = r["controls"]["shuffled"]
+        verdict = "falls: the condition is used" if sh["drop"] > 0.02 else \
+            "does NOT fall: the model ignores its condition"
+        lines.append(_row("shuffled conditions (control)", sh, f"{sh['drop']:+.3f}: {verdict}"))
+    bands = cos["bands"]
+    lines += [
+        "",
+        "Images per band: " + ", ".join(f"{k} {_pct(v)}" for k, v in bands.items())
+        + " (poor < 0.4 < moderate < 0.7 < high < 0.8 < very high < 0.9 < excellent).",
+        f"Retrieval among {r['retrieval']['pool_size']}: recall@1 "
+        f"{r['retrieval']['recall_at_1']:.3f}, recall@5 {r['retrieval']['recall_at_5']:.3f} "
+        f"(ridge {r['retrieval']['ridge']['recall_at_1']:.3f} / "
+        f"{r['retrieval']['ridge']['recall_at_5']:.3f}; chance {r['retrieval']['chance_at_1']:.3f}).",
+    ]
+    if r["controls"]:
+        lines.append(f"Diversity (cosine between two samples per condition): "
+                     f"{r['controls']['diversity']['token_mean']:.3f}.")
+    lines.append("Velocity cosine at t: " + ", ".join(
+        f"{t}: {v:.3f}" for t, v in r["velocity_cosine"].items()) + ".")
+    if r["sweep"]:
+        best = max(r["sweep"], key=lambda e: e["token_mean"])
+        lines.append(f"Sampler sweep ({best['n_samples']} images): best {best['token_mean']:.3f} "
+                     f"with {best['method']} shift {best['shift']:g} CFG {best['cfg_scale']:g} at "
+                     f"{best['nfe']:.0f} NFE; see cosine_vs_nfe.png.")
+        if best["nfe"] == 1:
+            lines.append("(One Euler step returns the model's estimate of the conditional mean, "
+                         "which scores a higher cosine than a proper sample; it is not a sample "
+                         "from the learned distribution.)")
+    sp = r["split"]
+    lines += ["", f"Split: {sp['source']}. Model trained on: {sp['model_trained_on']}. Evaluated on: "
+              f"{sp['evaluated_on']}. Baselines fitted on: {sp['baselines_fit_on']} "
+              f"({r['baselines']['ridge']['fit']['num_train_samples']} samples used)."]
+    if "note" in sp:
+        lines.append(f"**Note:** {sp['note']}.")
+    lines += [f"**Warning:** {w}." for w in r["warnings"]]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _row(label: str, m: dict, beat: str) -> str:
+    glob = f"{m['global_mean']:.3f}" if "global_mean" in m else "-"
+    return (f"| {label} | {m['token_mean']:.3f} | {m['token_median']:.3f} | {m['token_p10']:.3f} | "
+            f"{m['image_mean']:.3f} | {glob} | {beat} |")
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI (also used by the repository's evaluate_model.py)
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    d = EvalOptions()
+    p.add_argument("--model_path", required=True, help="training run dir, model dir or checkpoint")
+    p.add_argument("--embeddings_dir", required=True, help="shard directory to evaluate on")
+    p.add_argument("--output_dir", required=True, help="where report.json/.md and plots go")
+    p.add_argument("--num_samples", type=int, default=d.num_samples,
+                   help="held-out images to evaluate (all if fewer)")
+    add_sampler_args(p)
+    p.add_argument("--batch_size", type=int, default=d.batch_size)
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--eval_fraction", type=float, default=d.eval_fraction,
+                   help="held-out fraction when the model path carries no split for this data")
+    p.add_argument("--baseline_samples", type=int, default=d.baseline_samples,
+                   help="training samples to fit the baselines on (at most)")
+    p.add_argument("--control_samples", type=int, default=d.control_samples,
+                   help="images for the shuffled-condition control and diversity")
+    p.add_argument("--retrieval_pool", type=int, default=d.retrieval_pool)
+    p.add_argument("--sweep", choices=SWEEP_SIZES, default=d.sweep,
+                   help="sampler sweep size (cosine vs NFE); auto: full on CUDA, small on CPU")
+    p.add_argument("--sweep_samples", type=int, default=d.sweep_samples,
+                   help="images in the sweep (0: 32 for small, 256 for full)")
+    p.add_argument("--sweep_shift", type=float, default=d.sweep_shift)
+    p.add_argument("--no_plots", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    names = {f.name for f in fields(EvalOptions)}
+    opts = EvalOptions(**{k: v for k, v in vars(args).items() if k in names},
+                       plots=not args.no_plots, progress=not args.quiet)
+    report = evaluate(args.model_path, args.embeddings_dir, args.output_dir, opts)
+    cos = report["cosine"]
+    print(f"{report['n_samples']} images: token cosine {cos['token_mean']:.4f}, image cosine "
+          f"{cos['image_mean']:.4f} ({cos['band']}); mean baseline "
+          f"{report['baselines']['mean']['token_mean']:.4f}, ridge "
+          f"{report['baselines']['ridge']['token_mean']:.4f}; report in {args.output_dir}")
+    return 0

@@ -1,0 +1,228 @@
+"""`eva-repro evaluate` end to end on synthetic data with a small DiT trained in-process."""
+
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from eva_repro import cli, shards
+from eva_repro.bench.evaluate import nfe_within, train_synth_model
+from eva_repro.evaluate import EvalOptions, ModelPathError, evaluate
+from eva_repro.generate import ModelDataMismatch
+from eva_repro.model import DiT, DiTConfig
+from eva_repro.synth import make_pairs, write_synthetic_shards
+
+DIMS = dict(grid=4, clip_dim=32, eva_dim=64, seed=0)
+FAST = dict(steps=6, sweep="none", control_samples=16, progress=False, plots=False)
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    # two cores shared by several test runs: one intra-op thread avoids OpenMP oversubscription,
+    # which slows these small matmuls by 10x or more
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, one_thread):
+    """Synthetic shards + a run directory (model/, split.json) of a small DiT trained on them.
+
+    Module-scoped (not in conftest.py) so the thread setting is undone for other test files."""
+    root = tmp_path_factory.mktemp("eval")
+    data = root / "shards"
+    write_synthetic_shards(data, 640, shard_size=256, **DIMS)
+    keys = shards.ShardReader(data).keys()
+    train, heldout = shards.split_indices(keys, 0.2)
+    clip, eva = make_pairs(640, **DIMS)
+    model = train_synth_model(clip[train], eva[train], steps=400, hidden=96, depth=2)
+    run = root / "run"
+    model.save_pretrained(run / "model")
+    shards.atomic_write_json(run / "run_config.json", {"data_dir": str(data.resolve())})
+    shards.atomic_write_json(run / "split.json", {
+        "data_dir": str(data.resolve()), "eval_fraction": 0.2, "salt": "eva-repro",
+        "num_train": len(train), "num_heldout": len(heldout), "max_samples": None,
+        "heldout_keys": [keys[i] for i in heldout]})
+    return {"root": root, "data": data, "run": run, "heldout": heldout, "train": train}
+
+
+@pytest.fixture(scope="module")
+def cli_report(trained_run):
+    """The full CLI path once, with the sampler sweep and plots."""
+    out = trained_run["root"] / "report"
+    code = cli.main(["evaluate", "--model_path", str(trained_run["run"]), "--embeddings_dir",
+                     str(trained_run["data"]), "--output_dir", str(out), "--num_samples", "64",
+                     "--steps", "8", "--sweep", "small", "--sweep_samples", "16",
+                     "--control_samples", "32", "--quiet"])
+    assert code == 0
+    return out, json.loads((out / "report.json").read_text())
+
+
+def test_report_has_the_documented_keys(cli_report, trained_run):
+    out, r = cli_report
+    assert r["n_samples"] == 64
+    for key in ("token_mean", "token_median", "token_p10", "image_mean", "global_mean", "bands",
+                "above", "band", "per_position"):
+        assert key in r["cosine"], key
+    assert set(r["cosine"]["bands"]) == {"poor", "moderate", "high", "very high", "excellent"}
+    assert sum(r["cosine"]["bands"].values()) == pytest.approx(1.0)
+    assert len(r["cosine"]["per_position"]) == 16
+    for name in ("mean", "ridge"):
+        assert isinstance(r["baselines"][name]["token_mean"], float)
+    assert isinstance(r["controls"]["shuffled"]["token_mean"], float)
+    assert 0 <= r["retrieval"]["recall_at_1"] <= r["retrieval"]["recall_at_5"] <= 1
+    assert r["sampler"] == {**r["sampler"], "method": "heun", "steps": 8, "nfe": 16.0,
+                            "cfg_scale": 1.0, "shift": 1.0}
+    assert set(r["velocity_cosine"]) == {"0.1", "0.3", "0.5", "0.7", "0.9"}
+    assert r["seed"] == 0 and r["model"]["source"] and r["data"]["grid"] == 4
+    assert r["split"]["known"] is True and r["split"]["source"].endswith("split.json")
+    assert r["baselines"]["ridge"]["fit"]["num_train_samples"] == len(trained_run["train"])
+    methods = {(e["method"], e["shift"]) for e in r["sweep"]}
+    assert methods == {(m, s) for m in ("euler", "heun", "dopri5") for s in (1.0, 3.0)}
+    assert {e["cfg_scale"] for e in r["sweep"]} == {1.0, 1.5, 3.0}
+    md = (out / "report.md").read_text()
+    assert f"**Quality: {r['cosine']['band']}**" in md and "ridge baseline" in md
+
+
+def test_trained_model_beats_mean_baseline_and_uses_its_condition(cli_report, trained_run):
+    _, r = cli_report
+    dit, mean = r["cosine"]["token_mean"], r["baselines"]["mean"]["token_mean"]
+    shuffled = r["controls"]["shuffled"]["token_mean"]
+    assert 0.45 < mean < 0.65  # what the synthetic map's per-position offsets explain
+    assert dit > mean + 0.05, (dit, mean)
+    assert shuffled < dit - 0.3, (shuffled, dit)  # wrong conditions: the cosine collapses
+    assert r["baselines"]["ridge"]["token_mean"] > mean
+    assert r["retrieval"]["recall_at_1"] > 5 * r["retrieval"]["chance_at_1"]
+    assert r["velocity_cosine"]["0.5"] > 0.5
+    # samples differ across seeds (a stochastic generator), but are correlated
+    assert 0.2 < r["controls"]["diversity"]["token_mean"] < 0.999
+
+
+def test_plots_are_valid_pngs(cli_report):
+    out, r = cli_report
+    assert set(r["plots"]) == {"histogram", "heatmap", "nfe"}
+    for name in r["plots"].values():
+        path = out / name
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        with Image.open(path) as im:
+            im.verify()
+        with Image.open(path) as im:
+            assert im.format == "PNG" and im.size[0] >= 300 and im.size[1] >= 200
+
+
+def test_evaluation_is_deterministic_and_warns_on_too_many_samples(trained_run, capsys):
+    kw = dict(FAST, num_samples=10_000, baseline_samples=200)
+    a = evaluate(trained_run["run"], trained_run["data"], None, **kw)
+    assert "larger than the" in capsys.readouterr().err
+    assert a["n_samples"] == len(trained_run["heldout"]) and a["n_requested"] == 10_000
+    assert any("evaluating all" in w for w in a["warnings"])
+    b = evaluate(trained_run["run"], trained_run["data"], None, EvalOptions(**kw))
+    for key in ("token_mean", "image_mean", "per_position"):
+        assert a["cosine"][key] == b["cosine"][key]
+    assert a["controls"] == b["controls"] and a["velocity_cosine"] == b["velocity_cosine"]
+    c = evaluate(trained_run["run"], trained_run["data"], None, **{**kw, "seed": 1})
+    assert c["cosine"]["token_mean"] != a["cosine"]["token_mean"]
+
+
+def test_model_dir_without_split_says_so(trained_run, tmp_path):
+    r = evaluate(trained_run["run"] / "model", trained_run["data"], tmp_path, **FAST,
+                 num_samples=16, baseline_samples=100)
+    # a model dir inside a run dir still finds the run's split
+    assert r["split"]["known"] is True
+    other = tmp_path / "copy"
+    DiT.from_pretrained(trained_run["run"] / "model").save_pretrained(other)
+    r = evaluate(other, trained_run["data"], tmp_path / "o", **FAST, num_samples=16,
+                 baseline_samples=100, eval_fraction=0.1)
+    assert r["split"]["known"] is False and "no training split known" in r["split"]["note"]
+    assert r["split"]["model_trained_on"] == "unknown"
+    assert "no training split known" in (tmp_path / "o" / "report.md").read_text()
+
+
+def test_evaluate_model_py_shim_has_the_same_flags(trained_run, tmp_path, monkeypatch):
+    out = tmp_path / "shim"
+    monkeypatch.setattr(sys, "argv", [
+        "evaluate_model.py", "--model_path", str(trained_run["run"]), "--embeddings_dir",
+        str(trained_run["data"]), "--output_dir", str(out), "--num_samples", "8", "--steps", "2",
+        "--sweep", "none", "--no_plots", "--quiet", "--baseline_samples", "64"])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(REPO / "evaluate_model.py"), run_name="__main__")
+    assert exit_info.value.code == 0
+    assert json.loads((out / "report.json").read_text())["n_samples"] == 8
+
+
+# -- bad input: one clear line naming the file -------------------------------------------------
+
+
+def _one_line(excinfo) -> str:
+    message = str(excinfo.value)
+    assert "\n" not in message
+    return message
+
+
+def test_dims_that_do_not_match_the_shards(trained_run, tmp_path):
+    write_synthetic_shards(tmp_path / "wide", 20, grid=4, clip_dim=48, eva_dim=64, seed=0)
+    with pytest.raises(ModelDataMismatch) as e:
+        evaluate(trained_run["run"], tmp_path / "wide", None, **FAST)
+    assert "clip_dim 48 vs model cond_dim 32" in _one_line(e)
+    write_synthetic_shards(tmp_path / "cls", 20, include_cls=True, **DIMS)
+    with pytest.raises(ModelDataMismatch, match="include_cls=True"):
+        evaluate(trained_run["run"], tmp_path / "cls", None, **FAST)
+
+
+def test_checkpoint_from_another_architecture(trained_run, tmp_path):
+    bad = tmp_path / "other"
+    DiT(DiTConfig(target_dim=64, cond_dim=32, hidden=32, depth=1, n_heads=4, n_kv_heads=2)
+        ).save_pretrained(bad)
+    config = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**config, "architecture": "some-unet"}))
+    with pytest.raises(ValueError) as e:
+        evaluate(bad, trained_run["data"], None, **FAST)
+    assert "some-unet" in _one_line(e)
+
+
+def test_run_dir_without_model_and_missing_path(tmp_path, trained_run, capsys):
+    run = tmp_path / "run"
+    shards.atomic_write_json(run / "run_config.json", {})
+    with pytest.raises(ModelPathError) as e:
+        evaluate(run, trained_run["data"], None, **FAST)
+    assert "run directory with no model" in _one_line(e)
+    # the CLI prints it as one `error:` line and exits 2
+    assert cli.main(["evaluate", "--model_path", str(run), "--embeddings_dir",
+                     str(trained_run["data"]), "--output_dir", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {e.value}"
+    with pytest.raises(ValueError, match="does not exist"):
+        evaluate(tmp_path / "nope", trained_run["data"], None, **FAST)
+
+
+def test_empty_shard_dir(tmp_path, trained_run):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(shards.ShardError) as e:
+        evaluate(trained_run["run"], tmp_path / "empty", None, **FAST)
+    assert "holds no shards" in _one_line(e)
+
+
+def test_nfe_within_one_percent():
+    curve = [{"nfe": 1, "cosine": 0.80}, {"nfe": 2, "cosine": 0.70}, {"nfe": 4, "cosine": 0.60},
+             {"nfe": 8, "cosine": 0.695}, {"nfe": 16, "cosine": 0.70}]
+    # nfe 2 is within 1% of 0.70 but nfe 4 is not: it counts from 8 on
+    assert nfe_within(curve, 0.70) == 8
+
+
+def test_cls_token_is_reported_apart_from_the_patch_grid(tmp_path, one_thread):
+    write_synthetic_shards(tmp_path / "cls", 40, include_cls=True, **DIMS)
+    torch.manual_seed(0)
+    DiT(DiTConfig(target_dim=64, cond_dim=32, hidden=32, depth=1, n_heads=4, n_kv_heads=2,
+                  token_mode="cls_patch")).save_pretrained(tmp_path / "model")
+    r = evaluate(tmp_path / "model", tmp_path / "cls", tmp_path / "out",
+                 **{**FAST, "plots": True}, eval_fraction=0.3)
+    assert len(r["cosine"]["per_position"]) == 17 and "cls_mean" in r["cosine"]
+    assert r["cosine"]["cls_mean"] == pytest.approx(r["cosine"]["per_position"][0], abs=1e-5)
+    assert (tmp_path / "out" / "cosine_heatmap.png").read_bytes()[:4] == b"\x89PNG"
+    assert "nfe" not in r["plots"]  # no sweep, no curve
