@@ -1,0 +1,417 @@
+"""Training data over embedding shards: validation, held-out split, a resumable batch schedule.
+
+    open_training_data(dir)  validates the shard directory (manifest, checksums, shapes), splits
+                             the rows into train / held-out by key hash (`shards.split_indices`)
+    BatchSchedule            the deterministic stream of global micro-batches: per epoch, shard
+                             order is shuffled, then rows are shuffled within windows of a few
+                             consecutive shards (locality for memory-mapped reads), all from
+                             (seed, epoch) only; a `DataPosition` (epoch, batch) resumes it exactly
+    BatchReader              reads one rank's rows (memory-mapped, fp16 on disk -> fp32), drops
+                             samples holding NaN/Inf (masked out, reported by key)
+
+Ranks slice every global micro-batch into disjoint contiguous parts (rank r takes rows
+[r*B, (r+1)*B)), so N ranks with micro-batch B see exactly the rows one process sees with
+micro-batch N*B. Memory stays bounded: rows are read on demand from the memory maps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+
+from eva_repro import shards
+from eva_repro.shards import Manifest, ShardError, ShardReader
+
+SPLIT_SALT = "eva-repro"
+
+
+class DataError(ShardError):
+    """Training data that cannot be used; the message names the file or flag and the fix."""
+
+
+# ---------------------------------------------------------------------------------------------
+# validation and split
+
+
+def check_shard_shapes(manifest: Manifest) -> None:
+    """Every shard must hold [N, T, D] tensors that agree with the manifest (headers only)."""
+    want = {"clip": (manifest.tokens, manifest.clip_dim), "eva": (manifest.tokens, manifest.eva_dim)}
+    first_dtypes: dict[str, str] = {}
+    for shard in manifest.shards:
+        path = manifest.root / shard["file"]
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                found = {k: tuple(f.get_slice(k).get_shape()) for k in shards.TENSOR_KEYS}
+                dtypes = {k: f.get_slice(k).get_dtype() for k in shards.TENSOR_KEYS}
+        except Exception as e:  # safetensors raises its own types for a broken header / no key
+            raise DataError(f"{path}: cannot read tensors 'clip' and 'eva' ({e}); re-extract "
+                            "this shard") from e
+        first_dtypes = first_dtypes or dtypes
+        if dtypes != first_dtypes:
+            raise DataError(f"{path}: dtypes {dtypes} differ from the first shard's {first_dtypes}; "
+                            "re-extract the shards with one --dtype")
+        for key, (tokens, dim) in want.items():
+            n, t, d = (found[key] + (None, None, None))[:3]
+            if len(found[key]) != 3 or (t, d) != (tokens, dim) or n != int(shard["num_samples"]):
+                raise DataError(
+                    f"{path}: {key} has shape {list(found[key])} but {manifest.root / shards.MANIFEST}"
+                    f" says [{shard['num_samples']}, {tokens}, {dim}]; all shards of a directory "
+                    "must come from the same encoders and grid: move this shard elsewhere or "
+                    "re-extract it")
+
+
+@dataclass
+class TrainData:
+    """A validated shard directory and its train / held-out split (global row indices)."""
+
+    manifest: Manifest
+    reader: ShardReader  # index, keys, locate
+    rows: RowReader  # tensor reads with bounded memory
+    keys: list[str]  # keys of the rows in use (the first `max_samples` rows)
+    train_rows: list[int]
+    heldout_rows: list[int]
+    eval_fraction: float
+    max_samples: int | None
+    salt: str = SPLIT_SALT
+
+    @property
+    def tokens(self) -> int:
+        return self.manifest.tokens
+
+    @property
+    def clip_dim(self) -> int:
+        return self.manifest.clip_dim
+
+    @property
+    def eva_dim(self) -> int:
+        return self.manifest.eva_dim
+
+    def shard_of(self, row: int) -> int:
+        return self.reader.locate(row)[0]
+
+    def split_record(self) -> dict[str, Any]:
+        """The content of run_dir/split.json (see the contract)."""
+        return {
+            "data_dir": str(self.manifest.root.resolve()),
+            "eval_fraction": self.eval_fraction,
+            "salt": self.salt,
+            "num_train": len(self.train_rows),
+            "num_heldout": len(self.heldout_rows),
+            "heldout_keys": [self.keys[i] for i in self.heldout_rows],
+            "max_samples": self.max_samples,
+        }
+
+
+def open_training_data(
+    data_dir: str | Path,
+    eval_fraction: float = 0.05,
+    max_samples: int | None = None,
+    verify_checksums: bool = True,
+    salt: str = SPLIT_SALT,
+) -> TrainData:
+    """Open and validate a shard directory; every problem is a one-line `ShardError`."""
+    manifest = shards.read_manifest(data_dir)  # missing dir / manifest / empty / missing files
+    if verify_checksums:
+        shards.verify_checksums(manifest)
+    check_shard_shapes(manifest)
+    reader = ShardReader(manifest)
+    keys = reader.keys()
+    if len(keys) != len(reader):
+        raise DataError(f"{manifest.root}: sidecars list {len(keys)} keys for {len(reader)} rows; "
+                        "re-run `eva-repro extract --merge` to rewrite the manifest")
+    if max_samples is not None:
+        if max_samples < 1:
+            raise DataError(f"--max_samples must be >= 1, got {max_samples}")
+        keys = keys[:max_samples]
+    if not 0.0 <= eval_fraction < 1.0:
+        raise DataError(f"--eval_fraction must be in [0, 1), got {eval_fraction}")
+    train, heldout = shards.split_indices(keys, eval_fraction, salt)
+    if not train:
+        raise DataError(f"{manifest.root}: no training rows left after the {eval_fraction:.0%} "
+                        "held-out split; lower --eval_fraction or add data")
+    return TrainData(manifest, reader, RowReader(reader), keys, train, heldout, eval_fraction,
+                     max_samples, salt)
+
+
+# ---------------------------------------------------------------------------------------------
+# the batch schedule
+
+
+@dataclass(frozen=True)
+class DataPosition:
+    """Where the stream is: the next global micro-batch `batch` of epoch `epoch`."""
+
+    epoch: int = 0
+    batch: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batch": self.batch}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DataPosition:
+        return cls(int(data["epoch"]), int(data["batch"]))
+
+
+def mix_seed(*parts: int | str) -> int:
+    """A 63-bit seed from several parts; unlike `seed + epoch` nearby inputs do not collide."""
+    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") & (2**63 - 1)
+
+
+@dataclass
+class BatchSchedule:
+    """Deterministic global micro-batches over `rows`; the last partial batch of an epoch is dropped.
+
+    `shard_of` groups rows for the window shuffle; `window_shards` consecutive shards (in the
+    shuffled shard order) are mixed, so a batch touches at most that many memory maps.
+    """
+
+    rows: list[int]
+    shard_of: list[int]  # shard index per entry of `rows`
+    global_batch: int  # micro-batch per rank x world size
+    seed: int = 0
+    window_shards: int = 2
+    _cache: dict[int, list[int]] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.global_batch < 1:
+            raise DataError(f"batch size must be >= 1, got {self.global_batch}")
+        if self.global_batch > len(self.rows):
+            raise DataError(f"global batch {self.global_batch} (--batch_size x ranks) is larger than "
+                            f"the {len(self.rows)} training samples; lower --batch_size or add data")
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return len(self.rows) // self.global_batch
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        if epoch not in self._cache:
+            self._cache.clear()  # one epoch at a time: bounded memory
+            g = torch.Generator().manual_seed(mix_seed("order", self.seed, epoch))
+            groups: dict[int, list[int]] = {}
+            for row, shard in zip(self.rows, self.shard_of, strict=True):
+                groups.setdefault(shard, []).append(row)
+            shard_ids = list(groups)
+            shard_ids = [shard_ids[i] for i in torch.randperm(len(shard_ids), generator=g).tolist()]
+            order: list[int] = []
+            for w in range(0, len(shard_ids), self.window_shards):
+                window = [r for s in shard_ids[w:w + self.window_shards] for r in groups[s]]
+                order.extend(window[i] for i in torch.randperm(len(window), generator=g).tolist())
+            self._cache[epoch] = order
+        return self._cache[epoch]
+
+    def global_batch_rows(self, pos: DataPosition) -> list[int]:
+        start = pos.batch * self.global_batch
+        return self.epoch_order(pos.epoch)[start:start + self.global_batch]
+
+    def advance(self, pos: DataPosition, batches: int = 1) -> DataPosition:
+        total = pos.epoch * self.batches_per_epoch + pos.batch + batches
+        return DataPosition(*divmod(total, self.batches_per_epoch))
+
+    def stream(self, start: DataPosition, rank: int = 0, world_size: int = 1
+               ) -> Iterator[tuple[DataPosition, list[int], int]]:
+        """Forever: (position, this rank's rows, offset of those rows in the global batch)."""
+        micro = self.global_batch // world_size
+        pos = start
+        while True:
+            rows = self.global_batch_rows(pos)
+            yield pos, rows[rank * micro:(rank + 1) * micro], rank * micro
+            pos = self.advance(pos)
+
+
+# ---------------------------------------------------------------------------------------------
+# reading rows with bounded memory
+
+SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
+
+
+class RowReader:
+    """Rows of a shard read through a short-lived memory map of exactly their bytes.
+
+    `ShardReader` keeps every shard it touched mapped for the life of the process, so resident
+    (file-backed) memory grows with every row read until it equals the data read: over an epoch,
+    the dataset size. Here each read maps only the rows it needs, copies them and unmaps at
+    once, so memory stays at one batch whatever the data size (the page cache still helps).
+    Headers come from the safetensors format: u64 header length, JSON header, then raw bytes.
+    """
+
+    def __init__(self, reader: ShardReader):
+        self.reader = reader
+        self._headers: dict[int, tuple[Path, int, dict[str, Any]]] = {}
+
+    def __getstate__(self) -> dict[str, Any]:  # DataLoader workers re-read headers lazily
+        return {"reader": self.reader, "_headers": {}}
+
+    def _header(self, shard: int) -> tuple[Path, int, dict[str, Any]]:
+        if shard not in self._headers:
+            path = self.reader.manifest.root / self.reader.manifest.shards[shard]["file"]
+            try:
+                with open(path, "rb") as f:
+                    size = int.from_bytes(f.read(8), "little")
+                    header = json.loads(f.read(size))
+            except (OSError, ValueError) as e:
+                raise DataError(f"{path}: unreadable safetensors header ({e}); re-extract it") from e
+            self._headers[shard] = (path, 8 + size, header)
+        return self._headers[shard]
+
+    def spec(self, key: str) -> tuple[torch.dtype, list[int]]:
+        """(dtype, shape) of tensor `key` ('clip' or 'eva') as stored in shard 0."""
+        info = self._header(0)[2][key]
+        return SAFETENSORS_DTYPES[info["dtype"]], info["shape"]
+
+    def read_into(self, shard: int, start: int, out: dict[str, torch.Tensor]) -> None:
+        """Copy rows [start, start + len(out[k])) of one shard straight into the tensors `out`
+        (one copy from the page cache, no intermediate buffers)."""
+        path, base, header = self._header(shard)
+        for key, dst in out.items():
+            info = header[key]
+            if SAFETENSORS_DTYPES[info["dtype"]] != dst.dtype:
+                raise DataError(f"{path}: {key} is {info['dtype']} but other shards hold "
+                                f"{dst.dtype}; re-extract the shards with one --dtype")
+            row_bytes = math.prod(info["shape"][1:]) * dst.dtype.itemsize
+            flat = dst.view(torch.uint8).reshape(-1).numpy()
+            mapped = np.memmap(path, dtype=np.uint8, mode="r", shape=(flat.size,),
+                               offset=base + info["data_offsets"][0] + start * row_bytes)
+            flat[:] = mapped
+            del mapped  # unmap now: nothing of the file stays resident in this process
+
+    def read_rows(self, shard: int, start: int, stop: int) -> dict[str, torch.Tensor]:
+        """Rows [start, stop) of one shard as {'clip', 'eva'} in the stored dtype."""
+        header = self._header(shard)[2]
+        out = {k: torch.empty(stop - start, *header[k]["shape"][1:],
+                              dtype=SAFETENSORS_DTYPES[header[k]["dtype"]])
+               for k in shards.TENSOR_KEYS}
+        self.read_into(shard, start, out)
+        return out
+
+    def read(self, index: int) -> dict[str, torch.Tensor]:
+        shard, row = self.reader.locate(index)
+        return {k: v[0] for k, v in self.read_rows(shard, row, row + 1).items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# reading batches
+
+
+@dataclass
+class Batch:
+    clip: torch.Tensor  # [B, T, Dc] in the stored dtype (fp16 by default)
+    eva: torch.Tensor  # [B, T, De]
+    valid: torch.Tensor  # [B] bool: False for a sample dropped for NaN/Inf (its tensors are zeroed)
+    position: DataPosition
+    offset: int  # position of row 0 within the global micro-batch (for per-example noise)
+    bad: list[str]  # "key: reason" for every dropped sample
+
+    def pin_memory(self) -> Batch:  # DataLoader(pin_memory=True) calls this
+        self.clip, self.eva = self.clip.pin_memory(), self.eva.pin_memory()
+        return self
+
+    def to(self, device: torch.device, dtype: torch.dtype = torch.float32) -> Batch:
+        """Copy to `device` in the stored dtype (half the bytes of fp32), convert there."""
+        nb = device.type == "cuda"
+        clip = self.clip.to(device, non_blocking=nb).to(dtype)
+        eva = self.eva.to(device, non_blocking=nb).to(dtype)
+        return Batch(clip, eva, self.valid.to(device), self.position, self.offset, self.bad)
+
+
+class BatchReader(torch.utils.data.Dataset):
+    """Map-style dataset whose items are whole batches: `reader[(position, rows, offset)]`.
+
+    Used with `DataLoader(batch_size=None, sampler=schedule.stream(...))` so worker processes
+    read ahead (each with its own file handles).
+    """
+
+    def __init__(self, reader: RowReader, keys: list[str]):
+        self.reader, self.keys = reader, keys
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, item: tuple[DataPosition, list[int], int]) -> Batch:
+        position, rows, offset = item
+        return read_batch(self.reader, rows, self.keys, position, offset)
+
+
+def worker_init(_worker_id: int = 0) -> None:
+    """DataLoader worker_init_fn: fix glibc's mmap threshold at 1 MiB.
+
+    glibc raises its threshold to the size of the last freed large block, so after the first
+    batch every multi-MB batch buffer comes from the heap instead of its own mapping and is not
+    returned on free: measured, worker memory grew ~10 MB per batch at real token sizes. With a
+    fixed threshold each buffer is unmapped when freed and memory stays flat. No-op off glibc.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # -3 = M_MMAP_THRESHOLD
+
+
+def keep_batch(batch: Batch) -> Batch:
+    """DataLoader collate_fn: items are whole batches already (a named function, not a lambda,
+    so worker processes can pickle it under any start method)."""
+    return batch
+
+
+def read_batch(
+    reader: RowReader, rows: list[int], keys: list[str],
+    position: DataPosition = DataPosition(), offset: int = 0,
+) -> Batch:
+    """Rows -> batch (stored dtype); a sample with a non-finite value is zeroed, masked, reported."""
+    batch = {}
+    for key in shards.TENSOR_KEYS:
+        dtype, shape = reader.spec(key)
+        batch[key] = torch.empty(len(rows), *shape[1:], dtype=dtype)
+    for i, r in enumerate(rows):  # each row read straight into its slot of the batch
+        shard, row = reader.reader.locate(r)
+        reader.read_into(shard, row, {k: v[i:i + 1] for k, v in batch.items()})
+    clip, eva = batch["clip"], batch["eva"]
+    valid = torch.isfinite(clip).flatten(1).all(1) & torch.isfinite(eva).flatten(1).all(1)
+    bad = []
+    if not bool(valid.all()):
+        for i in (~valid).nonzero().flatten().tolist():
+            shard, row = reader.reader.locate(rows[i])
+            manifest = reader.reader.manifest
+            where = manifest.root / manifest.shards[shard]["file"]
+            bad.append(f"{keys[rows[i]]} ({where} row {row}): NaN/Inf in the embeddings, skipped")
+        clip[~valid], eva[~valid] = 0.0, 0.0
+    return Batch(clip, eva, valid, position, offset, bad)
+
+
+def load_rows(reader: RowReader, rows: list[int], keys: list[str]
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed (small) set of rows as fp32 (clip, eva), non-finite samples dropped: eval sets."""
+    m = reader.reader.manifest
+    if not rows:
+        return torch.empty(0, m.tokens, m.clip_dim), torch.empty(0, m.tokens, m.eva_dim)
+    batch = read_batch(reader, rows, keys)
+    return batch.clip[batch.valid].float(), batch.eva[batch.valid].float()
+
+
+def target_norm(reader: RowReader, rows: list[int], max_rows: int = 256,
+                skip_cls: bool = False) -> float:
+    """Mean L2 norm of the raw target tokens over (up to `max_rows` evenly spaced) training rows.
+
+    256 rows of 256 tokens already pin the mean to well under 1%; reading more real-size rows
+    (2 MB each) would only slow the start.
+    """
+    step = max(1, len(rows) // max_rows)
+    total, count = 0.0, 0
+    for r in rows[::step][:max_rows]:
+        eva = reader.read(r)["eva"][int(skip_cls):].float()
+        norms = eva.norm(dim=-1)
+        if torch.isfinite(norms).all():
+            total += float(norms.sum())
+            count += norms.numel()
+    if count == 0:
+        raise DataError(f"{reader.reader.manifest.root}: every sampled training target holds NaN/Inf; "
+                        "re-extract the shards")
+    return total / count

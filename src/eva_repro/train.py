@@ -1,0 +1,1000 @@
+"""`eva-repro train`: embedding shards -> DiT checkpoints; one process, DDP (torchrun) or FSDP2.
+
+    eva-repro train --data_dir D --output_dir O [--model_size tiny] [--max_steps N] ...
+    torchrun --nproc_per_node 8 -m eva_repro train ... [--fsdp]
+    python train_eva_reproduction.py --chunked_embeddings_dir D --output_dir O ...   (same flags)
+
+One optimiser step = `--grad_accum` micro-batches of `--batch_size` samples on every rank, so the
+global batch is batch_size x ranks x grad_accum. Noise, t and the CFG drop of every example are
+drawn from a generator seeded by (seed, data position, row in the global batch): a run is
+reproducible whatever the world size, and a resumed run continues the exact trajectory.
+
+Output (run_dir = --output_dir): run_config.json, split.json, metrics.jsonl, tb/, checkpoints/,
+model/ (EMA weights, save_pretrained), summary.json. Only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from eva_repro import checkpoint as ckpt
+from eva_repro import data as data_mod
+from eva_repro import flow
+from eva_repro.data import BatchSchedule, DataPosition, TrainData
+from eva_repro.shards import atomic_write_json
+
+OVERFIT_DEFAULT_STEPS = 300
+# Peak AdamW learning rate per preset when --learning_rate is not given: roughly 1/width, the
+# usual transformer practice (wider models need smaller steps); the tiny preset gets the largest.
+DEFAULT_LR = {"tiny": 1e-3, "small": 6e-4, "base": 3e-4, "large": 2e-4}
+OVERFIT_BAR = 0.8  # the seed's sanity bar for the sampled cosine in overfit mode
+
+
+class TrainingError(ValueError):
+    """A training setup that cannot run (bad flags, data that does not fit the model)."""
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive non-finite steps; the message names the step and the batch."""
+
+
+# ---------------------------------------------------------------------------------------------
+# configuration
+
+
+@dataclass
+class TrainConfig:
+    data_dir: str = ""
+    output_dir: str = ""
+    model_size: str = "base"
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # DiTConfig fields over the preset
+    training_mode: str = "auto"  # auto (from the manifest) | patch_only | cls_patch
+    # batches and length
+    batch_size: int = 8  # per rank and micro-batch
+    grad_accum: int = 1
+    num_epochs: float = 10.0
+    max_steps: int | None = None  # overrides num_epochs
+    # optimiser and schedule
+    learning_rate: float | None = None  # None: DEFAULT_LR of the preset
+    min_lr_ratio: float = 0.1  # cosine decays to learning_rate * min_lr_ratio
+    warmup_steps: int | None = None  # None: 5% of the steps, at most 1000
+    weight_decay: float = 0.01  # matrices only; norms, biases, gates and the null condition: 0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999  # ramped in as min(decay, (1 + step) / (10 + step))
+    # flow
+    time_scheme: str = "logit_normal"
+    time_mean: float = 0.0
+    time_std: float = 1.0
+    time_shift: float = 1.0
+    cfg_dropout: float = 0.1
+    # data
+    eval_fraction: float = 0.05
+    max_samples: int | None = None
+    overfit_test_size: int = 0
+    num_workers: int = 2
+    verify_checksums: bool = True
+    # evaluation
+    eval_every: int = 1000
+    eval_samples: int = 64  # held-out samples drawn by the sampler at each evaluation
+    eval_sampler_steps: int = 20
+    eval_method: str = "heun"
+    # checkpoints and logging
+    save_every: int = 1000
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    resume: str | None = None  # None | "auto" | path
+    tensorboard: bool = True
+    progress: bool = True
+    # system
+    seed: int = 0
+    device: str = "auto"
+    compile: bool = False
+    grad_checkpointing: bool = False
+    fsdp: bool = False
+    debug_mode: bool = False
+    max_nonfinite_steps: int = 10  # consecutive non-finite steps before the run stops
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise TrainingError(f"unknown training options {unknown}")
+        return cls(**data)
+
+
+def validate_config(cfg: TrainConfig) -> None:
+    """Flag problems that need no data, before anything heavy happens."""
+    from eva_repro.model import PRESETS
+
+    checks = [
+        (bool(cfg.data_dir), "--data_dir (or --chunked_embeddings_dir) is required"),
+        (bool(cfg.output_dir), "--output_dir is required"),
+        (cfg.model_size in PRESETS, f"unknown --model_size {cfg.model_size!r}; choose one of "
+                                    f"{sorted(PRESETS)}"),
+        (cfg.training_mode in ("auto", "patch_only", "cls_patch"),
+         f"--training_mode must be auto, patch_only or cls_patch, got {cfg.training_mode!r}"),
+        (cfg.batch_size >= 1, f"--batch_size must be >= 1, got {cfg.batch_size}"),
+        (cfg.grad_accum >= 1, f"--grad_accum must be >= 1, got {cfg.grad_accum}"),
+        (cfg.max_steps is None or cfg.max_steps >= 1, f"--max_steps must be >= 1, got {cfg.max_steps}"),
+        (cfg.num_epochs > 0, f"--num_epochs must be > 0, got {cfg.num_epochs}"),
+        (cfg.learning_rate is None or cfg.learning_rate > 0,
+         f"--learning_rate must be > 0, got {cfg.learning_rate}"),
+        (0 <= cfg.ema_decay < 1, f"--ema_decay must be in [0, 1), got {cfg.ema_decay}"),
+        (cfg.time_scheme in flow.TIME_SCHEMES, f"--time_scheme must be one of {flow.TIME_SCHEMES}"),
+        (cfg.eval_method in flow.METHODS, f"--eval_method must be one of {flow.METHODS}"),
+        (cfg.overfit_test_size >= 0, "--overfit_test_size must be >= 0"),
+        (min(cfg.log_every, cfg.save_every, cfg.eval_every) >= 1,
+         "--log_every, --save_every and --eval_every must be >= 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise TrainingError(message)
+
+
+# ---------------------------------------------------------------------------------------------
+# distributed plumbing
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    owns_group: bool = False  # this run created the process group (and destroys it at the end)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_distributed(device: str, need_group: bool = False) -> Dist:
+    """Join the torchrun process group when launched by torchrun; pick this rank's device.
+
+    `need_group` (FSDP2) makes a one-process group when not launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise TrainingError("--device cuda but CUDA is not available; use --device cpu")
+        dev = torch.device("cuda", local if world > 1 else (dev.index or 0))
+        torch.cuda.set_device(dev)
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    owns = (world > 1 or need_group) and not dist.is_initialized()
+    if owns and world > 1:
+        dist.init_process_group(backend, device_id=dev if dev.type == "cuda" else None)
+    elif owns:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return Dist(rank, world, local, dev, owns)
+
+
+def all_reduce_sum(values: list[float], d: Dist) -> list[float]:
+    if not d.enabled:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=d.device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def barrier(d: Dist) -> None:
+    if d.enabled:
+        dist.barrier()
+
+
+# ---------------------------------------------------------------------------------------------
+# model, optimiser, schedule, EMA
+
+
+def build_model_config(cfg: TrainConfig, data: TrainData, target_norm: float):
+    from eva_repro.model import DiTConfig
+
+    token_mode = "cls_patch" if data.manifest.include_cls else "patch_only"
+    if cfg.training_mode == "cls_patch" and token_mode == "patch_only":
+        raise TrainingError(f"{data.manifest.root}: --training_mode cls_patch needs shards with a "
+                            "CLS token (include_cls) but these have patches only; re-extract with "
+                            "--training_mode cls_patch or train patch_only")
+    if cfg.training_mode == "patch_only":
+        token_mode = "patch_only"  # CLS tokens (if any) are dropped at load time
+    fixed = {"target_dim", "cond_dim", "token_mode", "target_norm"}
+    if fixed & set(cfg.model_overrides):
+        raise TrainingError(f"--model_override cannot set {sorted(fixed & set(cfg.model_overrides))}:"
+                            " they follow the data")
+    try:
+        return DiTConfig.preset(cfg.model_size, target_dim=data.eva_dim, cond_dim=data.clip_dim,
+                                token_mode=token_mode, grad_checkpointing=cfg.grad_checkpointing,
+                                target_norm=target_norm, **cfg.model_overrides)
+    except TypeError as e:  # an override that is no DiTConfig field
+        raise TrainingError(f"--model_override: {e}") from e
+
+
+def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """Weight decay on matrices only: decaying norms, biases, gates or the null condition towards
+    zero fights the zero-init design rather than regularising."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_multiplier(step: int, total: int, warmup: int, floor: float) -> float:
+    """Linear warmup from ~0 to 1 over `warmup` steps, then cosine decay to `floor` at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def default_warmup(total: int) -> int:
+    return max(1, min(1000, round(0.05 * total)))
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, step: int, decay: float) -> None:
+    d = min(decay, (1 + step) / (10 + step))  # early on, follow the fast-moving weights
+    ema_params = [p for p in ema.parameters()]
+    params = [p.detach() for p in model.parameters()]
+    torch._foreach_lerp_(ema_params, params, 1 - d)
+
+
+# ---------------------------------------------------------------------------------------------
+# the objective on one batch
+
+
+def draw_noise(
+    batch: data_mod.Batch, shape: tuple[int, ...], flow_cfg: flow.FlowConfig, seed: int,
+    global_batch: int, device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x0, t, drop) per example from a generator seeded by the example's index in the epoch's
+    order, so an example's draw is the same whatever the world size, micro-batch or
+    accumulation split, and a resumed run redraws exactly what the killed one would have."""
+    g = torch.Generator(device=device)
+    first = batch.position.batch * global_batch + batch.offset
+    x0, ts, drops = [], [], []
+    for i in range(shape[0]):
+        g.manual_seed(data_mod.mix_seed("noise", seed, batch.position.epoch, first + i))
+        x0.append(torch.randn(shape[1:], generator=g, device=device))
+        ts.append(flow.sample_time(1, flow_cfg.time_scheme, flow_cfg.time_mean, flow_cfg.time_std,
+                                   flow_cfg.shift, generator=g, device=device))
+        drops.append(torch.rand(1, generator=g, device=device) < flow_cfg.cfg_dropout)
+    return torch.stack(x0), torch.cat(ts), torch.cat(drops)
+
+
+def compute_loss(
+    model: nn.Module, eva: torch.Tensor, clip: torch.Tensor, x0: torch.Tensor, t: torch.Tensor,
+    drop: torch.Tensor, valid: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(masked mean loss, per-example loss [B], per-example velocity cosine [B]).
+
+    The same objective as `flow.flow_loss` (normalised target, x_t, v = x1 - x0, MSE), with the
+    noise supplied by the caller so it is independent of the rank layout.
+    """
+    x1 = flow.normalize_target(eva)
+    v_true = flow.target_velocity(x0, x1)
+    v_pred = model(flow.interpolate(x0, x1, t), t, clip, drop_cond=drop).float()
+    per_example = (v_pred - v_true).pow(2).mean(dim=(1, 2))
+    w = valid.float()
+    loss = (per_example * w).sum() / w.sum().clamp_min(1.0)
+    cosine = flow.token_cosine(v_pred.detach(), v_true).mean(dim=1)
+    return loss, per_example.detach(), cosine
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation
+
+
+@torch.no_grad()
+def sampled_cosine(
+    model: nn.Module, clip: torch.Tensor, eva: torch.Tensor, cfg: TrainConfig, device: torch.device,
+    autocast: Callable[[], contextlib.AbstractContextManager],
+) -> float | None:
+    """Sample targets for `clip` from fixed noise with the (EMA) model; mean token cosine to `eva`
+    (None for an empty set, e.g. --eval_fraction 0)."""
+    if clip.shape[0] == 0:
+        return None
+    was_training = model.training
+    model.eval()
+    g = torch.Generator(device=device).manual_seed(data_mod.mix_seed("eval", cfg.seed))
+    total, count = 0.0, 0
+    for start in range(0, clip.shape[0], cfg.batch_size):
+        c = clip[start:start + cfg.batch_size].to(device).float()
+        e = eva[start:start + cfg.batch_size].to(device).float()
+        with autocast():
+            x, _ = flow.sample(model, c, steps=cfg.eval_sampler_steps, method=cfg.eval_method,
+                               shift=cfg.time_shift, generator=g)
+        cos = flow.token_cosine(x.float(), e)
+        total += float(cos.sum())
+        count += cos.numel()
+    if hasattr(model, "reshard"):  # FSDP2: back to sharded parameters after forward-only use
+        model.reshard()
+    model.train(was_training)
+    return total / count
+
+
+def evaluate(run: Run) -> dict[str, Any]:
+    """Held-out (and, in overfit mode, training-set) sampled cosine of the EMA model."""
+    cfg, d = run.cfg, run.d
+    record: dict[str, Any] = {"step": run.step, "heldout_cosine": sampled_cosine(
+        run.ema, *run.eval_set, cfg, d.device, run.autocast)}
+    fmt = lambda x: "n/a" if x is None else f"{x:.4f}"  # noqa: E731
+    message = f"step {run.step}: sampled cosine (EMA) held-out {fmt(record['heldout_cosine'])}"
+    if run.overfit_set is not None:
+        record["overfit_cosine"] = sampled_cosine(run.ema, *run.overfit_set, cfg, d.device,
+                                                  run.autocast)
+        message += f", overfit set {fmt(record['overfit_cosine'])}"
+    log(d, message)
+    return record
+
+
+# ---------------------------------------------------------------------------------------------
+# logging
+
+
+class MetricsLog:
+    """metrics.jsonl + TensorBoard on rank 0; nothing on other ranks."""
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, resume_step: int | None):
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self.tb = None
+        if not enabled:
+            return
+        if resume_step is not None and self.path.exists():
+            # a killed run may have logged steps past its last checkpoint: they are redone
+            keep = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in keep))
+        elif resume_step is None:
+            self.path.write_text("")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run_dir / "tb"))
+            except ImportError:  # tensorboard is a dependency, but keep training without it
+                warnings.warn("tensorboard is not installed: logging to metrics.jsonl only",
+                              stacklevel=2)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(k, v, record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def log(d: Dist, message: str) -> None:
+    if d.is_main:
+        print(f"[train] {message}", file=sys.stderr, flush=True)
+
+
+class DebugMonitor:
+    """--debug_mode: per-layer gradient norms, zero / exploding gradient warnings, activations."""
+
+    def __init__(self, model: nn.Module, d: Dist, explode_factor: float = 10.0):
+        self.model, self.d, self.explode_factor = model, d, explode_factor
+        self.activations: dict[str, dict[str, float]] = {}
+        self.norm_history: list[float] = []
+        self.handles = [m.register_forward_hook(self._hook(name))
+                        for name, m in self._layers(model)]
+
+    @staticmethod
+    def _layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+        out = []
+        for name, m in model.named_children():
+            if isinstance(m, nn.ModuleList):
+                out.extend((f"{name}.{i}", sub) for i, sub in enumerate(m))
+            else:
+                out.append((name, m))
+        return out
+
+    def _hook(self, name: str):
+        def hook(_module, _inputs, output):
+            if isinstance(output, torch.Tensor) and torch.is_grad_enabled():
+                y = output.detach().float()
+                self.activations[name] = {"mean": float(y.mean()), "std": float(y.std()),
+                                          "absmax": float(y.abs().max())}
+        return hook
+
+    def grad_norms(self) -> dict[str, float]:
+        norms = {}
+        for name, m in self._layers(self.model):
+            sq = 0.0
+            for p in m.parameters():
+                if p.grad is not None:
+                    g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+                    sq += float(g.detach().float().pow(2).sum())
+            norms[name] = math.sqrt(sq)
+        return norms
+
+    def check(self, step: int, total_norm: float) -> dict[str, float]:
+        """Per-layer norms (and warnings) for the metrics record of this step."""
+        norms = self.grad_norms()
+        if step > 2:  # at step 1 the zero-initialised output layer blocks every other gradient
+            zero = [n for n, v in norms.items() if v == 0.0]
+            if zero:
+                log(self.d, f"warning: step {step}: zero gradient in {zero}")
+        median = float(np.median(self.norm_history)) if len(self.norm_history) >= 5 else None
+        if median and total_norm > self.explode_factor * median:
+            log(self.d, f"warning: step {step}: exploding gradient norm {total_norm:.3g} "
+                        f"(> {self.explode_factor:g}x the running median {median:.3g})")
+        if math.isfinite(total_norm):
+            self.norm_history = (self.norm_history + [total_norm])[-100:]
+        record = {f"grad_norm/{k}": v for k, v in norms.items()}
+        for name, stats in self.activations.items():
+            record.update({f"act/{name}/{k}": v for k, v in stats.items()})
+        return record
+
+
+# ---------------------------------------------------------------------------------------------
+# training
+
+
+@dataclass
+class Run:
+    """Everything the loop needs, set up once."""
+
+    cfg: TrainConfig
+    d: Dist
+    run_dir: Path
+    data: TrainData
+    schedule: BatchSchedule
+    model: nn.Module  # what forward/backward go through (DDP / FSDP wrapped)
+    raw: nn.Module  # the DiT itself (FSDP: the sharded module)
+    ema: nn.Module
+    optimizer: torch.optim.Optimizer
+    flow_cfg: flow.FlowConfig
+    total_steps: int
+    warmup: int
+    drop_cls: bool
+    autocast: Callable[[], contextlib.AbstractContextManager]
+    train_rows: list[int]
+    eval_set: tuple[torch.Tensor, torch.Tensor]
+    overfit_set: tuple[torch.Tensor, torch.Tensor] | None
+    step: int = 0
+    position: DataPosition = field(default_factory=DataPosition)
+    resumed_from: str | None = None
+    recent_losses: list[float] = field(default_factory=list)  # for summary final_loss
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _select_rows(cfg: TrainConfig, data: TrainData, d: Dist) -> list[int]:
+    if not cfg.overfit_test_size:
+        return data.train_rows
+    n = min(cfg.overfit_test_size, len(data.train_rows))
+    if n < cfg.overfit_test_size:
+        log(d, f"--overfit_test_size {cfg.overfit_test_size} > {n} training samples: using {n}")
+    return data.train_rows[:n]
+
+
+def _micro_batch(cfg: TrainConfig, rows: int, d: Dist) -> int:
+    if cfg.overfit_test_size and cfg.batch_size * d.world_size > rows:
+        b = max(1, rows // d.world_size)
+        log(d, f"overfit mode: --batch_size {cfg.batch_size} is more than the {rows} samples, "
+               f"using {b} per rank")
+        return b
+    return cfg.batch_size
+
+
+def _total_steps(cfg: TrainConfig, schedule: BatchSchedule) -> int:
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    if cfg.overfit_test_size:
+        return OVERFIT_DEFAULT_STEPS
+    return max(1, int(cfg.num_epochs * schedule.batches_per_epoch) // cfg.grad_accum)
+
+
+def _wrap(model: nn.Module, ema: nn.Module, cfg: TrainConfig, d: Dist) -> nn.Module:
+    """DDP or FSDP2 (sharding blocks, then the root; the EMA copy is sharded the same way)."""
+    if cfg.fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        # the DiT returns a Linear output (a view after its reshape); nothing edits it in place
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+        mesh = init_device_mesh(d.device.type, (d.world_size,))
+        for m in (model, ema):
+            for block in m.blocks:
+                fully_shard(block, mesh=mesh)
+            # the EMA copy only runs forward: reshard its root too, or its parameters stay
+            # gathered (plain tensors) after evaluation and the EMA update mixes kinds
+            fully_shard(m, mesh=mesh, reshard_after_forward=True)
+        if cfg.compile:
+            model.compile()
+        return model
+    if cfg.compile:
+        model.compile()
+    if d.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        return DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+    return model
+
+
+def setup(cfg: TrainConfig) -> Run:
+    validate_config(cfg)
+    if cfg.learning_rate is None:
+        cfg = replace(cfg, learning_rate=DEFAULT_LR.get(cfg.model_size, 3e-4))
+    d = setup_distributed(cfg.device, need_group=cfg.fsdp)
+    run_dir = Path(cfg.output_dir)
+    resume_path = ckpt.resolve_resume(run_dir, cfg.resume)
+    seed_everything(cfg.seed)
+
+    data = data_mod.open_training_data(cfg.data_dir, cfg.eval_fraction, cfg.max_samples,
+                                       cfg.verify_checksums)
+    rows = _select_rows(cfg, data, d)
+    micro = _micro_batch(cfg, len(rows), d)
+    schedule = BatchSchedule(rows, [data.shard_of(r) for r in rows], micro * d.world_size,
+                             seed=cfg.seed)
+    total = _total_steps(cfg, schedule)
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else default_warmup(total)
+
+    drop_cls = data.manifest.include_cls and cfg.training_mode == "patch_only"
+    model_cfg = build_model_config(cfg, data, data_mod.target_norm(data.rows, rows,
+                                                                   skip_cls=drop_cls))
+    from eva_repro.model import DiT
+
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    raw = DiT(model_cfg).to(d.device)
+    ema = DiT(model_cfg).to(d.device)
+    ema.load_state_dict(raw.state_dict())
+    ema.requires_grad_(False)
+    model = _wrap(raw, ema, cfg, d)
+    optimizer = torch.optim.AdamW(param_groups(raw, cfg), lr=cfg.learning_rate,
+                                  betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  fused=d.device.type == "cuda")
+
+    cuda = d.device.type == "cuda"
+
+    def autocast() -> contextlib.AbstractContextManager:
+        return torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+
+    def load(rows_: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        clip, eva = data_mod.load_rows(data.rows, rows_, data.keys)
+        return (clip[:, 1:], eva[:, 1:]) if drop_cls else (clip, eva)
+
+    eval_rows = data.heldout_rows[:cfg.eval_samples]
+    run = Run(cfg, d, run_dir, data, schedule, model, raw, ema, optimizer,
+              flow.FlowConfig(cfg.time_scheme, cfg.time_mean, cfg.time_std, cfg.time_shift,
+                              cfg.cfg_dropout),
+              total, warmup, drop_cls, autocast, rows, load(eval_rows),
+              load(rows[:max(cfg.eval_samples, 1)]) if cfg.overfit_test_size else None)
+    if resume_path is not None:
+        restore(run, resume_path)
+    return run
+
+
+def _state_options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True, **kw)
+
+
+def restore(run: Run, path: Path) -> None:
+    """Load a checkpoint written with any world size into this (possibly sharded) run."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    state = ckpt.load_checkpoint(path)
+    full = _state_options()
+    try:
+        set_model_state_dict(run.raw, state.model, options=full)
+        set_model_state_dict(run.ema, state.ema, options=full)
+        keep = [{k: g[k] for k in ("fused", "foreach", "capturable") if k in g}
+                for g in run.optimizer.param_groups]
+        # strict=False: a parameter that never had a gradient (e.g. the null condition with
+        # --cfg_dropout 0) has no optimiser state to restore
+        set_optimizer_state_dict(run.raw, run.optimizer, state.optimizer,
+                                 options=_state_options(strict=False))
+        for g, kept in zip(run.optimizer.param_groups, keep, strict=True):
+            g.update(kept)  # how to step is this run's business, not the checkpoint's
+            g["betas"] = tuple(g["betas"])
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise ckpt.CheckpointError(f"{path}: does not fit this model / optimiser ({e}); resume "
+                                   "with the same --model_size and data, or start a new "
+                                   "--output_dir") from e
+    run.step = state.step
+    run.position = DataPosition.from_dict(state.meta["data_position"])
+    saved_batch = int(state.meta.get("global_batch", run.schedule.global_batch))
+    if saved_batch != run.schedule.global_batch:  # another world size / batch: same sample count
+        samples = run.position.batch * saved_batch
+        run.position = DataPosition(run.position.epoch, samples // run.schedule.global_batch)
+        log(run.d, f"global micro-batch {saved_batch} -> {run.schedule.global_batch}: continuing at "
+                   f"sample {samples} of epoch {run.position.epoch}")
+    run.recent_losses = list(state.meta.get("recent_losses", []))
+    ckpt.restore_rng(*state.rng)
+    run.resumed_from = str(path)
+    log(run.d, f"resumed from {path} at step {run.step} (epoch {run.position.epoch}, batch "
+               f"{run.position.batch})")
+
+
+def save(run: Run) -> None:
+    """Gather full state dicts (collective), write on rank 0 only."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    full = _state_options()
+    model_sd = get_model_state_dict(run.raw, options=full)
+    ema_sd = get_model_state_dict(run.ema, options=full)
+    opt_sd = get_optimizer_state_dict(run.raw, run.optimizer, options=full)
+    if run.d.is_main:
+        meta = {"data_position": run.position.to_dict(), "world_size": run.d.world_size,
+                "global_batch": run.schedule.global_batch,
+                "scheduler": {"kind": "warmup_cosine", "total_steps": run.total_steps,
+                              "warmup_steps": run.warmup, "min_lr_ratio": run.cfg.min_lr_ratio,
+                              "base_lr": run.cfg.learning_rate},
+                "recent_losses": run.recent_losses}
+        path = ckpt.save_checkpoint(run.run_dir, ckpt.TrainingState(
+            run.step, model_sd, ema_sd, opt_sd, run.raw.config.to_dict(), meta),
+            keep=run.cfg.keep_checkpoints)
+        log(run.d, f"checkpoint {path}")
+    barrier(run.d)
+
+
+def export_ema(run: Run) -> None:
+    """run_dir/model/: the EMA weights, save_pretrained (unsharded)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    from eva_repro.model import DiT
+
+    state = get_model_state_dict(run.ema, options=_state_options())
+    if run.d.is_main:
+        plain = DiT(run.raw.config)
+        plain.load_state_dict(state)
+        plain.save_pretrained(run.run_dir / "model")
+    barrier(run.d)
+
+
+def write_run_files(run: Run) -> None:
+    if not run.d.is_main:
+        return
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    from eva_repro import __version__
+
+    atomic_write_json(run.run_dir / "run_config.json", {
+        "args": {**asdict(run.cfg), "data_dir": str(Path(run.cfg.data_dir).resolve())},
+        "data_dir": str(Path(run.cfg.data_dir).resolve()),
+        "model": run.raw.config.to_dict(),
+        "flow": asdict(run.flow_cfg),
+        "world_size": run.d.world_size,
+        "global_batch": run.schedule.global_batch * run.cfg.grad_accum,
+        "total_steps": run.total_steps,
+        "warmup_steps": run.warmup,
+        "drop_cls": run.drop_cls,
+        "eva_repro_version": __version__,
+        "torch_version": torch.__version__,
+        "manifest": {k: v for k, v in run.data.manifest.data.items() if k != "shards"},
+    })
+    atomic_write_json(run.run_dir / "split.json", run.data.split_record())
+
+
+def _loader(run: Run) -> Iterator[data_mod.Batch]:
+    dataset = data_mod.BatchReader(run.data.rows, run.data.keys)
+    stream = run.schedule.stream(run.position, run.d.rank, run.d.world_size)
+    workers = run.cfg.num_workers
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=None, sampler=stream, num_workers=workers,
+        pin_memory=run.d.device.type == "cuda", prefetch_factor=4 if workers else None,
+        collate_fn=data_mod.keep_batch,
+        worker_init_fn=data_mod.worker_init)
+    return iter(loader)
+
+
+class Interval:
+    """Sums over the steps since the last log line."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.steps, self.finite, self.samples = 0, 0, 0
+        self.loss, self.cos, self.norm = 0.0, 0.0, 0.0
+        self.wait, self.busy = 0.0, 0.0  # seconds waiting for data / in training steps
+
+
+def train_step(run: Run, batches: Iterator[data_mod.Batch], stats: dict[str, Any]
+               ) -> tuple[float, float, float, int, float]:
+    """One optimiser step over grad_accum micro-batches -> (loss, cosine, grad norm, samples,
+    data wait seconds). A non-finite step is skipped (no update) and counted."""
+    cfg, d = run.cfg, run.d
+    mult = lr_multiplier(run.step, run.total_steps, run.warmup, cfg.min_lr_ratio)
+    for g in run.optimizer.param_groups:
+        g["lr"] = cfg.learning_rate * mult
+    loss_sum, cos_sum, n_valid, wait = 0.0, 0.0, 0.0, 0.0
+    run.optimizer.zero_grad(set_to_none=True)
+    for micro in range(cfg.grad_accum):
+        t0 = time.perf_counter()
+        batch = next(batches)
+        wait += time.perf_counter() - t0
+        for bad in batch.bad:
+            stats["skipped_samples"] += 1
+            log(d, f"skipping sample {bad}")
+        run.position = run.schedule.advance(batch.position)
+        b = batch.to(d.device)
+        clip, eva = (b.clip[:, 1:], b.eva[:, 1:]) if run.drop_cls else (b.clip, b.eva)
+        x0, t, drop = draw_noise(b, tuple(eva.shape), run.flow_cfg, cfg.seed,
+                                 run.schedule.global_batch, d.device)
+        last = micro == cfg.grad_accum - 1
+        sync = contextlib.nullcontext()
+        if not last and hasattr(run.model, "no_sync"):
+            sync = run.model.no_sync()
+        elif hasattr(run.model, "set_requires_gradient_sync"):  # FSDP2
+            run.model.set_requires_gradient_sync(last)
+        with sync:
+            with run.autocast():
+                loss, _, cosine = compute_loss(run.model, eva, clip, x0, t, drop, b.valid)
+            (loss / cfg.grad_accum).backward()
+        w = b.valid.float()
+        n = float(w.sum())
+        loss_sum += float(loss.detach()) * n
+        cos_sum += float((cosine * w).sum())
+        n_valid += n
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.raw.parameters(), cfg.grad_clip)
+    if hasattr(grad_norm, "full_tensor"):
+        grad_norm = grad_norm.full_tensor()
+    grad_norm = float(grad_norm)
+    loss_sum, cos_sum, n_valid = all_reduce_sum([loss_sum, cos_sum, n_valid], d)
+    loss = loss_sum / max(n_valid, 1.0)
+    cosine = cos_sum / max(n_valid, 1.0)
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        run.optimizer.step()
+        ema_update(run.ema, run.raw, run.step, cfg.ema_decay)
+        stats["nonfinite_in_a_row"] = 0
+    else:
+        run.optimizer.zero_grad(set_to_none=True)
+        stats["nonfinite_steps"] += 1
+        stats["nonfinite_in_a_row"] += 1
+        where = (f"step {run.step + 1}, batch {batch.position.batch} of epoch "
+                 f"{batch.position.epoch}")
+        log(d, f"non-finite loss/gradient ({loss:.3g}, grad norm {grad_norm:.3g}) at {where}: "
+               "step skipped")
+        if stats["nonfinite_in_a_row"] >= cfg.max_nonfinite_steps:
+            raise TrainingDiverged(
+                f"{stats['nonfinite_in_a_row']} non-finite steps in a row, the last at {where}; "
+                "lower --learning_rate, check the data, or resume from an earlier checkpoint")
+    return loss, cosine, grad_norm, int(n_valid), wait
+
+
+def train(config: TrainConfig | dict[str, Any],
+          on_step: Callable[[int, dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Train as configured; returns the summary (also written to run_dir/summary.json on rank 0).
+
+    `on_step(step, record)` is called after every optimiser step (tests use it to simulate a crash).
+    """
+    cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
+    run = setup(cfg)
+    cfg, d = run.cfg, run.d
+    write_run_files(run)
+    metrics = MetricsLog(run.run_dir, d.is_main, cfg.tensorboard,
+                         run.step if run.resumed_from else None)
+    monitor = DebugMonitor(run.raw, d) if cfg.debug_mode else None
+    log(d, f"{cfg.model_size}: {run.raw.num_parameters() / 1e6:.1f}M parameters, "
+           f"{len(run.train_rows)} training / {len(run.data.heldout_rows)} held-out samples, "
+           f"global batch {run.schedule.global_batch * cfg.grad_accum}, {run.total_steps} steps "
+           f"on {d.world_size} x {d.device} ({'FSDP2' if cfg.fsdp else 'DDP' if d.enabled else 'single'})")
+    stats = {"skipped_samples": 0, "nonfinite_steps": 0, "nonfinite_in_a_row": 0}
+    run.model.train()
+    batches = _loader(run)
+    interval = Interval()
+    start_time = time.perf_counter()
+    from tqdm import tqdm
+
+    bar = tqdm(total=run.total_steps, initial=run.step, unit="step", dynamic_ncols=True,
+               disable=not (d.is_main and cfg.progress), file=sys.stderr)
+    try:
+        if run.step == 0:  # the untrained baseline, so the curve starts where learning starts
+            metrics.write(evaluate(run))
+        while run.step < run.total_steps:
+            t0 = time.perf_counter()
+            loss, cosine, norm, samples, wait = train_step(run, batches, stats)
+            interval.busy += time.perf_counter() - t0  # evaluation / checkpoints not counted
+            run.step += 1
+            interval.steps += 1
+            interval.samples += samples
+            interval.wait += wait
+            if math.isfinite(loss):
+                interval.finite += 1
+                interval.loss += loss
+                interval.cos += cosine
+                interval.norm += norm
+                run.recent_losses = (run.recent_losses + [loss])[-10:]
+            record: dict[str, Any] = {"step": run.step, "loss": loss}
+            if run.step % cfg.log_every == 0 or run.step == run.total_steps:
+                record = _log_record(run, interval, stats, monitor, norm)
+                metrics.write(record)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                sps=f"{record['samples_per_s']:.0f}")
+                interval.reset()
+            if run.step % cfg.eval_every == 0 and run.step < run.total_steps:
+                metrics.write(evaluate(run))
+            if run.step % cfg.save_every == 0 and run.step < run.total_steps:
+                save(run)
+            bar.update(1)
+            if on_step is not None:
+                on_step(run.step, record)
+        bar.close()
+        save(run)
+        export_ema(run)
+        recent = run.recent_losses
+        final_eval = evaluate(run)
+        metrics.write(final_eval)
+        summary = {
+            "steps": run.step,
+            "final_loss": float(np.mean(recent)) if recent else None,  # last 10 steps
+            "last_loss": recent[-1] if recent else None,
+            "heldout_cosine": final_eval["heldout_cosine"],
+            "heldout_samples": int(run.eval_set[0].shape[0]),
+            "train_samples": len(run.train_rows),
+            "target_norm": run.raw.config.target_norm,
+            "params_m": round(run.raw.num_parameters() / 1e6, 3),
+            "world_size": d.world_size,
+            "global_batch": run.schedule.global_batch * cfg.grad_accum,
+            "skipped_samples": stats["skipped_samples"],
+            "nonfinite_steps": stats["nonfinite_steps"],
+            "train_time_s": round(time.perf_counter() - start_time, 2),
+            "resumed_from": run.resumed_from,
+        }
+        if run.overfit_set is not None:
+            summary["overfit_cosine"] = final_eval["overfit_cosine"]
+            summary["overfit_samples"] = int(run.overfit_set[0].shape[0])
+            summary["overfit_passed"] = (summary["overfit_cosine"] or 0.0) > OVERFIT_BAR
+        if d.is_main:
+            atomic_write_json(run.run_dir / "summary.json", summary)
+        return summary
+    finally:
+        bar.close()
+        metrics.close()
+        del batches
+        if d.owns_group:
+            dist.destroy_process_group()
+
+
+def _log_record(run: Run, interval: Interval, stats: dict[str, Any], monitor: DebugMonitor | None,
+                last_norm: float) -> dict[str, Any]:
+    elapsed = max(interval.busy, 1e-9)
+    n = max(interval.finite, 1)
+    record = {
+        "step": run.step,
+        "epoch": run.position.epoch,
+        "loss": interval.loss / n,
+        "velocity_cosine": interval.cos / n,
+        "grad_norm": interval.norm / n,
+        "lr": run.optimizer.param_groups[0]["lr"],
+        "samples_per_s": interval.samples / elapsed,
+        "data_wait_fraction": interval.wait / elapsed,
+        "skipped_samples": stats["skipped_samples"],
+        "nonfinite_steps": stats["nonfinite_steps"],
+    }
+    if monitor is not None:
+        record.update(monitor.check(run.step, last_norm))
+    return record
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    c = TrainConfig()
+    a = p.add_argument
+    a("--data_dir", "--chunked_embeddings_dir", dest="data_dir", required=True,
+      help="shard directory (eva-repro extract / synth output)")
+    a("--output_dir", required=True, help="run directory: checkpoints, logs, model/, summary.json")
+    a("--model_size", default=c.model_size, help="DiT preset: tiny, small, base, large")
+    a("--model_override", dest="model_overrides", action="append", default=[], metavar="KEY=VALUE",
+      help="override a DiTConfig field of the preset, e.g. depth=2 (repeatable; JSON values)")
+    a("--training_mode", default=c.training_mode, choices=["auto", "patch_only", "cls_patch"],
+      help="token layout; auto follows the shards (patch_only on CLS shards drops the CLS token)")
+    a("--batch_size", type=int, default=c.batch_size, help="per rank and micro-batch")
+    a("--grad_accum", "--gradient_accumulation_steps", dest="grad_accum", type=int,
+      default=c.grad_accum)
+    a("--num_epochs", type=float, default=c.num_epochs)
+    a("--max_steps", type=int, default=None, help="optimiser steps (overrides --num_epochs)")
+    a("--learning_rate", "--lr", dest="learning_rate", type=float, default=None,
+      help=f"peak learning rate (default per preset: {DEFAULT_LR})")
+    a("--min_lr_ratio", type=float, default=c.min_lr_ratio, help="cosine floor / learning rate")
+    a("--warmup_steps", type=int, default=None, help="default: 5%% of the steps, at most 1000")
+    a("--weight_decay", type=float, default=c.weight_decay)
+    a("--adam_beta1", type=float, default=c.adam_beta1)
+    a("--adam_beta2", type=float, default=c.adam_beta2)
+    a("--grad_clip", type=float, default=c.grad_clip)
+    a("--ema_decay", type=float, default=c.ema_decay)
+    a("--time_scheme", default=c.time_scheme, choices=list(flow.TIME_SCHEMES))
+    a("--time_mean", type=float, default=c.time_mean)
+    a("--time_std", type=float, default=c.time_std)
+    a("--time_shift", type=float, default=c.time_shift)
+    a("--cfg_dropout", type=float, default=c.cfg_dropout)
+    a("--eval_fraction", type=float, default=c.eval_fraction)
+    a("--max_samples", type=int, default=None, help="use only the first N samples (quick runs)")
+    a("--overfit_test_size", type=int, default=0,
+      help="train on N fixed samples (default 300 steps); summary overfit_cosine (sampled, on "
+           "those samples, at most --eval_samples of them) should be > 0.8")
+    a("--num_workers", type=int, default=c.num_workers, help="data loader worker processes")
+    a("--no_verify_checksums", dest="verify_checksums", action="store_false",
+      help="skip the sha256 check of every shard at start-up")
+    a("--eval_every", type=int, default=c.eval_every)
+    a("--eval_samples", type=int, default=c.eval_samples)
+    a("--eval_sampler_steps", type=int, default=c.eval_sampler_steps)
+    a("--eval_method", default=c.eval_method, choices=list(flow.METHODS))
+    a("--save_every", type=int, default=c.save_every)
+    a("--keep_checkpoints", type=int, default=c.keep_checkpoints)
+    a("--log_every", type=int, default=c.log_every)
+    a("--resume", default=None, help="'auto' (newest complete checkpoint in --output_dir, if any) "
+                                     "or a checkpoint / run directory")
+    a("--no_tensorboard", dest="tensorboard", action="store_false")
+    a("--no_progress", dest="progress", action="store_false")
+    a("--seed", type=int, default=c.seed)
+    a("--device", default=c.device, help="auto, cpu, cuda or cuda:N")
+    a("--compile", action="store_true", help="torch.compile the model")
+    a("--grad_checkpointing", "--gradient_checkpointing", dest="grad_checkpointing",
+      action="store_true")
+    a("--fsdp", action="store_true", help="shard parameters/gradients/optimiser with FSDP2")
+    a("--debug_mode", action="store_true",
+      help="per-layer gradient norms, zero/exploding gradient warnings, activation statistics")
+    a("--max_nonfinite_steps", type=int, default=c.max_nonfinite_steps)
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise TrainingError(f"--model_override {item!r}: expected KEY=VALUE, e.g. depth=2")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    known = {f.name for f in fields(TrainConfig)}
+    values = {k: v for k, v in vars(args).items() if k in known}
+    values["model_overrides"] = parse_overrides(values.get("model_overrides") or [])
+    return TrainConfig(**values)
+
+
+def run(args: argparse.Namespace) -> int:
+    summary = train(config_from_args(args))
+    if int(os.environ.get("RANK", "0")) == 0:
+        keys = ("steps", "final_loss", "heldout_cosine", "overfit_cosine")
+        print(json.dumps({k: summary[k] for k in keys if k in summary}))
+    return 0

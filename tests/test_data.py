@@ -1,0 +1,182 @@
+"""Training data: validation, split, the deterministic/resumable batch schedule, rank slicing."""
+
+import gc
+import json
+from itertools import islice
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from eva_repro import shards
+from eva_repro.data import (
+    BatchReader,
+    BatchSchedule,
+    DataPosition,
+    RowReader,
+    load_rows,
+    open_training_data,
+    read_batch,
+    target_norm,
+)
+from eva_repro.synth import make_pairs, write_synthetic_shards
+
+
+@pytest.fixture(scope="module")
+def synth_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth")
+    write_synthetic_shards(out, 100, grid=2, clip_dim=8, eva_dim=12, seed=0, shard_size=16)
+    return out
+
+
+def _schedule(rows, shard_size=16, global_batch=8, seed=0, window=2):
+    return BatchSchedule(rows, [r // shard_size for r in rows], global_batch, seed=seed,
+                         window_shards=window)
+
+
+def test_split_is_by_key_hash_and_heldout_is_never_trained_on(synth_dir):
+    data = open_training_data(synth_dir, eval_fraction=0.2)
+    keys = shards.ShardReader(synth_dir).keys()
+    assert (data.train_rows, data.heldout_rows) == shards.split_indices(keys, 0.2)
+    assert not set(data.train_rows) & set(data.heldout_rows)
+    assert 5 <= len(data.heldout_rows) <= 35
+    record = data.split_record()
+    assert record["heldout_keys"] == [keys[i] for i in data.heldout_rows]
+    assert (record["num_train"], record["num_heldout"], record["salt"]) == (
+        len(data.train_rows), len(data.heldout_rows), "eva-repro")
+    small = open_training_data(synth_dir, eval_fraction=0.2, max_samples=30)
+    assert max(small.train_rows + small.heldout_rows) < 30 and small.split_record()["max_samples"] == 30
+    # the split of a key does not depend on max_samples
+    assert set(small.heldout_rows) == {r for r in data.heldout_rows if r < 30}
+
+
+def test_epoch_order_is_a_shuffled_permutation_with_shard_window_locality():
+    rows = list(range(96))  # 6 shards of 16
+    s = _schedule(rows)
+    e0, e1 = s.epoch_order(0), s.epoch_order(1)
+    assert sorted(e0) == rows and sorted(e1) == rows and e0 != e1
+    assert e0 != sorted(e0)
+    assert _schedule(rows).epoch_order(1) == e1 and _schedule(rows, seed=1).epoch_order(1) != e1
+    # rows come in windows of 2 whole shards: each block of 32 covers exactly 2 shards
+    for w in range(3):
+        block = e0[32 * w:32 * (w + 1)]
+        assert len({r // 16 for r in block}) == 2
+    # shard order is shuffled too (not always shards 0,1 first)
+    firsts = {frozenset(r // 16 for r in _schedule(rows, seed=k).epoch_order(0)[:32]) for k in range(6)}
+    assert len(firsts) > 1
+    assert s.batches_per_epoch == 12
+
+
+def test_ranks_get_disjoint_slices_of_the_same_global_batch_and_resume_exactly():
+    rows = list(range(40))
+    s = _schedule(rows, global_batch=8)
+    single = list(islice(s.stream(DataPosition()), 7))  # crosses the epoch boundary (5 per epoch)
+    r0 = list(islice(s.stream(DataPosition(), rank=0, world_size=2), 7))
+    r1 = list(islice(s.stream(DataPosition(), rank=1, world_size=2), 7))
+    for (pos, rows_all, off), (p0, a, o0), (p1, b, o1) in zip(single, r0, r1, strict=True):
+        assert pos == p0 == p1 and off == 0 and (o0, o1) == (0, 4)
+        assert a + b == rows_all and not set(a) & set(b)
+    assert [p for p, _, _ in single][4:6] == [DataPosition(0, 4), DataPosition(1, 0)]
+    resumed = list(islice(s.stream(DataPosition(1, 0)), 2))
+    assert [r for _, r, _ in resumed] == [r for _, r, _ in single[5:7]]
+    assert s.advance(DataPosition(0, 4)) == DataPosition(1, 0)
+    assert s.advance(DataPosition(0, 3), 7) == DataPosition(2, 0)
+
+
+def test_batches_are_fp16_on_disk_and_fp32_on_device(synth_dir):
+    data = open_training_data(synth_dir, eval_fraction=0.0)
+    reader = BatchReader(data.rows, data.keys)
+    batch = reader[(DataPosition(0, 3), [5, 17, 40], 8)]
+    assert batch.clip.dtype == torch.float16 and batch.position == DataPosition(0, 3)
+    on_device = batch.to(torch.device("cpu"))
+    clip, eva = make_pairs(41, grid=2, clip_dim=8, eva_dim=12, seed=0)
+    assert on_device.eva.dtype == torch.float32 and batch.offset == 8
+    assert torch.equal(on_device.eva, eva[[5, 17, 40]].half().float())
+    assert torch.equal(on_device.clip, clip[[5, 17, 40]].half().float())
+    c, e = load_rows(data.rows, [1, 2], data.keys)
+    assert c.dtype == torch.float32 and torch.equal(e, eva[[1, 2]].half().float())
+    norm = target_norm(data.rows, list(range(41)))
+    assert norm == pytest.approx(eva.half().float().norm(dim=-1).mean().item(), rel=1e-5)
+
+
+def test_nan_or_inf_samples_are_skipped_with_their_key(tmp_path):
+    write_synthetic_shards(tmp_path, 8, grid=2, clip_dim=4, eva_dim=4, shard_size=8)
+    path = tmp_path / "shard-00000.safetensors"
+    t = load_file(str(path))
+    t["eva"][2, 0, 0], t["clip"][5, 1, 1] = float("nan"), float("inf")
+    save_file(t, str(path))
+    shard_reader = shards.ShardReader(tmp_path)
+    keys, reader = shard_reader.keys(), RowReader(shard_reader)
+    batch = read_batch(reader, [1, 2, 5, 6], keys)
+    assert batch.valid.tolist() == [True, False, False, True]
+    assert len(batch.bad) == 2 and keys[2] in batch.bad[0] and "NaN/Inf" in batch.bad[0]
+    assert torch.isfinite(batch.eva).all() and torch.isfinite(batch.clip).all()
+    clip, eva = load_rows(reader, [1, 2, 5, 6], keys)
+    assert clip.shape[0] == eva.shape[0] == 2
+
+
+def _one_line_error(fn, match):
+    with pytest.raises(ValueError, match=match) as info:
+        fn()
+    assert "\n" not in str(info.value)
+    return str(info.value)
+
+
+def test_bad_data_directories_give_one_line_errors(tmp_path, synth_dir):
+    _one_line_error(lambda: open_training_data(tmp_path / "nope"), "does not exist")
+    (tmp_path / "empty").mkdir()
+    _one_line_error(lambda: open_training_data(tmp_path / "empty"), "holds no shards")
+    # checksum mismatch: a shard changed after the manifest was written
+    bad = tmp_path / "corrupt"
+    write_synthetic_shards(bad, 20, grid=2, clip_dim=4, eva_dim=4, shard_size=10)
+    t = load_file(str(bad / "shard-00001.safetensors"))
+    t["eva"][0] += 1
+    save_file(t, str(bad / "shard-00001.safetensors"))
+    msg = _one_line_error(lambda: open_training_data(bad), "sha256")
+    assert "shard-00001" in msg
+    open_training_data(bad, verify_checksums=False)  # opt-out still opens it
+    # shards with different dims in one directory
+    mixed = tmp_path / "mixed"
+    c, e = make_pairs(4, grid=2, clip_dim=4, eva_dim=4)
+    shards.write_shard(mixed, 0, c, e, [f"a{i}" for i in range(4)])
+    c2, e2 = make_pairs(4, grid=2, clip_dim=4, eva_dim=6)
+    shards.write_shard(mixed, 1, c2, e2, [f"b{i}" for i in range(4)])
+    shards.write_manifest(mixed, {"grid": 2, "include_cls": False})
+    msg = _one_line_error(lambda: open_training_data(mixed), "same encoders")
+    assert "shard-00001" in msg
+    # ... or different dtypes
+    mixed_dtype = tmp_path / "mixed_dtype"
+    shards.write_shard(mixed_dtype, 0, c, e, [f"a{i}" for i in range(4)], dtype="float16")
+    shards.write_shard(mixed_dtype, 1, c, e, [f"b{i}" for i in range(4)], dtype="float32")
+    shards.write_manifest(mixed_dtype, {"grid": 2, "include_cls": False})
+    _one_line_error(lambda: open_training_data(mixed_dtype), "dtypes")
+    # batch larger than the data
+    data = open_training_data(synth_dir, eval_fraction=0.5, max_samples=10)
+    _one_line_error(lambda: _schedule(data.train_rows, global_batch=64), "larger than")
+    _one_line_error(lambda: open_training_data(synth_dir, eval_fraction=1.5), "eval_fraction")
+    _one_line_error(lambda: open_training_data(synth_dir, max_samples=0), "max_samples")
+
+
+def test_manifest_with_wrong_sample_count_is_rejected(tmp_path):
+    write_synthetic_shards(tmp_path, 8, grid=2, clip_dim=4, eva_dim=4, shard_size=8)
+    m = json.loads((tmp_path / "manifest.json").read_text())
+    m["shards"][0]["num_samples"] = 9
+    m["num_samples"] = 9
+    (tmp_path / "manifest.json").write_text(json.dumps(m))
+    _one_line_error(lambda: open_training_data(tmp_path, verify_checksums=False), "shape")
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_row_reader_matches_shard_reader_and_keeps_no_maps(tmp_path, dtype):
+    write_synthetic_shards(tmp_path, 20, grid=2, clip_dim=4, eva_dim=6, shard_size=8, dtype=dtype)
+    shard_reader = shards.ShardReader(tmp_path)
+    rows = RowReader(shards.ShardReader(tmp_path))
+    for i in (0, 7, 8, 19):
+        want, got = shard_reader.read(i), rows.read(i)
+        assert all(torch.equal(want[k], got[k]) and got[k].dtype == want[k].dtype for k in want)
+    got = rows.read_rows(1, 2, 6)
+    assert torch.equal(got["eva"], shard_reader.read_rows(1, 2, 6)["eva"])
+    del shard_reader, want  # ShardReader keeps its maps; RowReader must not
+    gc.collect()
+    with open("/proc/self/maps") as f:
+        assert not [line for line in f if str(tmp_path) in line]

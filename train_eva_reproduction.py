@@ -1,0 +1,18 @@
+"""Seed-compatible entry point: `python train_eva_reproduction.py --chunked_embeddings_dir D
+--output_dir O --batch_size 8 --num_epochs 10 [--overfit_test_size 10] [--debug_mode]
+[--model_size base] [--training_mode patch_only]` runs `eva-repro train` (same code, same flags;
+see `eva-repro train -h`). Works under torchrun too."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))  # works without pip install
+
+from eva_repro.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(["train", *sys.argv[1:]]))
+    except ValueError as e:  # user errors: one line, exit 2 (as the eva-repro CLI does)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
