@@ -118,3 +118,16 @@ def test_demo_images_are_deterministic_and_cover_every_photo(tmp_path):
     write_demo_images(tmp_path / "a", 3)
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == \
         sorted(p.name for p in view_paths(tmp_path / "a", 3))
+
+
+def test_interrupted_demo_redoes_only_the_missing_stage(demo):
+    # as if the demo had been killed during evaluation: the report is gone, the rest is kept
+    out, first = demo["out"], demo["first"]
+    for f in (out / "report").iterdir():
+        f.unlink()
+    assert cli.main(["demo", "--quick", "--output_dir", str(out)]) == 0
+    assert json.loads((out / "report" / "report.json").read_text())["cosine"] == \
+        json.loads(first["report"])["cosine"]  # deterministic: the same numbers again
+    assert _mtimes(out, "shards/shard-*") == first["shards"]
+    stages = json.loads((out / "demo_summary.json").read_text())["stages"]
+    assert stages["train"]["earlier_run"] and not stages["evaluate"]["reused"]

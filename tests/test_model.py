@@ -192,3 +192,12 @@ def test_estimate_flops_matches_linear_layer_count():
     attention = 4 * T * T * cfg.hidden + 4 * T * Tc * cfg.hidden
     # wkv_cond and cond_proj act on Tc tokens; here Tc == T so the count is the same
     assert estimate_flops(cfg, T, Tc) == pytest.approx(linear + attention, rel=1e-9)
+
+
+def test_training_after_an_inference_mode_forward():
+    model = DiT(_cfg(depth=1))
+    x, t, c = torch.randn(2, 16, 32), torch.rand(2), torch.randn(2, 16, 24)
+    with torch.inference_mode():
+        model(x, t, c)
+    model(x, t, c).square().sum().backward()  # RoPE tables cached above must not leak in
+    assert model.out.weight.grad is not None

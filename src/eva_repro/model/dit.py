@@ -288,7 +288,8 @@ class DiT(nn.Module):
 
     def rope(self, tokens: int, grid_tokens: int, device: torch.device) -> tuple:
         """(cos, sin) [tokens, hd/2] for a token sequence, positions in target-grid units."""
-        key = (tokens, grid_tokens, str(device))
+        # inference-mode tensors cannot be saved for backward later: keep them out of the cache
+        key = (tokens, grid_tokens, str(device), torch.is_inference_mode_enabled())
         if key not in self._rope_cache:
             cls = self.config.token_mode == "cls_patch"
             g_ref = math.isqrt(grid_tokens - int(cls))
