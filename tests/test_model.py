@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from eva_repro.model import PRESETS, DiT, DiTConfig, estimate_flops
-from eva_repro.model.dit import Attention, apply_rope, rope_angles, token_positions
+from eva_repro.model.dit import Attention, apply_rope, rope_angles, sincos_embedding, token_positions
 
 
 def _score(q, k, pos_q, pos_k, axes=(8, 28, 28)):
@@ -51,6 +51,42 @@ def test_token_positions_share_row_col_between_grids():
     assert coarse.tolist() == [[1, 0, 0], [1, 0, 2], [1, 2, 0], [1, 2, 2]]
     with pytest.raises(ValueError, match="not a square grid"):
         token_positions(15, cls_first=False)
+
+
+def test_absolute_embedding_matches_across_grids_and_separates_positions():
+    axes = (48, 168, 168)  # tiny preset: the RoPE split times 6 heads
+    fine = sincos_embedding(token_positions(16, False), axes, 1e4)
+    coarse = sincos_embedding(token_positions(4, False, scale=2.0), axes, 1e4)
+    assert fine.shape == (16, 384)
+    assert torch.allclose(coarse[1], fine[2])  # coarse (0, 1) covers fine (0, 2): same vector
+    gram = fine @ fine.T / 192  # every entry is cos or sin: |e|^2 = 192
+    assert torch.allclose(gram.diagonal(), torch.ones(16, dtype=gram.dtype))
+    assert (gram - torch.eye(16)).max() < 0.99  # distinct positions are distinct directions
+    assert gram[0, 1] > gram[0, 2] > gram[0, 3] > gram[0, 15]  # and closer ones are more alike
+
+
+@pytest.mark.parametrize("abs_pos", [True, False])
+def test_position_reaches_the_output_of_a_translation_invariant_input(abs_pos):
+    """Identical noise and condition tokens at every position: RoPE alone sees only relative
+    positions, so each token computes the same thing; the absolute embedding breaks the tie, which
+    is what lets cross-attention at t ~ 0 read the condition patch at the same place."""
+    torch.manual_seed(0)
+    model = DiT(DiTConfig(hidden=64, depth=2, n_heads=2, n_kv_heads=1, target_dim=8, cond_dim=8,
+                          abs_pos_embed=abs_pos)).eval()
+    for p in model.parameters():  # leave zero init so the blocks and the output do something
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(1, 1, 8).expand(1, 16, 8)
+    c = torch.randn(1, 1, 8).expand(1, 16, 8)
+    with torch.no_grad():
+        v = model(x, torch.tensor([0.0]), c)
+    spread = (v - v.mean(dim=1, keepdim=True)).abs().max().item()
+    assert (spread > 0.1) if abs_pos else (spread < 1e-4)
+
+
+def test_configs_saved_without_the_absolute_embedding_field_load_without_it():
+    data = DiTConfig(target_dim=8, cond_dim=8).to_dict()
+    assert data.pop("abs_pos_embed") is True
+    assert DiTConfig.from_dict(data).abs_pos_embed is False
 
 
 def test_gqa_equals_multi_head_attention_with_repeated_kv():
