@@ -1,6 +1,5 @@
 """Training data: validation, split, the deterministic/resumable batch schedule, rank slicing."""
 
-import gc
 import json
 from itertools import islice
 
@@ -13,7 +12,6 @@ from eva_repro.data import (
     BatchReader,
     BatchSchedule,
     DataPosition,
-    RowReader,
     load_rows,
     open_training_data,
     read_batch,
@@ -85,7 +83,7 @@ def test_ranks_get_disjoint_slices_of_the_same_global_batch_and_resume_exactly()
 
 def test_batches_are_fp16_on_disk_and_fp32_on_device(synth_dir):
     data = open_training_data(synth_dir, eval_fraction=0.0)
-    reader = BatchReader(data.rows, data.keys)
+    reader = BatchReader(data.reader, data.keys)
     batch = reader[(DataPosition(0, 3), [5, 17, 40], 8)]
     assert batch.clip.dtype == torch.float16 and batch.position == DataPosition(0, 3)
     on_device = batch.to(torch.device("cpu"))
@@ -93,9 +91,9 @@ def test_batches_are_fp16_on_disk_and_fp32_on_device(synth_dir):
     assert on_device.eva.dtype == torch.float32 and batch.offset == 8
     assert torch.equal(on_device.eva, eva[[5, 17, 40]].half().float())
     assert torch.equal(on_device.clip, clip[[5, 17, 40]].half().float())
-    c, e = load_rows(data.rows, [1, 2], data.keys)
+    c, e = load_rows(data.reader, [1, 2], data.keys)
     assert c.dtype == torch.float32 and torch.equal(e, eva[[1, 2]].half().float())
-    norm = target_norm(data.rows, list(range(41)))
+    norm = target_norm(data.reader, list(range(41)))
     assert norm == pytest.approx(eva.half().float().norm(dim=-1).mean().item(), rel=1e-5)
 
 
@@ -105,8 +103,8 @@ def test_nan_or_inf_samples_are_skipped_with_their_key(tmp_path):
     t = load_file(str(path))
     t["eva"][2, 0, 0], t["clip"][5, 1, 1] = float("nan"), float("inf")
     save_file(t, str(path))
-    shard_reader = shards.ShardReader(tmp_path)
-    keys, reader = shard_reader.keys(), RowReader(shard_reader)
+    reader = shards.ShardReader(tmp_path)
+    keys = reader.keys()
     batch = read_batch(reader, [1, 2, 5, 6], keys)
     assert batch.valid.tolist() == [True, False, False, True]
     assert len(batch.bad) == 2 and keys[2] in batch.bad[0] and "NaN/Inf" in batch.bad[0]
@@ -164,19 +162,3 @@ def test_manifest_with_wrong_sample_count_is_rejected(tmp_path):
     m["num_samples"] = 9
     (tmp_path / "manifest.json").write_text(json.dumps(m))
     _one_line_error(lambda: open_training_data(tmp_path, verify_checksums=False), "shape")
-
-
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
-def test_row_reader_matches_shard_reader_and_keeps_no_maps(tmp_path, dtype):
-    write_synthetic_shards(tmp_path, 20, grid=2, clip_dim=4, eva_dim=6, shard_size=8, dtype=dtype)
-    shard_reader = shards.ShardReader(tmp_path)
-    rows = RowReader(shards.ShardReader(tmp_path))
-    for i in (0, 7, 8, 19):
-        want, got = shard_reader.read(i), rows.read(i)
-        assert all(torch.equal(want[k], got[k]) and got[k].dtype == want[k].dtype for k in want)
-    got = rows.read_rows(1, 2, 6)
-    assert torch.equal(got["eva"], shard_reader.read_rows(1, 2, 6)["eva"])
-    del shard_reader, want  # ShardReader keeps its maps; RowReader must not
-    gc.collect()
-    with open("/proc/self/maps") as f:
-        assert not [line for line in f if str(tmp_path) in line]

@@ -131,6 +131,25 @@ def test_flow_loss_at_init_and_reproducibility():
     assert torch.allclose(weighted.loss, 3 * out.loss)
 
 
+def test_velocity_loss_mask_leaves_padded_examples_out():
+    model = _small_model()
+    for p in model.parameters():  # leave the zero init so the loss differs per example
+        p.data.add_(0.05 * torch.randn_like(p))
+    g = torch.Generator().manual_seed(0)
+    cond, target = torch.randn(4, 16, 16, generator=g), torch.randn(4, 16, 32, generator=g)
+    x0, t = torch.randn(4, 16, 32, generator=g), torch.rand(4, generator=g)
+    mask = torch.tensor([True, False, True, False])
+    with torch.no_grad():
+        full = flow.velocity_loss(model, target, cond, x0, t, mask=mask)
+        kept = flow.velocity_loss(model, target[mask], cond[mask], x0[mask], t[mask])
+        garbage = target.clone()
+        garbage[~mask] = float("nan")  # a masked example's NaN cannot leak into the mean
+        masked = flow.velocity_loss(model, garbage, cond, x0, t, mask=mask)
+    assert torch.allclose(full.loss, kept.loss) and torch.allclose(full.cosine, kept.cosine)
+    assert not torch.allclose(full.loss, full.per_example.mean())
+    assert torch.allclose(masked.loss, kept.loss)
+
+
 def test_guided_velocity_combines_conditional_and_null():
     model = _small_model()
     for p in model.parameters():  # leave the zero init so outputs differ per condition

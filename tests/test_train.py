@@ -1,5 +1,6 @@
 """Training end to end on synthetic shards: learning, overfit, kill/resume, DDP/FSDP2, bad input."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -228,13 +229,13 @@ def test_nan_samples_are_skipped_and_debug_mode_logs_layers(tmp_path):
 
 def test_non_finite_losses_in_a_row_stop_the_run_naming_step_and_batch(tmp_path, small_data,
                                                                       monkeypatch):
-    real = train_mod.compute_loss
+    real = train_mod.flow.velocity_loss
 
-    def poisoned(*args):
-        loss, per_example, cosine = real(*args)
-        return loss * float("nan"), per_example, cosine
+    def poisoned(*args, **kwargs):
+        out = real(*args, **kwargs)
+        return dataclasses.replace(out, loss=out.loss * float("nan"))
 
-    monkeypatch.setattr(train_mod, "compute_loss", poisoned)
+    monkeypatch.setattr(train_mod.flow, "velocity_loss", poisoned)
     with pytest.raises(train_mod.TrainingDiverged, match=r"3 non-finite steps in a row, the last "
                                                          r"at step 3, batch 2 of epoch 0"):
         train_mod.train(_cfg(small_data, tmp_path / "run", max_nonfinite_steps=3))

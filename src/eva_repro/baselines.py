@@ -36,7 +36,7 @@ def iter_batches(
     reader: ShardReader, indices: Sequence[int], batch_size: int
 ) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
     """Yield (indices, {'clip', 'eva'} float32) for `indices` in the given order, `batch_size` at a
-    time, reading each run of consecutive rows of a shard with one memory-mapped slice."""
+    time, reading each run of consecutive rows of a shard with one read."""
     for start in range(0, len(indices), batch_size):
         batch = list(indices[start:start + batch_size])
         parts: dict[str, list[torch.Tensor]] = {"clip": [], "eva": []}

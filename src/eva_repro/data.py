@@ -4,14 +4,15 @@
                              the rows into train / held-out by key hash (`shards.split_indices`)
     BatchSchedule            the deterministic stream of global micro-batches: per epoch, shard
                              order is shuffled, then rows are shuffled within windows of a few
-                             consecutive shards (locality for memory-mapped reads), all from
+                             consecutive shards (locality for the page cache), all from
                              (seed, epoch) only; a `DataPosition` (epoch, batch) resumes it exactly
-    BatchReader              reads one rank's rows (memory-mapped, fp16 on disk -> fp32), drops
-                             samples holding NaN/Inf (masked out, reported by key)
+    BatchReader              reads one rank's rows (`ShardReader`: bounded memory, fp16 on disk
+                             -> fp32 on device), drops samples holding NaN/Inf (masked out,
+                             reported by key)
 
 Ranks slice every global micro-batch into disjoint contiguous parts (rank r takes rows
 [r*B, (r+1)*B)), so N ranks with micro-batch B see exactly the rows one process sees with
-micro-batch N*B. Memory stays bounded: rows are read on demand from the memory maps.
+micro-batch N*B. Memory stays bounded: rows are read on demand, mapped only while copied.
 """
 
 from __future__ import annotations
@@ -19,16 +20,12 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
-import json
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from safetensors import safe_open
 
 from eva_repro import shards
 from eva_repro.shards import Manifest, ShardError, ShardReader
@@ -44,19 +41,16 @@ class DataError(ShardError):
 # validation and split
 
 
-def check_shard_shapes(manifest: Manifest) -> None:
+def check_shard_shapes(reader: ShardReader) -> None:
     """Every shard must hold [N, T, D] tensors that agree with the manifest (headers only)."""
+    manifest = reader.manifest
     want = {"clip": (manifest.tokens, manifest.clip_dim), "eva": (manifest.tokens, manifest.eva_dim)}
-    first_dtypes: dict[str, str] = {}
-    for shard in manifest.shards:
-        path = manifest.root / shard["file"]
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                found = {k: tuple(f.get_slice(k).get_shape()) for k in shards.TENSOR_KEYS}
-                dtypes = {k: f.get_slice(k).get_dtype() for k in shards.TENSOR_KEYS}
-        except Exception as e:  # safetensors raises its own types for a broken header / no key
-            raise DataError(f"{path}: cannot read tensors 'clip' and 'eva' ({e}); re-extract "
-                            "this shard") from e
+    first_dtypes: dict[str, torch.dtype] = {}
+    for i, shard in enumerate(manifest.shards):
+        path = reader.path(i)
+        specs = {k: reader.spec(k, i) for k in shards.TENSOR_KEYS}
+        dtypes = {k: dtype for k, (dtype, _) in specs.items()}
+        found = {k: tuple(shape) for k, (_, shape) in specs.items()}
         first_dtypes = first_dtypes or dtypes
         if dtypes != first_dtypes:
             raise DataError(f"{path}: dtypes {dtypes} differ from the first shard's {first_dtypes}; "
@@ -76,8 +70,7 @@ class TrainData:
     """A validated shard directory and its train / held-out split (global row indices)."""
 
     manifest: Manifest
-    reader: ShardReader  # index, keys, locate
-    rows: RowReader  # tensor reads with bounded memory
+    reader: ShardReader  # rows in bounded memory
     keys: list[str]  # keys of the rows in use (the first `max_samples` rows)
     train_rows: list[int]
     heldout_rows: list[int]
@@ -124,8 +117,8 @@ def open_training_data(
     manifest = shards.read_manifest(data_dir)  # missing dir / manifest / empty / missing files
     if verify_checksums:
         shards.verify_checksums(manifest)
-    check_shard_shapes(manifest)
     reader = ShardReader(manifest)
+    check_shard_shapes(reader)
     keys = reader.keys()
     if len(keys) != len(reader):
         raise DataError(f"{manifest.root}: sidecars list {len(keys)} keys for {len(reader)} rows; "
@@ -140,7 +133,7 @@ def open_training_data(
     if not train:
         raise DataError(f"{manifest.root}: no training rows left after the {eval_fraction:.0%} "
                         "held-out split; lower --eval_fraction or add data")
-    return TrainData(manifest, reader, RowReader(reader), keys, train, heldout, eval_fraction,
+    return TrainData(manifest, reader, keys, train, heldout, eval_fraction,
                      max_samples, salt)
 
 
@@ -231,76 +224,6 @@ class BatchSchedule:
 
 
 # ---------------------------------------------------------------------------------------------
-# reading rows with bounded memory
-
-SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
-
-
-class RowReader:
-    """Rows of a shard read through a short-lived memory map of exactly their bytes.
-
-    `ShardReader` keeps every shard it touched mapped for the life of the process, so resident
-    (file-backed) memory grows with every row read until it equals the data read: over an epoch,
-    the dataset size. Here each read maps only the rows it needs, copies them and unmaps at
-    once, so memory stays at one batch whatever the data size (the page cache still helps).
-    Headers come from the safetensors format: u64 header length, JSON header, then raw bytes.
-    """
-
-    def __init__(self, reader: ShardReader):
-        self.reader = reader
-        self._headers: dict[int, tuple[Path, int, dict[str, Any]]] = {}
-
-    def __getstate__(self) -> dict[str, Any]:  # DataLoader workers re-read headers lazily
-        return {"reader": self.reader, "_headers": {}}
-
-    def _header(self, shard: int) -> tuple[Path, int, dict[str, Any]]:
-        if shard not in self._headers:
-            path = self.reader.manifest.root / self.reader.manifest.shards[shard]["file"]
-            try:
-                with open(path, "rb") as f:
-                    size = int.from_bytes(f.read(8), "little")
-                    header = json.loads(f.read(size))
-            except (OSError, ValueError) as e:
-                raise DataError(f"{path}: unreadable safetensors header ({e}); re-extract it") from e
-            self._headers[shard] = (path, 8 + size, header)
-        return self._headers[shard]
-
-    def spec(self, key: str) -> tuple[torch.dtype, list[int]]:
-        """(dtype, shape) of tensor `key` ('clip' or 'eva') as stored in shard 0."""
-        info = self._header(0)[2][key]
-        return SAFETENSORS_DTYPES[info["dtype"]], info["shape"]
-
-    def read_into(self, shard: int, start: int, out: dict[str, torch.Tensor]) -> None:
-        """Copy rows [start, start + len(out[k])) of one shard straight into the tensors `out`
-        (one copy from the page cache, no intermediate buffers)."""
-        path, base, header = self._header(shard)
-        for key, dst in out.items():
-            info = header[key]
-            if SAFETENSORS_DTYPES[info["dtype"]] != dst.dtype:
-                raise DataError(f"{path}: {key} is {info['dtype']} but other shards hold "
-                                f"{dst.dtype}; re-extract the shards with one --dtype")
-            row_bytes = math.prod(info["shape"][1:]) * dst.dtype.itemsize
-            flat = dst.view(torch.uint8).reshape(-1).numpy()
-            mapped = np.memmap(path, dtype=np.uint8, mode="r", shape=(flat.size,),
-                               offset=base + info["data_offsets"][0] + start * row_bytes)
-            flat[:] = mapped
-            del mapped  # unmap now: nothing of the file stays resident in this process
-
-    def read_rows(self, shard: int, start: int, stop: int) -> dict[str, torch.Tensor]:
-        """Rows [start, stop) of one shard as {'clip', 'eva'} in the stored dtype."""
-        header = self._header(shard)[2]
-        out = {k: torch.empty(stop - start, *header[k]["shape"][1:],
-                              dtype=SAFETENSORS_DTYPES[header[k]["dtype"]])
-               for k in shards.TENSOR_KEYS}
-        self.read_into(shard, start, out)
-        return out
-
-    def read(self, index: int) -> dict[str, torch.Tensor]:
-        shard, row = self.reader.locate(index)
-        return {k: v[0] for k, v in self.read_rows(shard, row, row + 1).items()}
-
-
-# ---------------------------------------------------------------------------------------------
 # reading batches
 
 
@@ -332,7 +255,7 @@ class BatchReader(torch.utils.data.Dataset):
     read ahead (each with its own file handles).
     """
 
-    def __init__(self, reader: RowReader, keys: list[str]):
+    def __init__(self, reader: ShardReader, keys: list[str]):
         self.reader, self.keys = reader, keys
 
     def __len__(self) -> int:
@@ -362,7 +285,7 @@ def keep_batch(batch: Batch) -> Batch:
 
 
 def read_batch(
-    reader: RowReader, rows: list[int], keys: list[str],
+    reader: ShardReader, rows: list[int], keys: list[str],
     position: DataPosition = DataPosition(), offset: int = 0,
 ) -> Batch:
     """Rows -> batch (stored dtype); a sample with a non-finite value is zeroed, masked, reported."""
@@ -371,32 +294,32 @@ def read_batch(
         dtype, shape = reader.spec(key)
         batch[key] = torch.empty(len(rows), *shape[1:], dtype=dtype)
     for i, r in enumerate(rows):  # each row read straight into its slot of the batch
-        shard, row = reader.reader.locate(r)
+        shard, row = reader.locate(r)
         reader.read_into(shard, row, {k: v[i:i + 1] for k, v in batch.items()})
     clip, eva = batch["clip"], batch["eva"]
     valid = torch.isfinite(clip).flatten(1).all(1) & torch.isfinite(eva).flatten(1).all(1)
     bad = []
     if not bool(valid.all()):
         for i in (~valid).nonzero().flatten().tolist():
-            shard, row = reader.reader.locate(rows[i])
-            manifest = reader.reader.manifest
+            shard, row = reader.locate(rows[i])
+            manifest = reader.manifest
             where = manifest.root / manifest.shards[shard]["file"]
             bad.append(f"{keys[rows[i]]} ({where} row {row}): NaN/Inf in the embeddings, skipped")
         clip[~valid], eva[~valid] = 0.0, 0.0
     return Batch(clip, eva, valid, position, offset, bad)
 
 
-def load_rows(reader: RowReader, rows: list[int], keys: list[str]
+def load_rows(reader: ShardReader, rows: list[int], keys: list[str]
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """A fixed (small) set of rows as fp32 (clip, eva), non-finite samples dropped: eval sets."""
-    m = reader.reader.manifest
+    m = reader.manifest
     if not rows:
         return torch.empty(0, m.tokens, m.clip_dim), torch.empty(0, m.tokens, m.eva_dim)
     batch = read_batch(reader, rows, keys)
     return batch.clip[batch.valid].float(), batch.eva[batch.valid].float()
 
 
-def target_norm(reader: RowReader, rows: list[int], max_rows: int = 256,
+def target_norm(reader: ShardReader, rows: list[int], max_rows: int = 256,
                 skip_cls: bool = False) -> float:
     """Mean L2 norm of the raw target tokens over (up to `max_rows` evenly spaced) training rows.
 
@@ -412,6 +335,6 @@ def target_norm(reader: RowReader, rows: list[int], max_rows: int = 256,
             total += float(norms.sum())
             count += norms.numel()
     if count == 0:
-        raise DataError(f"{reader.reader.manifest.root}: every sampled training target holds NaN/Inf; "
+        raise DataError(f"{reader.manifest.root}: every sampled training target holds NaN/Inf; "
                         "re-extract the shards")
     return total / count

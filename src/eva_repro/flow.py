@@ -118,20 +118,40 @@ def flow_loss(
     reweights examples by time.
     """
     cfg = cfg or FlowConfig()
-    x1 = normalize_target(target)
-    b = x1.shape[0]
-    x0 = torch.randn(x1.shape, generator=generator, device=x1.device, dtype=x1.dtype)
-    t = sample_time(b, cfg.time_scheme, cfg.time_mean, cfg.time_std, cfg.shift, generator, x1.device)
+    b, device = target.shape[0], target.device
+    x0 = torch.randn(target.shape, generator=generator, device=device, dtype=target.dtype)
+    t = sample_time(b, cfg.time_scheme, cfg.time_mean, cfg.time_std, cfg.shift, generator, device)
     drop = None
     if cfg.cfg_dropout > 0:
-        drop = torch.rand(b, generator=generator, device=x1.device) < cfg.cfg_dropout
+        drop = torch.rand(b, generator=generator, device=device) < cfg.cfg_dropout
+    return velocity_loss(model, target, cond, x0, t, drop, weighting)
+
+
+def velocity_loss(
+    model: torch.nn.Module,
+    target: torch.Tensor,
+    cond: torch.Tensor,
+    x0: torch.Tensor,
+    t: torch.Tensor,
+    drop: torch.Tensor | None = None,
+    weighting: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    mask: torch.Tensor | None = None,
+) -> FlowLoss:
+    """The objective of `flow_loss` on the caller's noise x0, times t [B] and condition dropout
+    [B] (the trainer draws them per example, independent of the rank layout). `mask` [B] (bool)
+    leaves padded examples out of the loss and cosine means."""
+    x1 = normalize_target(target)
     v_true = target_velocity(x0, x1)
     v_pred = model(interpolate(x0, x1, t), t, cond, drop_cond=drop).float()
     per_example = F.mse_loss(v_pred, v_true, reduction="none").mean(dim=tuple(range(1, v_true.dim())))
     if weighting is not None:
         per_example = per_example * weighting(t)
-    return FlowLoss(per_example.mean(), token_cosine(v_pred.detach(), v_true).mean(),
-                    per_example.detach(), t)
+    cosine = token_cosine(v_pred.detach(), v_true).reshape(v_true.shape[0], -1).mean(dim=1)  # [B]
+    if mask is None:
+        return FlowLoss(per_example.mean(), cosine.mean(), per_example.detach(), t)
+    n = mask.sum().clamp_min(1)
+    keep = lambda x: torch.where(mask, x, 0.0).sum() / n  # noqa: E731  (where: a NaN stays out)
+    return FlowLoss(keep(per_example), keep(cosine), per_example.detach(), t)
 
 
 def token_cosine(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:

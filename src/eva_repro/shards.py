@@ -9,14 +9,16 @@ A shard directory holds
 
 A shard is finished when its sidecar exists: the tensors are renamed into place first and the
 sidecar (which records their sha256) second, both atomically, so a killed writer leaves either
-a finished shard or nothing that counts. Readers memory-map the tensors (safetensors), so memory
+a finished shard or nothing that counts. `ShardReader` maps only the rows it reads, so memory
 stays bounded whatever the data size. No pickle anywhere.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -24,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -34,6 +37,7 @@ MANIFEST = "manifest.json"
 FAILURES = "failures.jsonl"
 TENSOR_KEYS = ("clip", "eva")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
 
 
 class ShardError(ValueError):
@@ -299,11 +303,14 @@ def verify_checksums(manifest: Manifest) -> None:
 
 
 class ShardReader:
-    """Memory-mapped row access to every shard of a manifest.
+    """Row access to every shard of a manifest, in bounded memory.
 
     Rows are addressed globally (0 .. num_samples-1) in manifest order; `locate(i)` gives the
-    (shard, row) pair. Files are opened lazily per process so the reader is safe to use in
-    DataLoader workers (each worker opens its own maps).
+    (shard, row) pair. Each read maps exactly the bytes of its rows, copies them and unmaps at
+    once: a reader that stays mapped keeps every page it touched resident, so over an epoch its
+    memory would grow to the dataset size (the page cache still serves repeated reads). Headers
+    (safetensors: u64 length, JSON, raw bytes) are read once per shard and process; a pickled
+    reader (a DataLoader worker) re-reads them lazily.
     """
 
     def __init__(self, manifest: Manifest | str | os.PathLike):
@@ -312,40 +319,70 @@ class ShardReader:
         self.offsets = [0]
         for c in counts:
             self.offsets.append(self.offsets[-1] + c)
-        self._handles: dict[int, Any] = {}
-        self._pid = os.getpid()
+        self._headers: dict[int, tuple[Path, int, dict[str, Any]]] = {}
 
     def __len__(self) -> int:
         return self.offsets[-1]
 
     def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_handles"] = {}
-        return state
+        return {**self.__dict__, "_headers": {}}
 
     def locate(self, index: int) -> tuple[int, int]:
-        import bisect
-
         if not 0 <= index < len(self):
             raise IndexError(f"row {index} out of range for {len(self)} samples")
         shard = bisect.bisect_right(self.offsets, index) - 1
         return shard, index - self.offsets[shard]
 
-    def _open(self, shard: int):
-        if os.getpid() != self._pid:  # forked: never share mmap handles across processes
-            self._handles, self._pid = {}, os.getpid()
-        if shard not in self._handles:
-            path = self.manifest.root / self.manifest.shards[shard]["file"]
+    def path(self, shard: int) -> Path:
+        return self.manifest.root / self.manifest.shards[shard]["file"]
+
+    def _header(self, shard: int) -> tuple[Path, int, dict[str, Any]]:
+        if shard not in self._headers:
+            path = self.path(shard)
             try:
-                self._handles[shard] = safe_open(str(path), framework="pt")
-            except Exception as e:  # safetensors raises its own error types
-                raise ShardError(f"{path}: cannot be read as safetensors ({e}); re-extract it") from e
-        return self._handles[shard]
+                with open(path, "rb") as f:
+                    size = int.from_bytes(f.read(8), "little")
+                    header = json.loads(f.read(size))
+                if not all(header.get(k, {}).get("dtype") in SAFETENSORS_DTYPES for k in TENSOR_KEYS):
+                    raise ValueError(f"needs {TENSOR_KEYS} as one of {sorted(SAFETENSORS_DTYPES)}")
+            except (OSError, ValueError) as e:
+                raise ShardError(f"{path}: unreadable safetensors shard ({e}); re-extract it") from e
+            self._headers[shard] = (path, 8 + size, header)
+        return self._headers[shard]
+
+    def spec(self, key: str, shard: int = 0) -> tuple[torch.dtype, list[int]]:
+        """(dtype, shape) of tensor `key` ('clip' or 'eva') as stored in a shard."""
+        info = self._header(shard)[2][key]
+        return SAFETENSORS_DTYPES[info["dtype"]], info["shape"]
+
+    def read_into(self, shard: int, start: int, out: dict[str, torch.Tensor]) -> None:
+        """Copy rows [start, start + len(out[k])) of one shard straight into the tensors `out`
+        (one copy from the page cache, no intermediate buffers)."""
+        path, base, header = self._header(shard)
+        for key, dst in out.items():
+            info = header[key]
+            if SAFETENSORS_DTYPES[info["dtype"]] != dst.dtype:
+                raise ShardError(f"{path}: {key} is {info['dtype']} but other shards hold "
+                                 f"{dst.dtype}; re-extract the shards with one --dtype")
+            row_bytes = math.prod(info["shape"][1:]) * dst.dtype.itemsize
+            flat = dst.view(torch.uint8).reshape(-1).numpy()
+            try:
+                mapped = np.memmap(path, dtype=np.uint8, mode="r", shape=(flat.size,),
+                                   offset=base + info["data_offsets"][0] + start * row_bytes)
+            except (OSError, ValueError) as e:  # e.g. a truncated file
+                raise ShardError(f"{path}: cannot read rows {start}.. of {key} ({e}); re-extract "
+                                 "it") from e
+            flat[:] = mapped
+            del mapped  # unmap now: nothing of the file stays resident in this process
 
     def read_rows(self, shard: int, start: int, stop: int) -> dict[str, torch.Tensor]:
         """Rows [start, stop) of one shard as {'clip': ..., 'eva': ...} in the stored dtype."""
-        f = self._open(shard)
-        return {k: f.get_slice(k)[start:stop] for k in TENSOR_KEYS}
+        out = {}
+        for key in TENSOR_KEYS:
+            dtype, shape = self.spec(key, shard)
+            out[key] = torch.empty(stop - start, *shape[1:], dtype=dtype)
+        self.read_into(shard, start, out)
+        return out
 
     def read(self, index: int) -> dict[str, torch.Tensor]:
         shard, row = self.locate(index)

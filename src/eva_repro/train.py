@@ -288,25 +288,6 @@ def draw_noise(
     return torch.stack(x0), torch.cat(ts), torch.cat(drops)
 
 
-def compute_loss(
-    model: nn.Module, eva: torch.Tensor, clip: torch.Tensor, x0: torch.Tensor, t: torch.Tensor,
-    drop: torch.Tensor, valid: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(masked mean loss, per-example loss [B], per-example velocity cosine [B]).
-
-    The same objective as `flow.flow_loss` (normalised target, x_t, v = x1 - x0, MSE), with the
-    noise supplied by the caller so it is independent of the rank layout.
-    """
-    x1 = flow.normalize_target(eva)
-    v_true = flow.target_velocity(x0, x1)
-    v_pred = model(flow.interpolate(x0, x1, t), t, clip, drop_cond=drop).float()
-    per_example = (v_pred - v_true).pow(2).mean(dim=(1, 2))
-    w = valid.float()
-    loss = (per_example * w).sum() / w.sum().clamp_min(1.0)
-    cosine = flow.token_cosine(v_pred.detach(), v_true).mean(dim=1)
-    return loss, per_example.detach(), cosine
-
-
 # ---------------------------------------------------------------------------------------------
 # evaluation
 
@@ -570,7 +551,7 @@ def setup(cfg: TrainConfig) -> Run:
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else default_warmup(total)
 
     drop_cls = data.manifest.include_cls and cfg.training_mode == "patch_only"
-    model_cfg = build_model_config(cfg, data, data_mod.target_norm(data.rows, rows,
+    model_cfg = build_model_config(cfg, data, data_mod.target_norm(data.reader, rows,
                                                                    skip_cls=drop_cls))
     from eva_repro.model import DiT
 
@@ -590,7 +571,7 @@ def setup(cfg: TrainConfig) -> Run:
         return torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
 
     def load(rows_: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        clip, eva = data_mod.load_rows(data.rows, rows_, data.keys)
+        clip, eva = data_mod.load_rows(data.reader, rows_, data.keys)
         return (clip[:, 1:], eva[:, 1:]) if drop_cls else (clip, eva)
 
     eval_rows = data.heldout_rows[:cfg.eval_samples]
@@ -707,7 +688,7 @@ def write_run_files(run: Run) -> None:
 
 
 def _loader(run: Run) -> Iterator[data_mod.Batch]:
-    dataset = data_mod.BatchReader(run.data.rows, run.data.keys)
+    dataset = data_mod.BatchReader(run.data.reader, run.data.keys)
     stream = run.schedule.stream(run.position, run.d.rank, run.d.world_size)
     workers = run.cfg.num_workers
     loader = torch.utils.data.DataLoader(
@@ -760,12 +741,11 @@ def train_step(run: Run, batches: Iterator[data_mod.Batch], stats: dict[str, Any
             run.model.set_requires_gradient_sync(last)
         with sync:
             with run.autocast():
-                loss, _, cosine = compute_loss(run.model, eva, clip, x0, t, drop, b.valid)
-            (loss / cfg.grad_accum).backward()
-        w = b.valid.float()
-        n = float(w.sum())
-        loss_sum += float(loss.detach()) * n
-        cos_sum += float((cosine * w).sum())
+                out = flow.velocity_loss(run.model, eva, clip, x0, t, drop, mask=b.valid)
+            (out.loss / cfg.grad_accum).backward()
+        n = float(b.valid.sum())
+        loss_sum += float(out.loss.detach()) * n
+        cos_sum += float(out.cosine) * n
         n_valid += n
     grad_norm = torch.nn.utils.clip_grad_norm_(run.raw.parameters(), cfg.grad_clip)
     if hasattr(grad_norm, "full_tensor"):

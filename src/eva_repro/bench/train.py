@@ -5,7 +5,7 @@ sample) are written to a temp directory and dropped from the page cache, so read
 Then (1) one full pass of the training data loader over the whole dataset (after a short warm-up
 that starts the workers and fills the prefetch queue), sampling the memory of the process tree
 (trainer + loader workers) every 0.1 s as PSS from /proc, so pages the forked workers share are
-counted once: with memory-mapped reads it must stay flat although the dataset is >= 4x the RSS
+counted once: with rows mapped only while copied it must stay flat although the dataset is >= 4x the RSS
 budget (full mode); (2) a short `eva_repro.train` run (tiny preset, batch 8) for steps/s and the
 fraction of step time spent waiting for data.
 """
@@ -136,7 +136,7 @@ def loader_pass(data_dir: Path, batch_size: int, workers: int) -> dict:
                                       batch_size)
     stream = schedule.stream(data_mod.DataPosition())
     loader = torch.utils.data.DataLoader(
-        data_mod.BatchReader(data.rows, data.keys), batch_size=None, sampler=stream,
+        data_mod.BatchReader(data.reader, data.keys), batch_size=None, sampler=stream,
         num_workers=workers, prefetch_factor=4 if workers else None,
         collate_fn=data_mod.keep_batch,
         worker_init_fn=data_mod.worker_init)
