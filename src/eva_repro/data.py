@@ -302,9 +302,8 @@ def read_batch(
     if not bool(valid.all()):
         for i in (~valid).nonzero().flatten().tolist():
             shard, row = reader.locate(rows[i])
-            manifest = reader.manifest
-            where = manifest.root / manifest.shards[shard]["file"]
-            bad.append(f"{keys[rows[i]]} ({where} row {row}): NaN/Inf in the embeddings, skipped")
+            bad.append(f"{keys[rows[i]]} ({reader.path(shard)} row {row}): NaN/Inf in the "
+                       "embeddings, skipped")
         clip[~valid], eva[~valid] = 0.0, 0.0
     return Batch(clip, eva, valid, position, offset, bad)
 

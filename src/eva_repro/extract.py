@@ -58,7 +58,6 @@ __all__ = ["ExtractError", "Settings", "configure_parser", "extract", "list_imag
 CONFIG = "extract_config.json"
 CHUNKS = "chunks"
 CONFIG_FORMAT = "eva-repro-extract"
-TRAINING_MODES = ("patch_only", "cls_patch")
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
 
 
@@ -96,8 +95,8 @@ class Settings:
         return {k: getattr(self, k) for k in keys}
 
     def validate(self) -> None:
-        if self.training_mode not in TRAINING_MODES:
-            raise ExtractError(f"--training_mode must be one of {TRAINING_MODES}, "
+        if self.training_mode not in shards.TOKEN_MODES:
+            raise ExtractError(f"--training_mode must be one of {shards.TOKEN_MODES}, "
                                f"got {self.training_mode!r}")
         if self.dtype not in shards.DTYPES:
             raise ExtractError(f"--dtype must be one of {tuple(shards.DTYPES)}, got {self.dtype!r}")
@@ -511,7 +510,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clip_weights", default=d.clip_weights, help="as --eva_weights")
     p.add_argument("--grid", type=int, default=d.grid,
                    help="patch grid per side: 16 native at 224 px, 8 = avg-pooled (BLIP3-o)")
-    p.add_argument("--training_mode", choices=TRAINING_MODES, default=d.training_mode,
+    p.add_argument("--training_mode", choices=shards.TOKEN_MODES, default=d.training_mode,
                    help="patch_only drops the CLS token, cls_patch keeps it first")
     p.add_argument("--dtype", choices=list(shards.DTYPES), default=d.dtype)
     p.add_argument("--batch_size", type=int, default=d.batch_size)

@@ -111,7 +111,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eva_dim", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shard_size", type=int, default=256)
-    p.add_argument("--training_mode", choices=["patch_only", "cls_patch"], default="patch_only")
+    p.add_argument("--training_mode", choices=shards.TOKEN_MODES, default="patch_only")
     p.add_argument("--dtype", choices=sorted(shards.DTYPES), default="float16")
 
 

@@ -38,7 +38,7 @@ from eva_repro import checkpoint as ckpt
 from eva_repro import data as data_mod
 from eva_repro import flow
 from eva_repro.data import BatchSchedule, DataPosition, TrainData
-from eva_repro.shards import atomic_write_json
+from eva_repro.shards import TOKEN_MODES, atomic_write_json
 
 OVERFIT_DEFAULT_STEPS = 300
 # Peak AdamW learning rate per preset when --learning_rate is not given: roughly 1/width, the
@@ -131,7 +131,7 @@ def validate_config(cfg: TrainConfig) -> None:
         (bool(cfg.output_dir), "--output_dir is required"),
         (cfg.model_size in PRESETS, f"unknown --model_size {cfg.model_size!r}; choose one of "
                                     f"{sorted(PRESETS)}"),
-        (cfg.training_mode in ("auto", "patch_only", "cls_patch"),
+        (cfg.training_mode in ("auto", *TOKEN_MODES),
          f"--training_mode must be auto, patch_only or cls_patch, got {cfg.training_mode!r}"),
         (cfg.batch_size >= 1, f"--batch_size must be >= 1, got {cfg.batch_size}"),
         (cfg.grad_accum >= 1, f"--grad_accum must be >= 1, got {cfg.grad_accum}"),
@@ -901,7 +901,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     a("--model_size", default=c.model_size, help="DiT preset: tiny, small, base, large")
     a("--model_override", dest="model_overrides", action="append", default=[], metavar="KEY=VALUE",
       help="override a DiTConfig field of the preset, e.g. depth=2 (repeatable; JSON values)")
-    a("--training_mode", default=c.training_mode, choices=["auto", "patch_only", "cls_patch"],
+    a("--training_mode", default=c.training_mode, choices=["auto", *TOKEN_MODES],
       help="token layout; auto follows the shards (patch_only on CLS shards drops the CLS token)")
     a("--batch_size", type=int, default=c.batch_size, help="per rank and micro-batch")
     a("--grad_accum", "--gradient_accumulation_steps", dest="grad_accum", type=int,

@@ -36,9 +36,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch.utils.checkpoint import checkpoint
 
-from eva_repro.shards import atomic_save_safetensors, atomic_write_json
+from eva_repro.shards import TOKEN_MODES, atomic_save_safetensors, atomic_write_json
 
-TOKEN_MODES = ("patch_only", "cls_patch")
 ARCHITECTURE = "eva-repro-dit"
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 
