@@ -6,6 +6,11 @@ Convention (everywhere in eva-repro):
     v   = dx_t/dt = x1 - x0              the network regresses v
 Sampling integrates dx/dt = v(x, t) forward from t = 0 (noise) to t = 1 (data).
 
+Prediction targets map onto v here and nowhere else. A network that predicts the clean target
+x1_hat (x-prediction, JiT: Li & He 2025) has the velocity
+    v = (x1_hat - x_t) / (1 - t)         `velocity_from_data`, 1 - t clamped at DATA_EPS
+and is still trained on the velocity loss, which weights the x1 error by 1 / (1 - t)^2.
+
 Target scaling: EVA tokens are L2-normalised per token and multiplied by sqrt(D), so a target
 element has unit variance like the noise. (Unit-norm targets next to N(0, I) noise would make
 the data a vanishing fraction of x_t in 4096-d.) `normalize_target` is the only place this
@@ -24,6 +29,8 @@ import torch.nn.functional as F
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 METHODS = ("euler", "heun", "dopri5")
 TIME_SCHEMES = ("uniform", "logit_normal")
+PREDICTIONS = ("v", "x")  # what the network outputs: the velocity, or the clean target x1
+DATA_EPS = 0.05  # JiT's clamp of 1 - t in the x -> v conversion
 
 
 def _expand_time(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -39,6 +46,12 @@ def interpolate(x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor) -> torch.Te
 def target_velocity(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
     """v = x1 - x0, the (constant) velocity of the straight path from noise to data."""
     return x1 - x0
+
+
+def velocity_from_data(x1_hat: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """v = (x1_hat - x_t) / (1 - t): the velocity of the straight path through x_t that ends at
+    the predicted target (the one place x-prediction meets the convention)."""
+    return (x1_hat - x_t) / (1 - _expand_time(t, x_t)).clamp_min(DATA_EPS)
 
 
 def normalize_target(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -184,8 +197,10 @@ def sample_ode(
     """Integrate dx/dt = v(x, t) from t=0 (x0 = noise) to t=1. Returns (x1, network evaluations).
 
     euler: 1 evaluation per step (1st order); heun: 2 per step (2nd order, trapezoidal
-    corrector); dopri5: adaptive Dormand-Prince via torchdiffeq, `steps` ignored, and
-    `shift` reparametrises time so its step-size control sees the same schedule.
+    corrector) except an Euler step onto t = 1, as in EDM (the field of an x-predicting network
+    is singular there; the Euler step lands exactly on its prediction); dopri5: adaptive
+    Dormand-Prince via torchdiffeq, `steps` ignored, and `shift` reparametrises time so its
+    step-size control sees the same schedule.
     """
     if method not in METHODS:
         raise ValueError(f"unknown sampler {method!r}; choose one of {METHODS}")
@@ -204,7 +219,7 @@ def sample_ode(
     for t0, t1 in zip(ts[:-1], ts[1:], strict=True):
         h = t1 - t0
         d0 = v(x, t0)
-        if method == "euler":
+        if method == "euler" or t1 == 1.0:
             x = x + h * d0
         else:
             d1 = v(x + h * d0, t1)

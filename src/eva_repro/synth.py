@@ -4,11 +4,12 @@ The condition is Gaussian tokens on a g x g grid; the target is a fixed random n
 function of each condition token *and its 4 neighbours*, plus a per-position offset:
 
     m_ij  = c_ij + 0.5 * mean(c of the 4-neighbours of (i, j))     (zero padded at the border)
-    y_ij  = W2 tanh(W1 m_ij) + p_ij
+    y_ij  = W2 tanh(W1 m_ij) + p_ij          W1 ~ N(0, gain^2 / D_clip)
 
 so a model must read the condition through position-aware cross-attention. The function's
 weights depend on `seed` only, and the target is deterministic given the condition: a perfect
-model reaches cosine 1.0.
+model reaches cosine 1.0. `gain` sets how far tanh saturates, i.e. how far the function is from
+linear: at the default 1.5 a ridge regression reaches ~0.94 cosine; at 6 it is well below.
 """
 
 from __future__ import annotations
@@ -23,11 +24,12 @@ import torch.nn.functional as F
 from eva_repro import shards
 
 
-def _function_weights(grid: int, clip_dim: int, eva_dim: int, seed: int) -> dict[str, torch.Tensor]:
+def _function_weights(grid: int, clip_dim: int, eva_dim: int, seed: int,
+                      gain: float = 1.5) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     hidden = max(clip_dim, eva_dim)
     return {
-        "w1": torch.randn(clip_dim, hidden, generator=g) * (1.5 / math.sqrt(clip_dim)),
+        "w1": torch.randn(clip_dim, hidden, generator=g) * (gain / math.sqrt(clip_dim)),
         "w2": torch.randn(hidden, eva_dim, generator=g) / math.sqrt(hidden),
         "pos": torch.randn(grid * grid, eva_dim, generator=g) * 0.5,
         "cls": torch.randn(eva_dim, eva_dim, generator=g) / math.sqrt(eva_dim),
@@ -51,13 +53,14 @@ def make_pairs(
     seed: int = 0,
     include_cls: bool = False,
     start: int = 0,
+    gain: float = 1.5,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(clip [N, T, clip_dim], eva [N, T, eva_dim]) for samples start .. start+N-1.
 
     Sample i is the same whatever `start`/`num_samples` it is generated with, so shards written in
     chunks are identical to one big call.
     """
-    w = _function_weights(grid, clip_dim, eva_dim, seed)
+    w = _function_weights(grid, clip_dim, eva_dim, seed, gain)
     clip = torch.stack([
         torch.randn(grid * grid, clip_dim, generator=torch.Generator().manual_seed(
             (seed + 1) * 1_000_003 + i))
@@ -80,6 +83,7 @@ def write_synthetic_shards(
     shard_size: int = 256,
     include_cls: bool = False,
     dtype: str = "float16",
+    gain: float = 1.5,
 ) -> dict:
     """Write `num_samples` synthetic pairs as shards in the extraction format; returns the manifest."""
     if num_samples < 1:
@@ -88,7 +92,8 @@ def write_synthetic_shards(
     out.mkdir(parents=True, exist_ok=True)
     for index, start in enumerate(range(0, num_samples, shard_size)):
         n = min(shard_size, num_samples - start)
-        clip, eva = make_pairs(n, grid, clip_dim, eva_dim, seed, include_cls, start=start)
+        clip, eva = make_pairs(n, grid, clip_dim, eva_dim, seed, include_cls, start=start,
+                               gain=gain)
         keys = [f"synth-{i:07d}" for i in range(start, start + n)]
         shards.write_shard(out, index, clip, eva, keys, dtype=dtype)
     source = {"name": "synthetic", "weights": f"random function, seed {seed}"}
@@ -98,7 +103,8 @@ def write_synthetic_shards(
         "training_mode": "cls_patch" if include_cls else "patch_only",
         "dtype": dtype,
         "encoders": {"clip": source, "eva": source},
-        "synthetic": {"seed": seed, "num_samples": num_samples, "function": __doc__.split("\n\n")[1]},
+        "synthetic": {"seed": seed, "num_samples": num_samples, "gain": gain,
+                      "function": __doc__.split("\n\n")[1]},
     }
     return shards.write_manifest(out, meta)
 
@@ -113,12 +119,14 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard_size", type=int, default=256)
     p.add_argument("--training_mode", choices=shards.TOKEN_MODES, default="patch_only")
     p.add_argument("--dtype", choices=sorted(shards.DTYPES), default="float16")
+    p.add_argument("--gain", type=float, default=1.5,
+                   help="nonlinearity of the target function (tanh saturation); 1.5 is near-linear")
 
 
 def run(args: argparse.Namespace) -> int:
     manifest = write_synthetic_shards(
         args.output_dir, args.num_samples, args.grid, args.clip_dim, args.eva_dim, args.seed,
-        args.shard_size, args.training_mode == "cls_patch", args.dtype)
+        args.shard_size, args.training_mode == "cls_patch", args.dtype, args.gain)
     print(f"wrote {manifest['num_samples']} synthetic samples in {len(manifest['shards'])} shards "
           f"to {args.output_dir} (tokens {manifest['tokens']}, clip {manifest['clip_dim']}-d, "
           f"eva {manifest['eva_dim']}-d)")

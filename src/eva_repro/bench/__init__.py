@@ -1,6 +1,7 @@
 """`eva-repro bench`: run benchmark suites and write one JSON result per suite.
 
-Each suite is a module in this package with `run(output_dir: Path, quick: bool) -> dict`;
+Each suite is a module in this package with `run(output_dir: Path, quick: bool) -> dict` (the
+quality suite also takes `data_dirs`);
 results go to `<output_dir>/<suite>.json`. Benchmarks are never timed assertions in tests.
 """
 
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from eva_repro.shards import atomic_write_json
 
-SUITES = ("model", "extract", "train", "evaluate")
+SUITES = ("model", "extract", "train", "evaluate", "quality")
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
@@ -22,6 +23,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--suite", action="append", choices=SUITES,
                    help="suite to run (repeatable); default: all")
     p.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
+    p.add_argument("--data", action="append", default=[], metavar="SHARD_DIR",
+                   help="quality suite: also train and score on these shard directories (e.g. "
+                        "real photos through `eva-repro extract`; repeatable)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -30,7 +34,9 @@ def run(args: argparse.Namespace) -> int:
     for suite in args.suite or SUITES:
         start = time.time()
         print(f"[bench] {suite} ...", flush=True)
-        result = importlib.import_module(f"eva_repro.bench.{suite}").run(out, args.quick)
+        module = importlib.import_module(f"eva_repro.bench.{suite}")
+        extra = {"data_dirs": args.data} if suite == "quality" else {}
+        result = module.run(out, args.quick, **extra)
         result = {"suite": suite, "wall_s": round(time.time() - start, 1), **result}
         atomic_write_json(out / f"{suite}.json", result)
         print(json.dumps(result, indent=2), flush=True)

@@ -2,7 +2,9 @@
 
     x_t [B, T, D_target], t [B], c [B, Tc, D_cond]  ->  velocity [B, T, D_target]
 
-    h   = W_in x_t + P(pos_x)                        input projection + absolute position
+    a_c = RMSNorm(c) resampled onto the target grid  the aligned condition [B, T, D_cond]
+    h   = W_in x_t + W_a a_c + P(pos_x)              input projection (+ aligned condition,
+                                                     + absolute position)
     c'  = W_c RMSNorm(c) + P(pos_c)                  condition projected once (or the learned
                                                      null condition, for classifier-free guidance)
     a   = TimestepMLP(sin(t)) + W_p RMSNorm(mean c') adaLN input
@@ -12,14 +14,37 @@
         h += tanh(g2) * RMSNorm(SwiGLU(RMSNorm(h) * (1 + s2)))
     Attn = self-attention over h + tanh(gate_head) * cross-attention to c', QK-norm, GQA,
            3D RoPE on (slot, row, col) for both the patch tokens and the condition tokens
-    out = W_out (RMSNorm(h) * (1 + s_f))             (zero init: the initial velocity is 0)
+    y   = W_out (RMSNorm(h) * (1 + s_f)) + W_l a_c + b_pos
+                                                     (W_out zero init; W_l, b_pos: the full-width
+                                                     linear path, zero init)
+    v   = y                                          prediction "v" (Lumina-Next, BLIP3-o)
+    v   = (y - x_t) / (1 - t)                        prediction "x": y is the clean target
+                                                     (JiT; flow.velocity_from_data)
+
+The pure Lumina-Next / BLIP3-o head is `VARIANTS["lumina-next"]`: v-prediction, condition through
+cross-attention (and the pooled adaLN input) only, RoPE as the only position signal. The default
+adds three things, each a config field, because the target tokens sit on the same grid as the
+condition tokens (the image-to-image setting of SR3, Palette or Marigold, which concatenate the
+aligned condition to the input):
+- `cond_align`: the condition token at the same grid position enters the residual stream
+  directly, instead of through a zero-gated cross-attention that must first find it. With noise
+  as the only query content at t ~ 0, that search is what kept the pure head below the mean
+  baseline for hundreds of steps.
+- `prediction = "x"`: the network predicts x1, not v = x1 - x0. A target wider than the network
+  (1024-d or 4096-d EVA tokens into a 384-wide model) cannot carry the noise x0 through the width
+  bottleneck, which v needs; x1 is a function of the condition and needs no noise.
+- `cond_linear`: a full-width linear map from the aligned condition (and the position) to x1 beside
+  the network, which then learns the residual, as CorrDiff's regression-then-diffusion does. The
+  network's output layer has rank <= hidden, too few for a 1024-d target; the linear path has
+  full rank (with a per-position bias when `tokens` is known, like the ridge baseline's). It
+  starts at zero and is trained with the rest: initialised by least squares instead, the run
+  starts at the ridge baseline but then gains less than one that learns both together.
 
 P is a fixed sin-cos embedding of the same (slot, row, col) positions RoPE uses, condition
 positions mapped onto the target grid (DiT adds one too; Lumina-Next relies on RoPE alone). At
 t ~ 0 the patch tokens are pure noise, so without it every query is noise and cross-attention
 cannot pick the condition patch at the same place until the network has grown a
-content-independent component itself: measured, the tiny preset then needs > 1000 steps to
-overfit 8 samples instead of < 300 (`abs_pos_embed=False` gives the pure Lumina-Next block).
+content-independent component itself.
 """
 
 from __future__ import annotations
@@ -36,10 +61,18 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch.utils.checkpoint import checkpoint
 
+from eva_repro import flow
 from eva_repro.shards import TOKEN_MODES, atomic_save_safetensors, atomic_write_json
 
 ARCHITECTURE = "eva-repro-dit"
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+
+# The head's conditioning and prediction: the default, and the pure Lumina-Next (BLIP3-o) block.
+VARIANTS = {
+    "eva-repro": dict(abs_pos_embed=True, prediction="x", cond_align=True, cond_linear=True),
+    "lumina-next": dict(abs_pos_embed=False, prediction="v", cond_align=False, cond_linear=False),
+}
+LEGACY = {"abs_pos_embed": False, "prediction": "v", "cond_align": False, "cond_linear": False}
 
 # width, depth, heads, kv heads: the public reference's sizes, so results compare.
 PRESETS = {
@@ -63,6 +96,10 @@ class DiTConfig:
     rope_theta: float = 10000.0
     rope_axes: tuple[int, int, int] | None = None  # head_dim split (slot, row, col); None = auto
     abs_pos_embed: bool = True  # add P(pos) to target and condition tokens (see the docstring)
+    prediction: str = "x"  # "x": the network predicts the clean target; "v": the velocity
+    cond_align: bool = True  # add the condition token at the same grid position to the input
+    cond_linear: bool = True  # full-width linear path from the aligned condition to x1 (needs "x")
+    tokens: int | None = None  # target tokens per sample: sizes the linear path's position bias
     norm_eps: float = 1e-6
     grad_checkpointing: bool = False
     target_norm: float = 1.0  # mean L2 norm of raw target tokens; maps samples back to EVA scale
@@ -74,6 +111,10 @@ class DiTConfig:
         if self.hidden % self.n_heads or self.n_heads % self.n_kv_heads:
             raise ValueError(f"hidden ({self.hidden}) must divide by n_heads ({self.n_heads}) and "
                              f"n_heads by n_kv_heads ({self.n_kv_heads})")
+        if self.prediction not in flow.PREDICTIONS:
+            raise ValueError(f"prediction must be one of {flow.PREDICTIONS}, got {self.prediction!r}")
+        if self.cond_linear and self.prediction != "x":
+            raise ValueError("cond_linear predicts the clean target: it needs prediction='x'")
         if self.head_dim % 2:
             raise ValueError(f"head_dim {self.head_dim} must be even for RoPE")
         if self.rope_axes is None:
@@ -109,7 +150,7 @@ class DiTConfig:
     @classmethod
     def from_dict(cls, data: dict) -> DiTConfig:
         known = {f.name for f in fields(cls)}
-        data = {"abs_pos_embed": False, **data}  # models saved before the field existed had none
+        data = {**LEGACY, **data}  # models saved before a field existed had none
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
@@ -125,6 +166,7 @@ def estimate_flops(cfg: DiTConfig, tokens: int, cond_tokens: int) -> float:
         + 2 * T * h * cfg.ffn_dim * 3  # SwiGLU
     )
     io = 2 * T * cfg.target_dim * h * 2 + 2 * Tc * cfg.cond_dim * h
+    io += 2 * T * cfg.cond_dim * h * cfg.cond_align + 2 * T * cfg.cond_dim * cfg.target_dim * cfg.cond_linear
     return float(cfg.depth * per_block + io)
 
 
@@ -160,6 +202,23 @@ def sincos_embedding(positions: torch.Tensor, axes: tuple[int, ...], theta: floa
     extended to the three axes)."""
     ang = rope_angles(positions, axes, theta)
     return torch.cat([ang.cos(), ang.sin()], dim=-1)
+
+
+def align_condition(cond: torch.Tensor, tokens: int, cls_first: bool) -> torch.Tensor:
+    """Condition tokens [B, Tc, D] on the target's layout [B, tokens, D]: unchanged when the grids
+    agree, else the patch grid resampled onto the target grid (area mean down, bilinear up); a
+    CLS token stays first."""
+    if cond.shape[1] == tokens:
+        return cond
+    n = int(cls_first)
+    g, gc = math.isqrt(tokens - n), math.isqrt(cond.shape[1] - n)
+    grid = cond[:, n:].transpose(1, 2).unflatten(-1, (gc, gc))
+    if gc > g:
+        grid = F.interpolate(grid, size=(g, g), mode="area")
+    else:
+        grid = F.interpolate(grid, size=(g, g), mode="bilinear", align_corners=False)
+    patches = grid.flatten(2).transpose(1, 2)
+    return torch.cat([cond[:, :1], patches], dim=1) if n else patches
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -267,6 +326,11 @@ class DiT(nn.Module):
         super().__init__()
         self.config = cfg = config
         self.x_embed = nn.Linear(cfg.target_dim, cfg.hidden)
+        if cfg.cond_align:
+            self.align_embed = nn.Linear(cfg.cond_dim, cfg.hidden, bias=False)
+        if cfg.cond_linear:
+            self.linear_cond = nn.Linear(cfg.cond_dim, cfg.target_dim)
+            self.linear_bias = nn.Parameter(torch.zeros(cfg.tokens or 1, cfg.target_dim))
         self.cond_norm = nn.RMSNorm(cfg.cond_dim, eps=cfg.norm_eps)
         self.cond_proj = nn.Linear(cfg.cond_dim, cfg.hidden)
         self.null_cond = nn.Parameter(torch.randn(cfg.hidden) * 0.02)  # CFG "no condition"
@@ -289,9 +353,15 @@ class DiT(nn.Module):
         for lin in (self.t_embed.mlp[0], self.t_embed.mlp[2]):
             nn.init.normal_(lin.weight, std=0.02)
         # zero init: blocks start as identity, the output (velocity) starts at exactly zero
-        for layer in [b.ada[-1] for b in self.blocks] + [self.final_ada[-1], self.out]:
+        # the linear path starts at zero too (or at least squares: fit_linear_path)
+        zero = [b.ada[-1] for b in self.blocks] + [self.final_ada[-1], self.out]
+        if self.config.cond_linear:
+            zero.append(self.linear_cond)
+            nn.init.zeros_(self.linear_bias)
+        for layer in zero:
             nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
@@ -327,14 +397,18 @@ class DiT(nn.Module):
         drop_cond: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x [B, T, D_target] at time t [B] (0 noise, 1 data), cond [B, Tc, D_cond] -> v."""
+        cfg = self.config
         *rope_x, pos_x = self.positions(x.shape[1], x.shape[1], x.device)
         *rope_c, pos_c = self.positions(cond.shape[1], x.shape[1], x.device)
         c = self.cond_proj(self.cond_norm(cond))
+        aligned = self.aligned_condition(cond, x.shape[1], drop_cond)
         if drop_cond is not None:  # classifier-free guidance: swap in the learned null condition
             c = torch.where(drop_cond.view(-1, 1, 1), self.null_cond.to(c.dtype), c)
         ada = self.t_embed(t) + self.cond_pool(c.mean(dim=1))
         h = self.x_embed(x)
-        if pos_x is not None:  # after pooling: the pooled condition stays position-free
+        if cfg.cond_align:
+            h = h + self.align_embed(aligned)
+        if cfg.abs_pos_embed:  # after pooling: the pooled condition stays position-free
             h, c = h + pos_x.to(h.dtype), c + pos_c.to(c.dtype)
         for block in self.blocks:
             if self.config.grad_checkpointing and self.training:
@@ -342,7 +416,22 @@ class DiT(nn.Module):
             else:
                 h = block(h, c, ada, rope_x, rope_c)
         h = self.final_norm(h) * (1 + self.final_ada(ada).unsqueeze(1))
-        return self.out(h)
+        y = self.out(h)
+        if cfg.cond_linear:
+            y = y + self.linear_cond(aligned) + self.linear_bias.to(y.dtype)
+        return flow.velocity_from_data(y, x, t) if cfg.prediction == "x" else y
+
+    def aligned_condition(self, cond: torch.Tensor, tokens: int,
+                          drop_cond: torch.Tensor | None = None) -> torch.Tensor | None:
+        """RMS-normalised condition tokens on the target grid [B, T, D_cond] (zero where the
+        condition is dropped), the input of `cond_align` and `cond_linear`; None without them."""
+        if not (self.config.cond_align or self.config.cond_linear):
+            return None
+        a = align_condition(cond, tokens, self.config.token_mode == "cls_patch")
+        a = F.rms_norm(a, (a.shape[-1],), eps=self.config.norm_eps)
+        if drop_cond is not None:
+            a = torch.where(drop_cond.view(-1, 1, 1), 0.0, a)
+        return a
 
     # -- persistence: config.json + model.safetensors, like transformers / diffusers ---------
 
