@@ -48,6 +48,10 @@ def test_generate_rejects_mismatched_conditions():
         generate(model, torch.randn(2, 17, 16))
     with pytest.raises(ModelDataMismatch, match="CLS"):
         generate(_model(token_mode="cls_patch"), torch.randn(2, 16, 16))
+    fixed = DiT(DiTConfig(target_dim=24, cond_dim=16, hidden=32, depth=1, n_heads=4, n_kv_heads=2,
+                          tokens=16))
+    with pytest.raises(ModelDataMismatch, match="trained on 16"):
+        generate(fixed, torch.randn(2, 64, 16))
 
 
 def test_sample_cli_writes_shards_in_the_same_format(tmp_path, capsys):

@@ -8,7 +8,15 @@ import torch.nn.functional as F
 
 from eva_repro import flow
 from eva_repro.model import PRESETS, VARIANTS, DiT, DiTConfig, estimate_flops
-from eva_repro.model.dit import Attention, apply_rope, rope_angles, sincos_embedding, token_positions
+from eva_repro.model.dit import (
+    LEGACY,
+    Attention,
+    align_condition,
+    apply_rope,
+    rope_angles,
+    sincos_embedding,
+    token_positions,
+)
 
 
 def _score(q, k, pos_q, pos_k, axes=(8, 28, 28)):
@@ -84,10 +92,48 @@ def test_position_reaches_the_output_of_a_translation_invariant_input(abs_pos):
     assert (spread > 0.1) if abs_pos else (spread < 1e-4)
 
 
-def test_configs_saved_without_the_absolute_embedding_field_load_without_it():
+def test_configs_saved_before_a_field_existed_load_as_the_model_they_were():
     data = DiTConfig(target_dim=8, cond_dim=8).to_dict()
-    assert data.pop("abs_pos_embed") is True
-    assert DiTConfig.from_dict(data).abs_pos_embed is False
+    for name in LEGACY:
+        data.pop(name)
+    old = DiTConfig.from_dict(data)
+    assert {name: getattr(old, name) for name in LEGACY} == LEGACY == VARIANTS["lumina-next"]
+
+
+def test_linear_path_needs_x_prediction():
+    with pytest.raises(ValueError, match="prediction='x'"):
+        DiTConfig(target_dim=8, cond_dim=8, prediction="v", cond_linear=True)
+    with pytest.raises(ValueError, match="prediction must be one of"):
+        DiTConfig(target_dim=8, cond_dim=8, prediction="eps")
+
+
+def test_align_condition_resamples_the_grid_and_keeps_cls_first():
+    cond = torch.randn(2, 1 + 16 * 16, 4)
+    out = align_condition(cond, 1 + 8 * 8, cls_first=True)
+    grid = cond[:, 1:].reshape(2, 8, 2, 8, 2, 4).mean(dim=(2, 4)).reshape(2, 64, 4)
+    assert torch.equal(out[:, 0], cond[:, 0]) and torch.allclose(out[:, 1:], grid, atol=1e-6)
+    assert align_condition(cond, cond.shape[1], cls_first=True) is cond
+    up = align_condition(torch.randn(2, 4, 4), 16, cls_first=False)
+    assert up.shape == (2, 16, 4)
+
+
+def test_x_prediction_samples_land_on_the_linear_path():
+    """With the network's output at its zero init, x1_hat is the linear path's W a_c + b, and the
+    sampler must land exactly there from any noise (flow.velocity_from_data, Euler onto t = 1)."""
+    torch.manual_seed(0)
+    model = DiT(_cfg(tokens=16)).eval()
+    w, b = torch.randn(24, 32), torch.randn(16, 32)
+    with torch.no_grad():
+        model.linear_cond.weight.copy_(w.T)
+        model.linear_bias.copy_(b)
+    c = torch.randn(3, 16, 24)
+    expected = F.rms_norm(c, (24,), eps=model.config.norm_eps) @ w + b
+    for method, steps in (("euler", 1), ("euler", 7), ("heun", 5)):
+        x1, _ = flow.sample(model, c, steps=steps, method=method,
+                            generator=torch.Generator().manual_seed(steps))
+        assert torch.allclose(x1, expected, atol=1e-4), method
+    # a condition on another grid is resampled onto the target grid
+    assert model(torch.randn(3, 16, 32), torch.rand(3), torch.randn(3, 64, 24)).shape == (3, 16, 32)
 
 
 def test_gqa_equals_multi_head_attention_with_repeated_kv():

@@ -281,18 +281,20 @@ def test_seed_script_accepts_the_seed_flags_and_reports_errors_in_one_line(tmp_p
 
 
 @pytest.mark.slow
-def test_default_dit_beats_ridge_and_mean_on_held_out_data(tmp_path):
-    """The learning issue's bar in CI: default settings, tiny preset, a synthetic problem whose
-    target is far from linear in the condition (ridge well below 1), held-out samples only."""
+def test_dit_beats_ridge_and_mean_on_held_out_data(tmp_path):
+    """The learning issue's bar in CI: the default head and hyperparameters (a 128-wide, 2-block
+    DiT, for time), a synthetic problem whose target is far from linear in the condition (ridge
+    well below 1), held-out samples only. Measured: DiT 0.917, ridge 0.893, mean 0.465."""
     data = tmp_path / "data"
-    write_synthetic_shards(data, 400, grid=4, clip_dim=32, eva_dim=64, seed=3, gain=4.0)
+    write_synthetic_shards(data, 1600, grid=4, clip_dim=32, eva_dim=64, seed=3, gain=4.0)
     out = tmp_path / "run"
+    small = dict(hidden=128, depth=2, n_heads=4, n_kv_heads=2)
     train_mod.train(dict(
-        data_dir=str(data), output_dir=str(out), model_size="tiny", batch_size=16, max_steps=300,
-        eval_fraction=0.2, num_workers=0, progress=False, tensorboard=False, save_every=10_000,
-        eval_every=10_000, log_every=50))
-    r = evaluate(out, data, steps=20, sweep="none", progress=False, plots=False)
+        data_dir=str(data), output_dir=str(out), model_size="tiny", model_overrides=small,
+        batch_size=32, max_steps=600, eval_fraction=0.2, num_workers=0, progress=False,
+        tensorboard=False, save_every=10_000, eval_every=10_000, log_every=100))
+    r = evaluate(out, data, num_samples=200, steps=20, sweep="none", progress=False, plots=False)
     dit = r["cosine"]["token_mean"]
     ridge, mean = r["baselines"]["ridge"]["token_mean"], r["baselines"]["mean"]["token_mean"]
-    assert r["n_samples"] >= 60 and ridge < 0.92, r  # a problem with room above the ridge
+    assert r["n_samples"] == 200 and ridge < 0.92, r  # a problem with room above the ridge
     assert dit > ridge and dit > mean + 0.3, (dit, ridge, mean)
