@@ -138,8 +138,11 @@ def test_sigkill_and_resume_continues_the_exact_trajectory(tmp_path, small_data)
 
 
 def test_grad_accumulation_equals_the_larger_batch(tmp_path, small_data):
-    a = train_mod.train(_cfg(small_data, tmp_path / "a", batch_size=2, grad_accum=2, max_steps=2))
-    b = train_mod.train(_cfg(small_data, tmp_path / "b", batch_size=4, grad_accum=1, max_steps=2))
+    # lr 1e-3: a fixed step size, so the tolerance below means the same whatever the preset default
+    a = train_mod.train(_cfg(small_data, tmp_path / "a", batch_size=2, grad_accum=2, max_steps=2,
+                             learning_rate=1e-3))
+    b = train_mod.train(_cfg(small_data, tmp_path / "b", batch_size=4, grad_accum=1, max_steps=2,
+                             learning_rate=1e-3))
     assert a["last_loss"] == pytest.approx(b["last_loss"], rel=1e-5)
     wa = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "a")).model
     wb = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "b")).model
@@ -179,9 +182,10 @@ def _cli_args(cfg):
 
 def test_ddp_two_processes_equal_one_process_on_the_same_global_batch(tmp_path, small_data):
     single = tmp_path / "single"
-    train_mod.train(_cfg(small_data, single, batch_size=4, max_steps=2))
+    train_mod.train(_cfg(small_data, single, batch_size=4, max_steps=2, learning_rate=1e-3))
     ddp = tmp_path / "ddp"
-    _torchrun(_cli_args(_cfg(small_data, ddp, batch_size=2, max_steps=2)), tmp_path)
+    _torchrun(_cli_args(_cfg(small_data, ddp, batch_size=2, max_steps=2)) + ["--lr", "1e-3"],
+              tmp_path)
     a = ckpt.load_checkpoint(ckpt.latest_checkpoint(single))
     b = ckpt.load_checkpoint(ckpt.latest_checkpoint(ddp))
     assert b.meta["world_size"] == 2 and a.meta["data_position"] == b.meta["data_position"]
