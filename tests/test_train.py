@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from eva_repro import checkpoint as ckpt
 from eva_repro import train as train_mod
 from eva_repro.evaluate import evaluate
+from eva_repro.model import VARIANTS
 from eva_repro.synth import write_synthetic_shards
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -302,3 +303,17 @@ def test_dit_beats_ridge_and_mean_on_held_out_data(tmp_path):
     ridge, mean = r["baselines"]["ridge"]["token_mean"], r["baselines"]["mean"]["token_mean"]
     assert r["n_samples"] == 200 and ridge < 0.92, r  # a problem with room above the ridge
     assert dit > ridge and dit > mean + 0.3, (dit, ridge, mean)
+
+
+def test_model_variant_selects_the_pure_lumina_next_head(tmp_path, small_data):
+    out = tmp_path / "pure"
+    train_mod.train(_cfg(small_data, out, max_steps=1, model_variant="lumina-next"))
+    config = json.loads((out / "model" / "config.json").read_text())
+    assert {k: config[k] for k in VARIANTS["lumina-next"]} == VARIANTS["lumina-next"]
+    default = tmp_path / "default"
+    train_mod.train(_cfg(small_data, default, max_steps=1))
+    config = json.loads((default / "model" / "config.json").read_text())
+    assert config["prediction"] == "x" and config["cond_linear"] and config["tokens"] == 4
+    with pytest.raises(train_mod.TrainingError, match="prediction='x'"):
+        train_mod.train(_cfg(small_data, tmp_path / "bad", max_steps=1,
+                             model_overrides={**SMALL, "prediction": "v"}))

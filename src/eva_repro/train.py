@@ -908,7 +908,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
       help="shard directory (eva-repro extract / synth output)")
     a("--output_dir", required=True, help="run directory: checkpoints, logs, model/, summary.json")
     a("--model_size", default=c.model_size, help="DiT preset: tiny, small, base, large")
-    a("--model_variant", default=c.model_variant, choices=["eva-repro", "lumina-next"],
+    from eva_repro.model import VARIANTS
+
+    a("--model_variant", default=c.model_variant, choices=list(VARIANTS),
       help="the head's conditioning and prediction: eva-repro (aligned condition, x-prediction, "
            "linear path) or lumina-next (the pure BLIP3-o head: cross-attention, v-prediction)")
     a("--model_override", dest="model_overrides", action="append", default=[], metavar="KEY=VALUE",

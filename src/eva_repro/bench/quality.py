@@ -21,9 +21,9 @@ import torch
 
 from eva_repro import train as train_mod
 from eva_repro.evaluate import evaluate
+from eva_repro.model import VARIANTS
 from eva_repro.synth import write_synthetic_shards
 
-VARIANTS = ("eva-repro", "lumina-next")
 # name: (synth arguments, optimiser steps); the wide ones put 1024-d and 4096-d targets (EVA02-L,
 # EVA-CLIP-8B widths) into the 384-wide tiny preset
 PROBLEMS = {
