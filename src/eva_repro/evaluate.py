@@ -76,8 +76,8 @@ def check_model_fits_data(model: torch.nn.Module, manifest: shards.Manifest, mod
         problems.append(f"eva_dim {manifest.eva_dim} vs model target_dim {cfg.target_dim}")
     if (cfg.token_mode == "cls_patch") != manifest.include_cls:
         problems.append(f"include_cls={manifest.include_cls} vs model token_mode {cfg.token_mode!r}")
-    if getattr(cfg, "cond_linear", False) and cfg.tokens and cfg.tokens != manifest.tokens:
-        problems.append(f"tokens {manifest.tokens} vs the model's {cfg.tokens}")
+    if cfg.fixed_tokens not in (None, manifest.tokens):
+        problems.append(f"tokens {manifest.tokens} vs the model's {cfg.fixed_tokens}")
     if problems:
         raise ModelDataMismatch(f"{where}: shards do not match the model at {model_path} ("
                                 f"{'; '.join(problems)}); evaluate on embeddings from the same "

@@ -48,9 +48,9 @@ def check_condition(config, clip_tokens: torch.Tensor, where: str = "clip tokens
         raise ModelDataMismatch(f"{where}: {n_tokens} tokens is not a square grid"
                                 f"{' plus a CLS token' if cls else ''}, which the model's "
                                 f"token_mode {config.token_mode!r} needs")
-    if getattr(config, "cond_linear", False) and config.tokens and n_tokens != config.tokens:
+    if config.fixed_tokens not in (None, n_tokens):
         raise ModelDataMismatch(f"{where}: {n_tokens} tokens but the model was trained on "
-                                f"{config.tokens} (its linear path has a bias per position); use "
+                                f"{config.fixed_tokens} (its linear path has a bias per position); use "
                                 "embeddings extracted with the same --grid")
 
 

@@ -126,6 +126,11 @@ class DiTConfig:
             raise ValueError(f"rope_axes {self.rope_axes} must be even and sum to {self.head_dim}")
 
     @property
+    def fixed_tokens(self) -> int | None:
+        """The token count every input must have (the linear path's per-position bias), or None."""
+        return self.tokens if self.cond_linear and self.tokens else None
+
+    @property
     def head_dim(self) -> int:
         return self.hidden // self.n_heads
 
