@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test demo bench lint venv clean
+.PHONY: test test-gpu demo bench lint venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,12 @@ venv: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q --timeout=900 tests
+
+# On a GPU machine: the CUDA tests, then the benchmarks on the GPU (JSON in bench_results_gpu/).
+test-gpu: $(STAMP)
+	$(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'make test-gpu: no CUDA GPU visible to torch')"
+	$(PY) -m pytest -q --timeout=1800 -m cuda tests
+	$(VENV)/bin/eva-repro bench --output_dir bench_results_gpu --suite model --suite train --suite extract
 
 demo: $(STAMP)
 	$(VENV)/bin/eva-repro demo $(DEMO_ARGS)

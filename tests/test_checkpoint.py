@@ -19,13 +19,7 @@ OPTS = StateDictOptions(full_state_dict=True, cpu_offload=True, strict=False)
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """2 cores shared by several jobs: a second OpenMP thread spin-waits and is ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _tiny_model(seed=0):
     torch.manual_seed(seed)

@@ -22,16 +22,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    # two cores shared by several test runs: one intra-op thread avoids OpenMP oversubscription,
-    # which slows these small matmuls by 10x or more
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, one_thread):
     """Synthetic shards + a run directory (model/, split.json) of a small DiT trained on them.
 

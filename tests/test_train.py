@@ -32,13 +32,7 @@ def small_data(tmp_path_factory):
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """2 cores shared by several jobs: a second OpenMP thread spin-waits and is ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _cfg(data_dir, out, **kw):
     base = dict(data_dir=str(data_dir), output_dir=str(out), model_size="tiny",

@@ -1,6 +1,8 @@
 """Training-step throughput of the DiT presets at real token sizes, against a measured matmul peak.
 
-Real size: 256 target tokens of 4096-d EVA-CLIP-8B, 256 condition tokens of 1024-d CLIP, batch 8.
+Real size: 256 target tokens of 4096-d EVA-CLIP-8B, 256 condition tokens of 1024-d CLIP, batch 8
+(CPU); on CUDA every preset, eager and compiled, also at BLIP3-o's 64 x 1792 target, with
+8192 tokens per batch.
 Achieved FLOP/s = 3 x forward FLOPs (forward + backward) x samples/s; the peak is the best of a
 few large fp32 matmuls timed in the same process (CPU) or bf16 ones (CUDA).
 """
@@ -76,22 +78,45 @@ def train_step_throughput(
     }
 
 
+# (tokens, target width, condition width): EVA-CLIP-8B's 16x16 grid, and BLIP3-o's 8x8 target
+SHAPES = {"256x4096": (256, 4096, 1024), "blip3o-64x1792": (64, 1792, 1024)}
+TOKENS_PER_BATCH = 8192  # CUDA batch: enough rows per matmul to fill a GPU at either shape
+
+
 def run(output_dir: Path, quick: bool) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    peak_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    presets = ["tiny"] if quick else ["tiny", "small"]
-    peak = matmul_peak(device, peak_dtype)
-    results = [train_step_throughput(p, device, steps=2 if quick else 5) for p in presets]
-    if not quick:  # compilation takes ~1 min on 2 CPU cores
-        results.append(train_step_throughput("tiny", device, compile=True))
-    peak = max(peak, matmul_peak(device, peak_dtype))  # re-measure after: clocks/threads warm
+    cuda = device.type == "cuda"
+    peak_dtype = torch.bfloat16 if cuda else torch.float32
+    peak = matmul_peak(device, peak_dtype, n=8192 if cuda else 2048)
+    if cuda:  # every preset at both shapes, eager and compiled
+        presets = ["tiny"] if quick else ["tiny", "small", "base", "large"]
+        runs = [dict(preset=p, shape=s, compile=c) for p in presets for s in SHAPES
+                for c in ((False,) if quick else (False, True))]
+    else:  # compilation takes ~1 min on 2 CPU cores
+        runs = [dict(preset="tiny", shape="256x4096", compile=False)]
+        if not quick:
+            runs += [dict(preset="small", shape="256x4096", compile=False),
+                     dict(preset="tiny", shape="256x4096", compile=True)]
+    results = []
+    for r in runs:
+        tokens, target_dim, cond_dim = SHAPES[r["shape"]]
+        batch = TOKENS_PER_BATCH // tokens if cuda else 8
+        result = train_step_throughput(r["preset"], device, batch=batch, tokens=tokens,
+                                       target_dim=target_dim, cond_dim=cond_dim,
+                                       steps=2 if quick else (20 if cuda else 5),
+                                       warmup=5 if cuda else 2, compile=r["compile"])
+        results.append({"shape": r["shape"], **result})
+        if cuda:
+            torch.cuda.empty_cache()
+    peak = max(peak, matmul_peak(device, peak_dtype, n=8192 if cuda else 2048))  # warm clocks
     for r in results:
         r["fraction_of_peak"] = round(r["achieved_gflops"] / peak, 3)
     return {
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
         "threads": torch.get_num_threads(),
-        "compute_dtype": "bfloat16 autocast" if device.type == "cuda" else "float32",
-        "shape": {"tokens": 256, "target_dim": 4096, "cond_dim": 1024},
+        "compute_dtype": "bfloat16 autocast" if cuda else "float32",
+        "shapes": {k: dict(zip(("tokens", "target_dim", "cond_dim"), v, strict=True))
+                   for k, v in SHAPES.items()},
         "matmul_peak_gflops": round(peak, 1),
         "presets": results,
         "goal": "tiny reaches >= 70% of the matmul peak",

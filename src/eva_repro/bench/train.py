@@ -155,6 +155,7 @@ def loader_pass(data_dir: Path, batch_size: int, workers: int) -> dict:
     seconds = time.perf_counter() - start
     read_gb = (batches - warmup) * batch_size * SAMPLE_BYTES / 1e9
     return {"batches": batches, "warmup_batches": warmup, "seconds": round(seconds, 2),
+            "samples_per_s": round((batches - warmup) * batch_size / seconds, 2),
             "read_gb": round(read_gb, 2), "read_gb_per_s": round(read_gb / seconds, 3),
             "workers": workers, **rss.report()}
 
@@ -209,6 +210,8 @@ def run(output_dir: Path, quick: bool) -> dict:
                     "dataset_over_budget": round(dataset_gb / RSS_BUDGET_GB, 2)},
         "loader_epoch": passes,
         "training": training,
+        # > 1: the loader alone delivers more than the training step consumes (no starving)
+        "loader_over_training": round(passes["samples_per_s"] / training["samples_per_s"], 2),
         "rss_flat": flat,
         "goal": "over a full pass of a dataset >= 4x the RSS budget (full mode), the memory of "
                 "trainer + loader workers (PSS) stays within the budget and the second half of the "
