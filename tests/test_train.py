@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from eva_repro import checkpoint as ckpt
 from eva_repro import train as train_mod
 from eva_repro.evaluate import evaluate
 from eva_repro.model import VARIANTS
+from eva_repro.preemption import EXIT_PREEMPTED, Preempted
 from eva_repro.synth import write_synthetic_shards
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,6 +132,51 @@ def test_sigkill_and_resume_continues_the_exact_trajectory(tmp_path, small_data)
     a = load_file(str(reference / "model" / "model.safetensors"))
     b = load_file(str(killed / "model" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigterm_saves_and_resume_continues_the_exact_trajectory(tmp_path, small_data):
+    reference = tmp_path / "reference"
+    train_mod.train(_cfg(small_data, reference, max_steps=10, save_every=4))
+    stopped = tmp_path / "stopped"
+    cfg = _cfg(small_data, stopped, max_steps=10, save_every=4, resume="auto")
+
+    def preempt_at_6(step, record):
+        if step == 6:
+            os.kill(os.getpid(), signal.SIGTERM)  # what Slurm / Kubernetes send first
+
+    with pytest.raises(Preempted, match="SIGTERM at step 6 of 10"):
+        train_mod.train(cfg, on_step=preempt_at_6)
+    assert [p.name for p in ckpt.list_checkpoints(stopped)] == ["step-00000004", "step-00000006"]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+    resumed = train_mod.train(cfg)
+    assert resumed["resumed_from"].endswith("step-00000006")
+    want, got = _losses(reference), _losses(stopped)
+    assert sorted(got) == list(range(1, 11)) and got == want  # no step lost or changed
+
+
+def _last_logged_step(run_dir):
+    """Highest step in metrics.jsonl so far (the file is being written: a line may be partial)."""
+    try:
+        return max(_losses(run_dir), default=0)
+    except (OSError, json.JSONDecodeError):
+        return 0
+
+
+def test_cli_exits_75_on_sigusr1_with_the_last_step_saved(tmp_path, small_data):
+    out = tmp_path / "run"
+    args = _cli_args(_cfg(small_data, out, max_steps=100000)) + ["--save_every", "100000"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.Popen([sys.executable, "-m", "eva_repro", "train", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and _last_logged_step(out) < 3:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGUSR1)  # Slurm's --signal=USR1@<seconds> warning
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == EXIT_PREEMPTED, err[-2000:]
+    assert "preempted: stopped on SIGUSR1" in err and "Traceback" not in err
+    last = ckpt.latest_checkpoint(out)
+    assert int(last.name.split("-")[1]) == max(_losses(out)) >= 3
 
 
 def test_grad_accumulation_equals_the_larger_batch(tmp_path, small_data):

@@ -37,8 +37,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(argv).parse_args(argv)
     module = importlib.import_module(COMMANDS[args.command][0])
+    from eva_repro.preemption import EXIT_PREEMPTED, Preempted
+
     try:
         return int(module.run(args) or 0)
+    except Preempted as e:  # work saved: a requeued job resumes it
+        print(f"preempted: {e}", file=sys.stderr)
+        return EXIT_PREEMPTED
     except ValueError as e:  # user errors (bad paths, shards, flags) are one line, not a traceback
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -38,6 +38,7 @@ from eva_repro import checkpoint as ckpt
 from eva_repro import data as data_mod
 from eva_repro import flow
 from eva_repro.data import BatchSchedule, DataPosition, TrainData
+from eva_repro.preemption import Preempted, StopSignals
 from eva_repro.shards import TOKEN_MODES, atomic_write_json
 
 OVERFIT_DEFAULT_STEPS = 300
@@ -67,6 +68,7 @@ class TrainConfig:
     model_size: str = "base"
     model_variant: str = "eva-repro"  # eva-repro | lumina-next (the pure BLIP3-o head): VARIANTS
     model_overrides: dict[str, Any] = field(default_factory=dict)  # DiTConfig fields over the preset
+    linear_init: str = "ridge"  # ridge | zero: how the head's linear path starts (LINEAR_INITS)
     training_mode: str = "auto"  # auto (from the manifest) | patch_only | cls_patch
     # batches and length
     batch_size: int = 8  # per rank and micro-batch
@@ -144,6 +146,7 @@ def validate_config(cfg: TrainConfig) -> None:
         (cfg.learning_rate is None or cfg.learning_rate > 0,
          f"--learning_rate must be > 0, got {cfg.learning_rate}"),
         (0 <= cfg.ema_decay < 1, f"--ema_decay must be in [0, 1), got {cfg.ema_decay}"),
+        (cfg.linear_init in LINEAR_INITS, f"--linear_init must be one of {LINEAR_INITS}"),
         (cfg.time_scheme in flow.TIME_SCHEMES, f"--time_scheme must be one of {flow.TIME_SCHEMES}"),
         (cfg.eval_method in flow.METHODS, f"--eval_method must be one of {flow.METHODS}"),
         (cfg.overfit_test_size >= 0, "--overfit_test_size must be >= 0"),
@@ -249,6 +252,29 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
             (decay if p.dim() >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": cfg.weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
+
+
+LINEAR_INITS = ("ridge", "zero")
+RIDGE_INIT_SAMPLES = 4096  # enough for a D x D map; a bounded extra read on huge datasets
+
+
+def init_linear_path_by_ridge(model: nn.Module, data: TrainData, rows: list[int], drop_cls: bool,
+                              d: Dist) -> None:
+    """Start the head's linear path at the ridge baseline fitted on (at most RIDGE_INIT_SAMPLES
+    of) this run's training rows, so step 0 already samples the ridge prediction.
+
+    Held-out rows are never read. Every rank fits the same map (float64 sums over the same rows).
+    """
+    from eva_repro.baselines import fit_baselines
+
+    stride = max(1, math.ceil(len(rows) / RIDGE_INIT_SAMPLES))
+    subset = sorted(rows[::stride])
+    _, ridge = fit_baselines(data.reader, subset, progress=False)
+    scale = math.sqrt(data.manifest.eva_dim)  # ridge predicts unit tokens; the sampler's norm
+    bias = ridge.bias[1:] if drop_cls and ridge.bias.shape[0] > 1 else ridge.bias  # CLS first
+    model.init_linear_path(ridge.weight * scale, bias * scale)
+    log(d, f"linear path initialised by ridge on {len(subset)} training samples "
+           f"(alpha {ridge.alpha:g})")
 
 
 def lr_multiplier(step: int, total: int, warmup: int, floor: float) -> float:
@@ -563,6 +589,8 @@ def setup(cfg: TrainConfig) -> Run:
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     raw = DiT(model_cfg).to(d.device)
+    if cfg.linear_init == "ridge" and model_cfg.cond_linear and resume_path is None:
+        init_linear_path_by_ridge(raw, data, rows, drop_cls, d)
     ema = DiT(model_cfg).to(d.device)
     ema.load_state_dict(raw.state_dict())
     ema.requires_grad_(False)
@@ -806,6 +834,7 @@ def train(config: TrainConfig | dict[str, Any],
 
     bar = tqdm(total=run.total_steps, initial=run.step, unit="step", dynamic_ncols=True,
                disable=not (d.is_main and cfg.progress), file=sys.stderr)
+    signals = StopSignals().__enter__()
     try:
         if run.step == 0:  # the untrained baseline, so the curve starts where learning starts
             metrics.write(evaluate(run))
@@ -839,6 +868,13 @@ def train(config: TrainConfig | dict[str, Any],
             bar.update(1)
             if on_step is not None:
                 on_step(run.step, record)
+            if stop_requested(signals, d) and run.step < run.total_steps:
+                if run.step % cfg.save_every:
+                    save(run)
+                log(d, f"{signals.received or 'a stop signal'}: stopped after step {run.step} "
+                       f"with a checkpoint; rerun with --resume auto to continue")
+                raise Preempted(f"stopped on {signals.received or 'a signal'} at step {run.step} "
+                                f"of {run.total_steps}, checkpoint saved in {run.run_dir}")
         bar.close()
         save(run)
         export_ema(run)
@@ -869,11 +905,18 @@ def train(config: TrainConfig | dict[str, Any],
             atomic_write_json(run.run_dir / "summary.json", summary)
         return summary
     finally:
+        signals.__exit__()
         bar.close()
         metrics.close()
         del batches
         if d.owns_group:
             dist.destroy_process_group()
+
+
+def stop_requested(signals: StopSignals, d: Dist) -> bool:
+    """Any rank signalled: every rank stops after the same step (one small all-reduce)."""
+    flag = float(signals.received is not None)
+    return all_reduce_sum([flag], d)[0] > 0 if d.enabled else bool(flag)
 
 
 def _log_record(run: Run, interval: Interval, stats: dict[str, Any], monitor: DebugMonitor | None,
@@ -915,6 +958,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
            "linear path) or lumina-next (the pure BLIP3-o head: cross-attention, v-prediction)")
     a("--model_override", dest="model_overrides", action="append", default=[], metavar="KEY=VALUE",
       help="override a DiTConfig field of the preset, e.g. depth=2 (repeatable; JSON values)")
+    a("--linear_init", default=c.linear_init, choices=list(LINEAR_INITS),
+      help="eva-repro head: start its linear path at the ridge fit of the training split "
+           "(default) or at zero")
     a("--training_mode", default=c.training_mode, choices=["auto", *TOKEN_MODES],
       help="token layout; auto follows the shards (patch_only on CLS shards drops the CLS token)")
     a("--batch_size", type=int, default=c.batch_size, help="per rank and micro-batch")

@@ -426,6 +426,18 @@ class DiT(nn.Module):
             y = y + self.linear_cond(aligned) + self.linear_bias.to(y.dtype)
         return flow.velocity_from_data(y, x, t) if cfg.prediction == "x" else y
 
+    @torch.no_grad()
+    def init_linear_path(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        """Start the linear path at a fitted map x1 ~ a_c @ weight + bias, in the sampler's
+        normalised target space (weight [D_cond, D_target], bias [tokens or 1, D_target]), e.g.
+        the ridge baseline: the untrained model then samples exactly that map and the network
+        starts from its residual."""
+        if not self.config.cond_linear:
+            raise ValueError("init_linear_path needs a model with cond_linear=True")
+        self.linear_cond.weight.copy_(weight.T)
+        self.linear_cond.bias.zero_()
+        self.linear_bias.copy_(bias.to(self.linear_bias).expand_as(self.linear_bias))
+
     def aligned_condition(self, cond: torch.Tensor, tokens: int,
                           drop_cond: torch.Tensor | None = None) -> torch.Tensor | None:
         """RMS-normalised condition tokens on the target grid [B, T, D_cond] (zero where the
