@@ -1,7 +1,11 @@
 """Checkpoints: atomic layout, keep-last-K, resume selection, exact state round trip, load_model."""
 
 import json
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -73,6 +77,63 @@ def test_round_trip_restores_model_optimizer_and_rng_exactly(tmp_path):
     assert names == sorted(["COMPLETE", "config.json", "ema.safetensors", "model.safetensors",
                             "optimizer.safetensors", "rng.safetensors", "trainer_state.json"])
     json.loads((path / "trainer_state.json").read_text())
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_valid_one(tmp_path, capsys):
+    model = _tiny_model()
+    opt = torch.optim.AdamW(model.parameters())
+    _step(model, opt, 0)
+    for step in (10, 20, 30):
+        ckpt.save_checkpoint(tmp_path, _state(model, opt, step))
+    root = tmp_path / ckpt.CHECKPOINTS
+    flipped = root / "step-00000030" / "ema.safetensors"
+    data = bytearray(flipped.read_bytes())
+    data[-5] ^= 0x10  # one bit, after the checkpoint was completed
+    flipped.write_bytes(bytes(data))
+    truncated = root / "step-00000020" / "optimizer.safetensors"
+    truncated.write_bytes(truncated.read_bytes()[:100])
+    assert ckpt.resolve_resume(tmp_path, "auto").name == "step-00000010"
+    warnings = capsys.readouterr().err.splitlines()
+    assert len(warnings) == 2 and "step-00000030: ema.safetensors does not match" in warnings[0]
+    assert "step-00000020: optimizer.safetensors does not match" in warnings[1]
+    with pytest.raises(ckpt.CheckpointError, match="ema.safetensors does not match") as info:
+        ckpt.resolve_resume(tmp_path, str(root / "step-00000030"))  # asked for by name: an error
+    assert "\n" not in str(info.value)
+    (root / "step-00000010" / "rng.safetensors").unlink()
+    with pytest.raises(ckpt.CheckpointError, match="none of its 3 checkpoints verifies"):
+        ckpt.resolve_resume(tmp_path, "auto")
+
+
+FULL_DISK = """
+import resource, signal, sys, torch
+sys.path.insert(0, {tests!r})
+from test_checkpoint import _state, _step, _tiny_model
+from eva_repro import checkpoint as ckpt
+from eva_repro.shards import DiskFullError
+model = _tiny_model(); opt = torch.optim.AdamW(model.parameters()); _step(model, opt, 0)
+ckpt.save_checkpoint({run!r}, _state(model, opt, 10))
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() fails with EFBIG instead of killing us
+resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))  # ulimit -f: the disk is "full"
+try:
+    ckpt.save_checkpoint({run!r}, _state(model, opt, 20))
+except DiskFullError as e:
+    print(e)
+"""
+
+
+def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one_and_says_where(tmp_path):
+    script = FULL_DISK.format(tests=str(Path(__file__).parent), run=str(tmp_path))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    message = proc.stdout.strip()
+    assert "\n" not in message and "model.safetensors: out of disk space or the file-size limit" in message
+    assert "MB free there" in message
+    root = tmp_path / ckpt.CHECKPOINTS
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000010"]  # no temp dir, no step 20
+    assert ckpt.resolve_resume(tmp_path, "auto").name == "step-00000010"
+    assert ckpt.load_checkpoint(root / "step-00000010").step == 10
 
 
 def test_half_written_checkpoints_are_never_picked_and_only_k_are_kept(tmp_path):

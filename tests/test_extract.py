@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import runpy
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +28,7 @@ from eva_repro import extract as extract_mod
 from eva_repro.encoders import EncoderError
 from eva_repro.extract import ExtractError, extract, merge
 from eva_repro.images import InputError
+from eva_repro.preemption import Preempted
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_images import make_bad_corpus, make_broken_tar  # noqa: E402
@@ -226,6 +228,29 @@ def test_killed_run_resumes_to_exactly_the_uninterrupted_shards(tmp_path, monkey
     write_images(tmp_path / "in", 5, seed=1)  # the input list changed
     with pytest.raises(ExtractError, match="different input list"):
         extract(tmp_path / "in", tmp_path / "resumed", **kw)
+
+
+def test_sigterm_stops_at_a_chunk_boundary_and_the_rerun_finishes_the_same_shards(tmp_path,
+                                                                                  monkeypatch):
+    write_images(tmp_path / "in", 6)
+    kw = dict(SMALL, shard_size=2)
+    extract(tmp_path / "in", tmp_path / "clean", **kw)
+    real_write_shard = shards.write_shard
+
+    def preempted_during_first_chunk(out_dir, index, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives while chunk 0 is being finished
+        return real_write_shard(out_dir, index, *args, **kwargs)
+
+    monkeypatch.setattr(shards, "write_shard", preempted_during_first_chunk)
+    with pytest.raises(Preempted, match="stopped on SIGTERM after 1 chunks"):
+        extract(tmp_path / "in", tmp_path / "stopped", **kw)
+    monkeypatch.setattr(shards, "write_shard", real_write_shard)
+    assert sorted(p.name for p in (tmp_path / "stopped").glob("shard-*.safetensors")) == [
+        "shard-00000.safetensors"]
+    result = extract_mod.run_extraction(tmp_path / "in", tmp_path / "stopped",
+                                        extract_mod.Settings(**kw))
+    assert (result.stats.chunks_skipped, result.stats.chunks_written) == (1, 2)
+    assert shard_digests(tmp_path / "stopped") == shard_digests(tmp_path / "clean")
 
 
 def test_merge_rebuilds_manifest_and_failures(tmp_path):

@@ -1,6 +1,8 @@
 """generate(): raw EVA scale, seeded and batch-independent, clear errors; `eva-repro sample`."""
 
 import json
+import os
+import signal
 
 import pytest
 import torch
@@ -8,6 +10,7 @@ import torch
 from eva_repro import cli, shards
 from eva_repro.generate import ModelDataMismatch, generate
 from eva_repro.model import DiT, DiTConfig
+from eva_repro.preemption import EXIT_PREEMPTED
 from eva_repro.synth import write_synthetic_shards
 
 
@@ -79,6 +82,27 @@ def test_sample_cli_writes_shards_in_the_same_format(tmp_path, capsys):
     assert cli.main(argv + ["--seed", "5"]) == 2
     assert "other settings" in capsys.readouterr().err
     assert json.loads((out / "sample_settings.json").read_text())["sampler"]["seed"] == 0
+
+
+def test_sample_cli_stops_on_sigterm_at_a_shard_boundary_with_exit_75(tmp_path, capsys,
+                                                                       monkeypatch):
+    src, out, model_dir = tmp_path / "in", tmp_path / "out", tmp_path / "model"
+    write_synthetic_shards(src, 12, grid=4, clip_dim=16, eva_dim=24, seed=0, shard_size=5)
+    _model().save_pretrained(model_dir)
+    argv = ["sample", "--model_path", str(model_dir), "--input_dir", str(src), "--output_dir",
+            str(out), "--steps", "2", "--method", "euler", "--device", "cpu"]
+    real_write_shard = shards.write_shard
+
+    def preempted_while_writing(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_write_shard(*args, **kwargs)
+
+    monkeypatch.setattr(shards, "write_shard", preempted_while_writing)
+    assert cli.main(argv) == EXIT_PREEMPTED
+    assert "preempted: stopped on SIGTERM after 5 samples" in capsys.readouterr().err
+    assert [p.name for p in out.glob("shard-*.safetensors")] == ["shard-00000.safetensors"]
+    monkeypatch.setattr(shards, "write_shard", real_write_shard)
+    assert cli.main(argv) == 0 and shards.read_manifest(out).num_samples == 12
 
 
 def test_sample_cli_rejects_wrong_dims_in_one_line(tmp_path, capsys):

@@ -92,6 +92,20 @@ def test_failures_are_appended_and_counted(tmp_path):
     assert shards.write_manifest(tmp_path, {"grid": 2})["num_failures"] == 2
 
 
+def test_small_data_keeps_a_held_out_floor_chosen_by_key_hash():
+    keys = [f"photo_{i:02d}.jpg" for i in range(20)]  # the seed README's 20 photos at 5%
+    train, heldout = shards.split_indices(keys, 0.05)
+    assert len(heldout) == 4 and sorted(train + heldout) == list(range(20))
+    scores = [shards.heldout_score(k) for k in keys]
+    assert max(scores[i] for i in heldout) < min(scores[i] for i in train)  # lowest hashes
+    _, again = shards.split_indices(list(reversed(keys)), 0.05)
+    assert {keys[19 - i] for i in again} == {keys[i] for i in heldout}
+    many = [f"img-{i}" for i in range(400)]  # enough data: the fraction alone decides
+    assert len(shards.split_indices(many, 0.05)[1]) == sum(
+        shards.heldout_score(k) < 0.05 for k in many) >= shards.MIN_HELDOUT
+    assert shards.split_indices(keys[:4], 0.05)[1] == []  # too few to spare any
+
+
 def test_split_is_deterministic_by_key_and_near_the_fraction():
     keys = [f"img-{i}" for i in range(20000)]
     train, heldout = shards.split_indices(keys, 0.05)

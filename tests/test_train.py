@@ -304,6 +304,8 @@ def test_bad_inputs_fail_before_training_with_one_line(tmp_path, small_data):
               "model_override")
     _one_line(lambda: train_mod.train(_cfg(small_data, out, resume=str(tmp_path))),
               "not a complete checkpoint")
+    _one_line(lambda: train_mod.train(_cfg(small_data, out, max_samples=4)),
+              "too few to hold any out")
     assert not (out / "checkpoints").exists()
 
 

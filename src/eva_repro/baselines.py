@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
+from eva_repro.progress import progress_bar
 from eva_repro.shards import ShardReader
 
 ALPHAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
@@ -186,7 +186,7 @@ def fit_baselines(
     val = RidgeAccumulator(m.clip_dim, m.eva_dim, m.tokens, position_bias, device)
     # every 10th training sample is held in to choose alpha (none when there are too few)
     held_in = set(list(train_indices)[9::10]) if len(train_indices) >= 20 else set()
-    bar = tqdm(total=len(train_indices), desc="fit baselines", unit="img", disable=not progress,
+    bar = progress_bar(total=len(train_indices), desc="fit baselines", unit="img", disable=not progress,
                leave=False)
     for batch, rows in iter_batches(reader, train_indices, batch_size):
         mean_acc.update(rows["eva"])

@@ -8,11 +8,13 @@
         rng.safetensors         torch CPU / CUDA, numpy and python RNG states, as tensors
         trainer_state.json      step, data position, scheduler, optimiser hyperparameters, RNG
                                 scalars, whatever else the trainer passes in `meta`
-        COMPLETE                written last
+        COMPLETE                written last: the step and the sha256 of every file above
 
 A checkpoint is written into a hidden temp directory beside the final one, COMPLETE last, then
 renamed into place: a crash leaves either a complete checkpoint or a temp directory that is never
-picked (and is removed by the next save). Tensors are full state dicts (gathered from DDP/FSDP2
+picked (and is removed by the next save). Damage after that (a truncated copy, a flipped bit) is
+caught by the digests: `--resume auto` falls back to the newest checkpoint that verifies, with a
+warning naming what was wrong. Tensors are full state dicts (gathered from DDP/FSDP2
 by the trainer), so a checkpoint loads with any world size. No pickle anywhere.
 """
 
@@ -23,6 +25,7 @@ import os
 import random
 import re
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +34,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from eva_repro.shards import atomic_save_safetensors, atomic_write_json
+from eva_repro.shards import atomic_save_safetensors, atomic_write_json, sha256_file
 
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"
@@ -151,6 +154,21 @@ def save_checkpoint(run_dir: str | os.PathLike, state: TrainingState, keep: int 
         shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     tmp.mkdir()
+    try:  # a full disk (or anything else) leaves no half checkpoint and the older ones intact
+        _write_files(tmp, state)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():  # e.g. the final save of a run resumed at exactly this step
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _write_files(tmp: Path, state: TrainingState) -> None:
     rng_tensors, rng_scalars = state.rng if state.rng is not None else capture_rng()
     opt_tensors, opt_other = split_optimizer_state(state.optimizer)
     atomic_write_json(tmp / "config.json", state.model_config)
@@ -160,14 +178,8 @@ def save_checkpoint(run_dir: str | os.PathLike, state: TrainingState, keep: int 
     atomic_save_safetensors(rng_tensors, tmp / "rng.safetensors")
     atomic_write_json(tmp / "trainer_state.json", {
         "step": state.step, "optimizer": opt_other, "rng": rng_scalars, **state.meta})
-    atomic_write_json(tmp / COMPLETE, {"step": state.step})
-    if final.exists():  # e.g. the final save of a run resumed at exactly this step
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(root)
-    for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+    digests = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
+    atomic_write_json(tmp / COMPLETE, {"step": state.step, "sha256": digests})
 
 
 def _fsync_dir(path: Path) -> None:
@@ -178,15 +190,34 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def verify_checkpoint(path: str | os.PathLike) -> None:
+    """Every file matches the digest COMPLETE recorded (checkpoints older than the digests:
+    only that the files are there)."""
+    path = Path(path)
+    try:
+        record = json.loads((path / COMPLETE).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable {COMPLETE} marker ({e})") from e
+    expected = record.get("sha256") or {f"{n}.safetensors": None for n in TENSOR_FILES}
+    for name, digest in expected.items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{path}: {name} is missing")
+        if digest is not None and sha256_file(file) != digest:
+            raise CheckpointError(f"{path}: {name} does not match its recorded sha256 (truncated "
+                                  "or corrupted after it was written)")
+
+
 def resolve_resume(run_dir: str | os.PathLike, resume: str | None) -> Path | None:
-    """`--resume auto` -> newest complete checkpoint of run_dir (or None); a path must be complete."""
+    """`--resume auto` -> the newest complete checkpoint of run_dir that verifies (or None),
+    warning about each newer damaged one; an explicit path must be complete and verify."""
     if not resume:
         return None
     if resume == "auto":
-        return latest_checkpoint(run_dir)
+        return _newest_valid(list_checkpoints(run_dir))
     path = Path(resume)
     if (path / CHECKPOINTS).is_dir():  # a run directory
-        found = latest_checkpoint(path)
+        found = _newest_valid(list_checkpoints(path))
         if found is None:
             raise CheckpointError(f"{path}: --resume run directory has no complete checkpoint; "
                                   "use --resume auto to start fresh when there is none")
@@ -194,7 +225,21 @@ def resolve_resume(run_dir: str | os.PathLike, resume: str | None) -> Path | Non
     if not (path / COMPLETE).exists():
         raise CheckpointError(f"{path}: not a complete checkpoint (no {COMPLETE} marker); pass a "
                               f"directory like {Path(run_dir) / CHECKPOINTS / 'step-00001000'}")
+    verify_checkpoint(path)
     return path
+
+
+def _newest_valid(checkpoints: list[Path]) -> Path | None:
+    for path in reversed(checkpoints):
+        try:
+            verify_checkpoint(path)
+            return path
+        except CheckpointError as e:
+            print(f"warning: skipping a damaged checkpoint: {e}", file=sys.stderr)
+    if checkpoints:  # starting over would silently discard the run: the user decides
+        raise CheckpointError(f"{checkpoints[-1].parent}: none of its {len(checkpoints)} "
+                              "checkpoints verifies; move the directory away to start fresh")
+    return None
 
 
 def load_checkpoint(path: str | os.PathLike) -> TrainingState:

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from eva_repro import shards
+from eva_repro.preemption import ignore_stop_signals
 from eva_repro.shards import Manifest, ShardError, ShardReader
 
 SPLIT_SALT = "eva-repro"
@@ -133,6 +134,10 @@ def open_training_data(
     if not train:
         raise DataError(f"{manifest.root}: no training rows left after the {eval_fraction:.0%} "
                         "held-out split; lower --eval_fraction or add data")
+    if eval_fraction > 0 and not heldout:  # refuse now, not after a run nothing can score
+        raise DataError(f"{manifest.root}: {len(keys)} samples are too few to hold any out (the "
+                        f"floor is a fifth of them, up to {shards.MIN_HELDOUT}); add data, or pass "
+                        "--eval_fraction 0 to train without held-out evaluation")
     return TrainData(manifest, reader, keys, train, heldout, eval_fraction,
                      max_samples, salt)
 
@@ -273,7 +278,9 @@ def worker_init(_worker_id: int = 0) -> None:
     batch every multi-MB batch buffer comes from the heap instead of its own mapping and is not
     returned on free: measured, worker memory grew ~10 MB per batch at real token sizes. With a
     fixed threshold each buffer is unmapped when freed and memory stays flat. No-op off glibc.
+    Also leaves SIGTERM / SIGUSR1 to the main process (preemption).
     """
+    ignore_stop_signals()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # -3 = M_MMAP_THRESHOLD
 

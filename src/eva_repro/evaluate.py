@@ -32,12 +32,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from eva_repro import __version__ as _version
 from eva_repro import flow, metrics, shards
 from eva_repro.baselines import fit_baselines, iter_batches
 from eva_repro.generate import METHODS, ModelDataMismatch, add_sampler_args, generate_batch, resolve_device
+from eva_repro.progress import progress_bar
 
 PLOTS = {"histogram": "cosine_hist.png", "heatmap": "cosine_heatmap.png", "nfe": "cosine_vs_nfe.png"}
 SWEEP_SIZES = ("auto", "none", "small", "full")  # auto: full on CUDA, small on CPU
@@ -192,7 +192,7 @@ def main_pass(model, reader, eval_idx, baselines, opts: EvalOptions, device) -> 
     c = Collected()
     rolled = eval_idx[1:] + eval_idx[:1]  # image i gets the condition of image i+1
     n_control = min(opts.control_samples, len(eval_idx)) if len(eval_idx) > 1 else 0
-    bar = tqdm(total=len(eval_idx), desc="evaluate", unit="img", disable=not opts.progress)
+    bar = progress_bar(total=len(eval_idx), desc="evaluate", unit="img", disable=not opts.progress)
     start_time, done = time.perf_counter(), 0
     for (batch, rows), (_, other) in zip(iter_batches(reader, eval_idx, opts.batch_size),
                                          iter_batches(reader, rolled, opts.batch_size), strict=True):
@@ -254,7 +254,7 @@ def sampler_sweep(model, reader, eval_idx, opts: EvalOptions, device: torch.devi
         configs.append(dict(method=opts.method, steps=opts.steps, shift=opts.shift,
                             cfg_scale=cfg_scale))
     out = []
-    for cfg in tqdm(configs, desc="sampler sweep", unit="cfg", disable=not opts.progress):
+    for cfg in progress_bar(configs, desc="sampler sweep", unit="cfg", disable=not opts.progress):
         cos, nfe = [], []
         for s in range(0, len(subset), opts.batch_size):
             gen, k = generate_batch(model, rows["clip"][s:s + opts.batch_size], cfg["steps"],

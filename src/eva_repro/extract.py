@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from eva_repro import __version__, shards
 from eva_repro.encoders import (
@@ -51,6 +50,9 @@ from eva_repro.images import (
     discover,
     list_images,
 )
+from eva_repro.lockfile import DirectoryLock
+from eva_repro.preemption import Preempted, StopSignals, ignore_stop_signals
+from eva_repro.progress import progress_bar
 
 __all__ = ["ExtractError", "Settings", "configure_parser", "extract", "list_images", "merge",
            "run", "run_extraction"]
@@ -322,14 +324,15 @@ def run_pipeline(out_dir: Path, chunks: Sequence[Sequence[InputItem]], todo: Seq
                else _default_workers(device, 1))
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
-        pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
+        pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
+        worker_init_fn=ignore_stop_signals)
     out_dtype = shards.DTYPES[settings.dtype]
     remaining = {c: len(chunks[c]) for c in todo}
     bufs: dict[int, dict[str, Any]] = {}
-    bar = tqdm(total=len(flat), unit="img", desc=f"extract[rank {rank}]" if rank else "extract",
+    bar = progress_bar(total=len(flat), unit="img", desc=f"extract[rank {rank}]" if rank else "extract",
                disable=not settings.progress or rank != 0, dynamic_ncols=True)
     start = chunk_start = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), StopSignals() as signals:
         for batch, k in zip(loader, owner, strict=True):
             c = todo[k]
             buf = bufs.setdefault(c, {"clip": [], "eva": [], "keys": [], "captions": [],
@@ -357,6 +360,10 @@ def run_pipeline(out_dir: Path, chunks: Sequence[Sequence[InputItem]], todo: Seq
                                      "seconds": round(secs, 3),
                                      "images_per_s": round(len(chunks[c]) / secs, 2)})
                 chunk_start = now
+                if signals.received:  # at a chunk boundary: nothing finished is lost
+                    bar.close()
+                    raise Preempted(f"stopped on {signals.received} after {stats.chunks_written} "
+                                    f"chunks of this run; rerun the same command to resume")
     bar.close()
     stats.seconds = time.perf_counter() - start
     return stats
@@ -430,6 +437,7 @@ def run_extraction(inputs: Any, output_dir: str | os.PathLike, settings: Setting
     if settings.limit is not None:
         discovery.items = discovery.items[:settings.limit]
     ctx = _dist_context()
+    lock = None
     try:
         device = _device(settings.device, ctx)
         if encoders is None:
@@ -446,6 +454,8 @@ def run_extraction(inputs: Any, output_dir: str | os.PathLike, settings: Setting
                                    f"{enc.spec.name}'s native {enc.native_grid}x"
                                    f"{enc.native_grid} grid; use --grid {enc.native_grid} or less")
         config = _make_config(settings, inputs_list, discovery, {"eva": eva, "clip": clip})
+        if ctx.rank == 0:  # one writer per directory; the ranks of this job are that writer
+            lock = DirectoryLock(out_dir, "eva-repro extract").acquire()
         out_dir.mkdir(parents=True, exist_ok=True)
         _prepare_output(out_dir, config, ctx)
         chunks = _chunks(discovery.items, settings.shard_size)
@@ -471,6 +481,8 @@ def run_extraction(inputs: Any, output_dir: str | os.PathLike, settings: Setting
             manifest = json.loads((out_dir / shards.MANIFEST).read_text())
         return Result(manifest, stats)
     finally:
+        if lock is not None:
+            lock.release()
         ctx.close()
 
 

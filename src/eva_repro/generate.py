@@ -23,9 +23,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from eva_repro import flow, shards
+from eva_repro.preemption import Preempted, StopSignals
+from eva_repro.progress import progress_bar
 
 METHODS = flow.METHODS
 
@@ -117,7 +118,7 @@ def generate(
     model.eval()
     out = []
     try:
-        for start in tqdm(range(0, clip_tokens.shape[0], batch_size), desc="generate",
+        for start in progress_bar(range(0, clip_tokens.shape[0], batch_size), desc="generate",
                           disable=not progress, leave=False):
             x, _ = generate_batch(model, clip_tokens[start:start + batch_size], steps, method,
                                   cfg_scale, shift, seed, offset=start)
@@ -197,26 +198,31 @@ def run(args: argparse.Namespace) -> int:
                             "cfg_scale": args.cfg_scale, "seed": args.seed}}
     done = _resume(out, settings)
     start_time, written = time.time(), 0
-    bar = tqdm(total=len(reader), desc="sample", unit="img")
+    bar = progress_bar(total=len(reader), desc="sample", unit="img")
     offset = 0
-    for index, entry in enumerate(manifest.shards):
-        n = int(entry["num_samples"])
-        if index in done and done[index].num_samples == n:  # resumed: this shard is finished
-            bar.update(n)
+    with StopSignals() as signals:
+        for index, entry in enumerate(manifest.shards):
+            n = int(entry["num_samples"])
+            if index in done and done[index].num_samples == n:  # resumed: this shard is finished
+                bar.update(n)
+                offset += n
+                continue
+            sidecar = manifest.sidecar(entry)
+            clip = reader.read_rows(index, 0, n)["clip"]
+            gen = []
+            for s in range(0, n, args.batch_size):
+                x, _ = generate_batch(model, clip[s:s + args.batch_size], args.steps, args.method,
+                                      args.cfg_scale, args.shift, args.seed, offset=offset + s)
+                gen.append(x.cpu())
+                bar.update(min(args.batch_size, n - s))
+            shards.write_shard(out, entry.get("index", index), clip, torch.cat(gen), sidecar.keys,
+                               sidecar.captions, dtype=args.dtype)
+            written += n
             offset += n
-            continue
-        sidecar = manifest.sidecar(entry)
-        clip = reader.read_rows(index, 0, n)["clip"]
-        gen = []
-        for s in range(0, n, args.batch_size):
-            x, _ = generate_batch(model, clip[s:s + args.batch_size], args.steps, args.method,
-                                  args.cfg_scale, args.shift, args.seed, offset=offset + s)
-            gen.append(x.cpu())
-            bar.update(min(args.batch_size, n - s))
-        shards.write_shard(out, entry.get("index", index), clip, torch.cat(gen), sidecar.keys,
-                           sidecar.captions, dtype=args.dtype)
-        written += n
-        offset += n
+            if signals.received and offset < len(reader):  # at a shard boundary
+                bar.close()
+                raise Preempted(f"stopped on {signals.received} after {written} samples written "
+                                "now; rerun the same command to resume")
     bar.close()
     meta = {k: v for k, v in manifest.data.items()
             if k not in ("format", "format_version", "num_samples", "num_failures", "tokens",

@@ -20,6 +20,13 @@ class Preempted(Exception):
     """The job stopped on a signal after saving its work; the CLI exits with EXIT_PREEMPTED."""
 
 
+def ignore_stop_signals(_worker_id: int = 0) -> None:
+    """For DataLoader workers: a scheduler signals the whole process group, and a worker killed
+    by it would fail the main process before it saves. Workers exit with the main process."""
+    for sig in SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class StopSignals:
     """Context manager: while inside, SIGTERM / SIGUSR1 set `received` instead of killing.
 

@@ -16,10 +16,13 @@ stays bounded whatever the data size. No pickle anywhere.
 from __future__ import annotations
 
 import bisect
+import errno
 import hashlib
 import json
 import math
 import os
+import re
+import shutil
 import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -49,6 +52,27 @@ class ShardError(ValueError):
 # atomic files
 
 
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+class DiskFullError(ValueError):
+    """A write ran out of space or hit a file-size limit; the partial file was removed."""
+
+
+def _out_of_space(path: Path, nbytes: int, error: BaseException) -> DiskFullError | None:
+    """The one-line error for a full disk (OSError, or safetensors' "os error N"), else None."""
+    code = error.errno if isinstance(error, OSError) else None
+    if code is None and (m := re.search(r"os error (\d+)", str(error))):
+        code = int(m.group(1))
+    if code not in NO_SPACE:
+        return None
+    free = shutil.disk_usage(path.parent).free
+    limit = " or the file-size limit (ulimit -f)" if code == errno.EFBIG else ""
+    return DiskFullError(f"{path}: out of disk space{limit} writing {nbytes / 1e6:.1f} MB "
+                         f"({free / 1e6:.0f} MB free there); free space or write elsewhere "
+                         "(nothing partial was kept)")
+
+
 def _publish(tmp: str, path: Path) -> None:
     """Rename a finished temp file into place with normal permissions (mkstemp makes it 0600)."""
     umask = os.umask(0)
@@ -68,8 +92,10 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         _publish(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if (full := _out_of_space(path, len(data), e)) is not None:
+            raise full from e
         raise
 
 
@@ -88,8 +114,11 @@ def atomic_save_safetensors(
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
         _publish(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        if (full := _out_of_space(path, nbytes, e)) is not None:
+            raise full from e
         raise
 
 
@@ -407,13 +436,23 @@ def heldout_score(key: str, salt: str = "eva-repro") -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
+MIN_HELDOUT = 8  # held-out floor when eval_fraction > 0, at most a fifth of the samples
+
+
 def split_indices(
     keys: Sequence[str], eval_fraction: float, salt: str = "eva-repro"
 ) -> tuple[list[int], list[int]]:
-    """Deterministic (train, heldout) row indices by key hash."""
+    """Deterministic (train, heldout) row indices by key hash.
+
+    A key is held out when its hash score is below eval_fraction. With eval_fraction > 0 on
+    small data, the keys of lowest score are added until min(MIN_HELDOUT, len(keys) // 5) are
+    held out, so a run of 20 photos at 5% still has held-out samples (4) to score."""
     if not 0.0 <= eval_fraction < 1.0:
         raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
-    train, heldout = [], []
-    for i, key in enumerate(keys):
-        (heldout if heldout_score(key, salt) < eval_fraction else train).append(i)
-    return train, heldout
+    scores = [heldout_score(key, salt) for key in keys]
+    floor = min(MIN_HELDOUT, len(keys) // 5) if eval_fraction > 0 else 0
+    by_score = sorted(range(len(keys)), key=scores.__getitem__)
+    cut = max(floor, sum(s < eval_fraction for s in scores))
+    held = set(by_score[:cut])
+    train = [i for i in range(len(keys)) if i not in held]
+    return train, sorted(held)

@@ -38,8 +38,10 @@ from eva_repro import checkpoint as ckpt
 from eva_repro import data as data_mod
 from eva_repro import flow
 from eva_repro.data import BatchSchedule, DataPosition, TrainData
+from eva_repro.lockfile import DirectoryLock
 from eva_repro.preemption import Preempted, StopSignals
-from eva_repro.shards import TOKEN_MODES, atomic_write_json
+from eva_repro.progress import progress_bar
+from eva_repro.shards import MIN_HELDOUT, TOKEN_MODES, atomic_write_json
 
 OVERFIT_DEFAULT_STEPS = 300
 # Peak AdamW learning rate per preset when --learning_rate is not given: roughly 1/width, the
@@ -812,8 +814,17 @@ def train(config: TrainConfig | dict[str, Any],
     """Train as configured; returns the summary (also written to run_dir/summary.json on rank 0).
 
     `on_step(step, record)` is called after every optimiser step (tests use it to simulate a crash).
+    One writer per run directory: a second `train` on it stops before touching anything.
     """
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
+    validate_config(cfg)
+    with contextlib.ExitStack() as stack:
+        if int(os.environ.get("RANK", "0")) == 0:  # the ranks of one job are one writer
+            stack.enter_context(DirectoryLock(cfg.output_dir, "eva-repro train"))
+        return _train(cfg, on_step)
+
+
+def _train(cfg: TrainConfig, on_step: Callable[[int, dict[str, Any]], None] | None) -> dict[str, Any]:
     run = setup(cfg)
     cfg, d = run.cfg, run.d
     write_run_files(run)
@@ -821,7 +832,8 @@ def train(config: TrainConfig | dict[str, Any],
                          run.step if run.resumed_from else None)
     monitor = DebugMonitor(run.raw, d) if cfg.debug_mode else None
     log(d, f"{cfg.model_size}: {run.raw.num_parameters() / 1e6:.1f}M parameters, "
-           f"{len(run.train_rows)} training / {len(run.data.heldout_rows)} held-out samples, "
+           f"{len(run.train_rows)} training / {len(run.data.heldout_rows)} held-out samples (key "
+           f"hash < {cfg.eval_fraction:g}, at least min({MIN_HELDOUT}, samples / 5)), "
            f"global batch {run.schedule.global_batch * cfg.grad_accum}, {run.total_steps} steps "
            f"on {d.world_size} x {d.device} ({'FSDP2' if cfg.fsdp else 'DDP' if d.enabled else 'single'})")
     stats = {"skipped_samples": 0, "nonfinite_steps": 0, "nonfinite_in_a_row": 0}
@@ -830,10 +842,8 @@ def train(config: TrainConfig | dict[str, Any],
     interval = Interval()
     start_time = time.perf_counter()
     train_s = 0.0  # seconds in optimiser steps since this process started (the curves' x-axis)
-    from tqdm import tqdm
-
-    bar = tqdm(total=run.total_steps, initial=run.step, unit="step", dynamic_ncols=True,
-               disable=not (d.is_main and cfg.progress), file=sys.stderr)
+    bar = progress_bar(total=run.total_steps, initial=run.step, unit="step", desc="train",
+                       dynamic_ncols=True, disable=not (d.is_main and cfg.progress))
     signals = StopSignals().__enter__()
     try:
         if run.step == 0:  # the untrained baseline, so the curve starts where learning starts

@@ -1,0 +1,70 @@
+"""One writer per directory: a live holder refuses a second writer; a dead one never blocks."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from eva_repro import train as train_mod
+from eva_repro.extract import extract
+from eva_repro.lockfile import LOCK_NAME, DirectoryLock, DirectoryLocked
+from eva_repro.synth import write_synthetic_shards
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _hold_in_subprocess(directory: Path) -> subprocess.Popen:
+    script = textwrap.dedent(f"""
+        import sys, time
+        from eva_repro.lockfile import DirectoryLock
+        DirectoryLock({str(directory)!r}, "eva-repro train").acquire()
+        print("held", flush=True)
+        time.sleep(600)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_second_writer_is_refused_naming_the_holder_and_a_killed_holder_blocks_nothing(tmp_path):
+    proc = _hold_in_subprocess(tmp_path)
+    try:
+        with pytest.raises(DirectoryLocked) as info:
+            DirectoryLock(tmp_path, "eva-repro train").acquire()
+        message = str(info.value)
+        assert "\n" not in message and str(tmp_path) in message
+        assert f"pid {proc.pid}" in message and "eva-repro train on host" in message
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert (tmp_path / LOCK_NAME).exists()  # the file stays behind ...
+    with DirectoryLock(tmp_path, "next run"):  # ... and does not block the next run
+        pass
+
+
+def test_train_and_extract_refuse_a_directory_another_process_writes(tmp_path):
+    data = tmp_path / "data"
+    write_synthetic_shards(data, 40, grid=2, clip_dim=8, eva_dim=8, seed=0)
+    run_dir = tmp_path / "run"
+    cfg = dict(data_dir=str(data), output_dir=str(run_dir), model_size="tiny", max_steps=1,
+               model_overrides={"hidden": 32, "depth": 1, "n_heads": 2, "n_kv_heads": 1},
+               batch_size=4, num_workers=0, progress=False, tensorboard=False)
+    with (DirectoryLock(run_dir, "eva-repro train"),
+          pytest.raises(DirectoryLocked, match="another process is writing here")):
+        train_mod.train(cfg)
+    assert not (run_dir / "checkpoints").exists() and not (run_dir / "metrics.jsonl").exists()
+    assert train_mod.train(cfg)["steps"] == 1  # released: the run goes ahead
+    shards_dir, image = tmp_path / "shards", tmp_path / "photo.png"
+    Image.fromarray(np.full((64, 64, 3), 128, dtype=np.uint8)).save(image)
+    with (DirectoryLock(shards_dir, "eva-repro extract"),
+          pytest.raises(DirectoryLocked, match="eva-repro extract on host")):
+        extract([image], shards_dir, eva="EVA02-B-16", clip="ViT-B-16", eva_weights="random",
+                clip_weights="random", encoder_depth=1, grid=2, num_workers=0, progress=False)
+    assert list(shards_dir.iterdir()) == [shards_dir / LOCK_NAME]
