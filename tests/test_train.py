@@ -15,10 +15,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from eva_repro import checkpoint as ckpt
+from eva_repro import flow
 from eva_repro import train as train_mod
+from eva_repro.baselines import fit_baselines
 from eva_repro.evaluate import evaluate
 from eva_repro.model import VARIANTS
 from eva_repro.preemption import EXIT_PREEMPTED, Preempted
+from eva_repro.shards import ShardReader
 from eva_repro.synth import write_synthetic_shards
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -259,6 +262,22 @@ def test_fsdp2_two_processes_on_cpu(tmp_path, small_data):
     assert not torch.distributed.is_initialized()  # the run cleans up the group it made
 
 
+def test_ridge_linear_init_starts_the_run_exactly_at_the_ridge_baseline(tmp_path):
+    data, out = tmp_path / "data", tmp_path / "run"
+    write_synthetic_shards(data, 200, grid=2, clip_dim=16, eva_dim=32, seed=2, shard_size=64)
+    train_mod.train(_cfg(data, out, max_steps=1, linear_init="ridge", eval_fraction=0.2,
+                         eval_samples=40))
+    step0 = next(m for m in _metrics(out) if m["step"] == 0 and "heldout_cosine" in m)
+    reader = ShardReader(data)
+    keys, held_keys = reader.keys(), json.loads((out / "split.json").read_text())["heldout_keys"]
+    train_rows = [i for i, k in enumerate(keys) if k not in set(held_keys)]
+    _, ridge = fit_baselines(reader, train_rows, progress=False)
+    held = [reader.read(keys.index(k)) for k in held_keys[:40]]
+    clip, eva = (torch.stack([r[name].float() for r in held]) for name in ("clip", "eva"))
+    want = flow.token_cosine(ridge.predict(clip), eva).mean().item()
+    assert 0.5 < want < 0.99 and step0["heldout_cosine"] == pytest.approx(want, abs=1e-4)
+
+
 def test_nan_samples_are_skipped_and_debug_mode_logs_layers(tmp_path):
     data = tmp_path / "data"
     write_synthetic_shards(data, 16, grid=2, clip_dim=16, eva_dim=32, shard_size=16)
@@ -266,8 +285,9 @@ def test_nan_samples_are_skipped_and_debug_mode_logs_layers(tmp_path):
     t["eva"][3, 0, 0] = float("nan")
     save_file(t, str(data / "shard-00000.safetensors"))
     out = tmp_path / "run"
+    # linear_init ridge: the least-squares fit at start-up skips the bad sample too
     summary = train_mod.train(_cfg(data, out, batch_size=4, max_steps=8, debug_mode=True,
-                                   verify_checksums=False, eval_fraction=0.0))
+                                   verify_checksums=False, eval_fraction=0.0, linear_init="ridge"))
     assert summary["skipped_samples"] == 2  # 2 epochs of 16 samples, one of them bad
     assert summary["nonfinite_steps"] == 0 and summary["final_loss"] == summary["final_loss"]
     last = _metrics(out)[-2]

@@ -188,9 +188,15 @@ def fit_baselines(
     held_in = set(list(train_indices)[9::10]) if len(train_indices) >= 20 else set()
     bar = progress_bar(total=len(train_indices), desc="fit baselines", unit="img", disable=not progress,
                leave=False)
+    skipped = 0
     for batch, rows in iter_batches(reader, train_indices, batch_size):
+        finite = (rows["clip"].flatten(1).isfinite().all(1) & rows["eva"].flatten(1).isfinite().all(1))
+        if not finite.all():  # NaN/Inf samples: the trainer skips them, and so do the fits
+            skipped += int((~finite).sum())
+            batch = [i for i, ok in zip(batch, finite.tolist(), strict=True) if ok]
+            rows = {k: v[finite] for k, v in rows.items()}
         mean_acc.update(rows["eva"])
-        is_val = torch.tensor([i in held_in for i in batch])
+        is_val = torch.tensor([i in held_in for i in batch], dtype=torch.bool)
         if (~is_val).any():
             fit.update(rows["clip"][~is_val], rows["eva"][~is_val])
         if is_val.any():
@@ -209,7 +215,8 @@ def fit_baselines(
         "alpha": alpha,
         "lambda": alpha * fit.tokens_seen,
         "validation_mse": {f"{a:g}": round(s, 6) for a, s in scores.items()},
-        "num_train_samples": len(train_indices),
+        "num_train_samples": len(train_indices) - skipped,
+        "skipped_nonfinite_samples": skipped,
         "num_held_in_samples": len(held_in),
         "features": "RMS-normalised condition token + per-position bias" if position_bias
         else "RMS-normalised condition token + bias",

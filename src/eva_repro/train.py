@@ -70,7 +70,7 @@ class TrainConfig:
     model_size: str = "base"
     model_variant: str = "eva-repro"  # eva-repro | lumina-next (the pure BLIP3-o head): VARIANTS
     model_overrides: dict[str, Any] = field(default_factory=dict)  # DiTConfig fields over the preset
-    linear_init: str = "ridge"  # ridge | zero: how the head's linear path starts (LINEAR_INITS)
+    linear_init: str = "zero"  # zero | ridge: how the head's linear path starts (measured)
     training_mode: str = "auto"  # auto (from the manifest) | patch_only | cls_patch
     # batches and length
     batch_size: int = 8  # per rank and micro-batch
@@ -256,7 +256,7 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-LINEAR_INITS = ("ridge", "zero")
+LINEAR_INITS = ("zero", "ridge")
 RIDGE_INIT_SAMPLES = 4096  # enough for a D x D map; a bounded extra read on huge datasets
 
 
@@ -969,8 +969,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     a("--model_override", dest="model_overrides", action="append", default=[], metavar="KEY=VALUE",
       help="override a DiTConfig field of the preset, e.g. depth=2 (repeatable; JSON values)")
     a("--linear_init", default=c.linear_init, choices=list(LINEAR_INITS),
-      help="eva-repro head: start its linear path at the ridge fit of the training split "
-           "(default) or at zero")
+      help="eva-repro head: start its linear path at zero (default: best on the synthetic "
+           "sets) or at the ridge fit of the training split (starts at ridge; better on small "
+           "real-photo sets, see README Learning)")
     a("--training_mode", default=c.training_mode, choices=["auto", *TOKEN_MODES],
       help="token layout; auto follows the shards (patch_only on CLS shards drops the CLS token)")
     a("--batch_size", type=int, default=c.batch_size, help="per rank and micro-batch")

@@ -358,7 +358,7 @@ class DiT(nn.Module):
         for lin in (self.t_embed.mlp[0], self.t_embed.mlp[2]):
             nn.init.normal_(lin.weight, std=0.02)
         # zero init: blocks start as identity, the output (velocity) starts at exactly zero
-        # the linear path starts at zero too (or at least squares: fit_linear_path)
+        # the linear path starts at zero too (or at least squares: init_linear_path)
         zero = [b.ada[-1] for b in self.blocks] + [self.final_ada[-1], self.out]
         if self.config.cond_linear:
             zero.append(self.linear_cond)
