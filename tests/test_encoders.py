@@ -320,3 +320,43 @@ def test_eva_clip_8b_path_loads_remote_code_snapshot(tmp_path, monkeypatch):
     p = enc.provenance
     assert p["weights"] == "file" and p["depth"] == 1 and p["full_depth"] == 2
     assert len(p["weights_sha256"]) == 64
+
+
+def test_blip3o_target_layer_and_resolution_eva02_e_at_448():
+    """EVA02-E-14-plus at 448 px: a 32 x 32 grid of 1792-d tokens; last_block = the tokens the
+    final norm would normalise (depth-2 random tower)."""
+    x = torch.randn(1, 3, 448, 448, generator=torch.Generator().manual_seed(0))
+    last = load_encoder("EVA02-E-14-plus", "random", depth=2, image_size=448,
+                        token_source="last_block")
+    final = load_encoder("EVA02-E-14-plus", "random", depth=2, image_size=448)
+    assert (last.image_size, last.native_grid, last.width) == (448, 32, 1792)
+    assert last.provenance["token_source"] == "last_block"
+    assert last.provenance["image_size"] == 448 and last.provenance["native_image_size"] == 224
+    with torch.inference_mode():
+        raw, normed = last(x), final(x)
+        assert raw.shape == (1, 1 + 32 * 32, 1792)
+        torch.testing.assert_close(final.tokens.model.norm(raw), normed, atol=1e-5, rtol=1e-5)
+    # not normalised: a LayerNorm output has per-token mean 0 and std 1, these do not
+    assert normed[0, 1:].std(dim=-1).mean() == pytest.approx(1.0, abs=0.01)
+    assert abs(raw[0, 1:].std(dim=-1).mean().item() - 1.0) > 0.1
+    # 32 -> 8 pooling is an exact 4 x 4 mean per cell
+    pooled = pool_grid(raw, 8)[:, 1:]
+    blocks = raw[:, 1:].reshape(1, 8, 4, 8, 4, 1792).mean(dim=(2, 4)).reshape(1, 64, 1792)
+    torch.testing.assert_close(pooled, blocks, atol=1e-5, rtol=1e-5)
+
+
+def test_resolution_and_token_source_for_open_clip_with_weights(tmp_path):
+    cfg = open_clip.get_model_config("ViT-B-16-quickgelu")
+    visual = _build_vision_tower(cfg["embed_dim"], {**cfg["vision_cfg"], "layers": 1},
+                                 quick_gelu=True)
+    save_file({f"visual.{k}": v.contiguous() for k, v in visual.state_dict().items()},
+              tmp_path / "clip.safetensors")
+    enc = load_encoder("ViT-B-16", str(tmp_path / "clip.safetensors"), depth=1, image_size=320,
+                       token_source="last_block", flag="--clip")  # 224-px positions resampled
+    assert enc.native_grid == 20 and enc.image_size == 320
+    with torch.inference_mode():
+        assert enc(torch.randn(1, 3, 320, 320)).shape == (1, 1 + 400, 768)
+    with pytest.raises(EncoderError, match="not a multiple of ViT-B-16's 16-px patches"):
+        load_encoder("ViT-B-16", "random", depth=1, image_size=300, flag="--clip")
+    with pytest.raises(EncoderError, match="token_source"):
+        load_encoder("ViT-B-16", "random", depth=1, token_source="penultimate")

@@ -317,3 +317,26 @@ def test_all_inputs_failing_is_an_error_after_logging_them(tmp_path):
         extract(tmp_path / "in", tmp_path / "out", **SMALL)
     assert len(shards.read_failures(tmp_path / "out")) == 2
     assert not list((tmp_path / "out").glob("shard-*"))
+
+
+def test_recipe_blip3o_writes_blip3o_target_tokens(tmp_path, capsys):
+    write_images(tmp_path / "in", 3)
+    out = tmp_path / "out"
+    args = ["extract", str(tmp_path / "in"), "--output_dir", str(out), "--recipe", "blip3o",
+            "--eva_weights", "random", "--clip", "ViT-B-16", "--clip_weights", "random",
+            "--encoder_depth", "1", "--num_workers", "0", "--no_progress"]
+    assert cli.main(args) == 0
+    m = shards.read_manifest(out)
+    eva = m.data["encoders"]["eva"]
+    assert (m.grid, m.tokens, m.eva_dim, m.clip_dim, m.include_cls) == (8, 64, 1792, 768, False)
+    assert (eva["name"], eva["image_size"], eva["native_grid"], eva["token_source"]) == (
+        "EVA02-E-14-plus", 448, 32, "last_block")
+    assert m.data["encoders"]["clip"]["token_source"] == "final_norm"
+    rows = shards.ShardReader(m).read_rows(0, 0, 3)
+    assert rows["eva"].shape == (3, 64, 1792) and rows["clip"].shape == (3, 64, 768)
+    # raw scale: no final norm, so token norms are not LayerNorm's sqrt(1792) ~ 42.3
+    assert abs(rows["eva"].float().norm(dim=-1).mean().item() - 1792 ** 0.5) > 2
+    capsys.readouterr()
+    assert cli.main([*args, "--eva", "EVA02-L-14"]) == 2
+    err = capsys.readouterr().err
+    assert "--recipe blip3o sets --eva EVA02-E-14-plus" in err and len(err.splitlines()) == 1

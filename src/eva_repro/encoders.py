@@ -1,8 +1,12 @@
 """Frozen vision encoders for extraction: registry, weights, preprocessing, grid pooling.
 
-Every encoder gives the tokens after its final norm as [B, 1 + g*g, width]: one summary token
-first (the class token; SigLIP has none, so its attention-pool output stands in), then the g x g
-patch tokens in row-major order. Pre-projection width, never the contrastive embedding.
+Every encoder gives [B, 1 + g*g, width] tokens: one summary token first (the class token;
+SigLIP has none, so its attention-pool output stands in), then the g x g patch tokens in
+row-major order. Pre-projection width, never the contrastive embedding. `token_source` picks the
+layer: "final_norm" (default: after the final norm) or "last_block" (the last block's output
+before the final norm, BLIP3-o's target). `image_size` runs an encoder at another resolution
+than its native one (position embeddings resampled by timm / open_clip when weights load), e.g.
+EVA02-E-14-plus at 448 px: a 32 x 32 grid.
 
 Backends
     timm       EVA-CLIP (open_clip builds these as a timm trunk; we build the same trunk without
@@ -43,6 +47,7 @@ SIGLIP_MEAN = (0.5, 0.5, 0.5)
 SIGLIP_STD = (0.5, 0.5, 0.5)
 
 WEIGHT_MODES = ("auto", "pretrained", "random")
+TOKEN_SOURCES = ("final_norm", "last_block")
 RESIZE = "shortest side to image_size (bicubic), center crop image_size x image_size"
 # file names looked for in a cache snapshot or a weights directory, best first
 WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin",
@@ -185,26 +190,29 @@ class _TimmTokens(nn.Module):
 
 
 class _OpenClipTokens(nn.Module):
-    def __init__(self, visual: nn.Module):
+    def __init__(self, visual: nn.Module, final_norm: bool = True):
         super().__init__()
         self.visual = visual
+        self.final_norm = final_norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         v = self.visual
-        return v.ln_post(v.transformer(v._embeds(x)))  # what open_clip pools, before proj
+        tokens = v.transformer(v._embeds(x))
+        return v.ln_post(tokens) if self.final_norm else tokens  # what open_clip pools
 
 
 class _HFTokens(nn.Module):
-    def __init__(self, vision: nn.Module):
+    def __init__(self, vision: nn.Module, final_norm: bool = True):
         super().__init__()
         self.vision = vision
+        self.final_norm = final_norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = next(self.vision.parameters()).dtype
         out = self.vision(pixel_values=x.to(dtype), return_dict=True)
         hidden = out.last_hidden_state
         # EVA-CLIP-8B (like HF CLIP) normalises only the pooled CLS; we want every token normed
-        norm = getattr(self.vision, "post_layernorm", None)
+        norm = getattr(self.vision, "post_layernorm", None) if self.final_norm else None
         return (norm(hidden) if norm is not None else hidden).float()
 
 
@@ -212,14 +220,14 @@ class FrozenEncoder(nn.Module):
     """A frozen encoder plus its preprocessing constants and provenance."""
 
     def __init__(self, spec: EncoderSpec, tokens: nn.Module, width: int, patch_size: int,
-                 provenance: dict[str, Any]):
+                 provenance: dict[str, Any], image_size: int | None = None):
         super().__init__()
         self.spec = spec
         self.tokens = tokens.eval().requires_grad_(False)
         self.width = width
         self.patch_size = patch_size
-        self.image_size = spec.image_size
-        self.native_grid = spec.image_size // patch_size
+        self.image_size = image_size or spec.image_size
+        self.native_grid = self.image_size // patch_size
         self.provenance = provenance
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
@@ -391,19 +399,23 @@ def _warn_random(spec: EncoderSpec, flag: str, seed: int) -> None:
 # builders
 
 
-def _build_timm(spec: EncoderSpec, depth: int | None, seed: int) -> tuple[nn.Module, int]:
+def _build_timm(spec: EncoderSpec, depth: int | None, seed: int,
+                image_size: int | None = None) -> tuple[nn.Module, int]:
     import timm
 
     kwargs = dict(spec.timm_kwargs)
     if depth is not None:
         kwargs["depth"] = depth
+    if image_size is not None:
+        kwargs["img_size"] = image_size
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = timm.create_model(spec.arch, pretrained=False, num_classes=0, **kwargs)
     return model, len(model.blocks)
 
 
-def _build_open_clip(spec: EncoderSpec, depth: int | None, seed: int) -> tuple[nn.Module, int]:
+def _build_open_clip(spec: EncoderSpec, depth: int | None, seed: int,
+                     image_size: int | None = None) -> tuple[nn.Module, int]:
     import open_clip
     from open_clip.model import _build_vision_tower
 
@@ -411,6 +423,8 @@ def _build_open_clip(spec: EncoderSpec, depth: int | None, seed: int) -> tuple[n
     vision_cfg = dict(cfg["vision_cfg"])
     if depth is not None:
         vision_cfg["layers"] = depth
+    if image_size is not None:
+        vision_cfg["image_size"] = image_size
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         visual = _build_vision_tower(cfg["embed_dim"], vision_cfg,
@@ -463,19 +477,30 @@ def _load_hf(spec: EncoderSpec, src: WeightsSource, depth: int | None, device: t
 
 
 def load_encoder(name: str, weights: str = "auto", *, depth: int | None = None, seed: int = 0,
-                 device: str | torch.device = "cpu", flag: str = "--eva") -> FrozenEncoder:
-    """Build a frozen encoder by registry name; `flag` only words the error messages."""
+                 device: str | torch.device = "cpu", flag: str = "--eva",
+                 image_size: int | None = None, token_source: str = "final_norm") -> FrozenEncoder:
+    """Build a frozen encoder by registry name; `flag` only words the error messages.
+
+    `image_size` (None: the encoder's own) and `token_source` (TOKEN_SOURCES): see the top."""
     spec = get_spec(name)
     device = torch.device(device)
     if depth is not None and depth < 1:
         raise EncoderError(f"--encoder_depth must be >= 1, got {depth}")
+    if token_source not in TOKEN_SOURCES:
+        raise EncoderError(f"{flag}_token_source must be one of {TOKEN_SOURCES}, got "
+                           f"{token_source!r}")
+    if image_size == spec.image_size:
+        image_size = None
+    if image_size is not None and spec.backend == "hf":
+        raise EncoderError(f"{flag}_image_size: {spec.name} runs at its own {spec.image_size} px "
+                           "only; drop the flag")
     src = resolve_weights(spec, weights, flag)
     if src.kind == "random" and weights == "auto" and spec.backend != "hf":
         _warn_random(spec, flag, seed)  # (the hf backend cannot run random: it errors below)
 
     if spec.backend == "hf":
         vision, width, patch, full = _load_hf(spec, src, depth, device, flag)
-        tokens: nn.Module = _HFTokens(vision)
+        tokens: nn.Module = _HFTokens(vision, final_norm=token_source == "final_norm")
         files = sorted(p for p in src.path.iterdir() if p.suffix in (".safetensors", ".bin"))
         weights_info = {"weights": src.origin, "weights_path": str(src.path),
                         "weights_sha256": _dir_sha256(files)}
@@ -484,7 +509,7 @@ def load_encoder(name: str, weights: str = "auto", *, depth: int | None = None, 
         if depth is not None and full is not None and depth > full:
             raise EncoderError(f"--encoder_depth {depth} exceeds {spec.name}'s {full} blocks")
         build = _build_timm if spec.backend == "timm" else _build_open_clip
-        model, built = build(spec, depth, seed)
+        model, built = build(spec, depth, seed, image_size)
         full = full or built
         if src.kind == "random":
             weights_info = {"weights": f"random-init, seed {seed}"}
@@ -495,6 +520,8 @@ def load_encoder(name: str, weights: str = "auto", *, depth: int | None = None, 
                 sd = {k: v for k, v in sd.items() if not k.startswith(("head.", "head_drop."))}
             else:
                 sd = {k: v for k, v in _strip_prefixes(sd, ("visual.",)).items() if k != "proj"}
+                if image_size is not None:
+                    sd = _open_clip_resize(sd, model)
             what = (f"{src.path}: weights do not match {spec.name} ({spec.arch}, "
                     f"depth {depth or full})")
             _check_and_load(model, _drop_blocks(sd, depth), what + f"; pass weights saved from "
@@ -502,25 +529,45 @@ def load_encoder(name: str, weights: str = "auto", *, depth: int | None = None, 
             weights_info = {"weights": src.origin, "weights_path": str(src.path),
                             "weights_sha256": sha256_file(src.path)}
         if spec.backend == "timm":
+            if token_source == "last_block":  # after the weights: the norm's are loaded, unused
+                model.norm = nn.Identity()
             tokens = _TimmTokens(model, spec.summary_token)
             width, patch = int(model.embed_dim), int(model.patch_embed.patch_size[0])
         else:
-            tokens = _OpenClipTokens(model)
+            tokens = _OpenClipTokens(model, final_norm=token_source == "final_norm")
             width, patch = int(model.conv1.out_channels), int(model.conv1.kernel_size[0])
+    size = image_size or spec.image_size
+    if size % patch or size < patch:
+        raise EncoderError(f"{flag}_image_size {size} is not a multiple of {spec.name}'s "
+                           f"{patch}-px patches; use e.g. {max(patch, size // patch * patch)}")
 
     provenance = {
         "name": spec.name, "backend": spec.backend, "arch": spec.arch,
         **weights_info,
-        "width": width, "patch_size": patch, "image_size": spec.image_size,
-        "native_grid": spec.image_size // patch,
+        "width": width, "patch_size": patch, "image_size": size,
+        "native_image_size": spec.image_size, "native_grid": size // patch,
+        "token_source": token_source,
         "depth": depth or full, "full_depth": full, "truncated": depth is not None,
         "mean": list(spec.mean), "std": list(spec.std), "resize": RESIZE,
-        "token_convention": ("final-norm tokens, pre-projection; token 0 = "
+        "token_convention": (("final-norm" if token_source == "final_norm" else
+                              "last-block (pre-final-norm, unnormalised)")
+                             + " tokens, pre-projection; token 0 = "
                              + ("attention-pool (MAP) output, the model has no CLS"
                                 if spec.summary_token == "map" else "CLS")
                              + ", then g*g patches row-major"),
     }
-    return FrozenEncoder(spec, tokens, width, patch, provenance).to(device)
+    return FrozenEncoder(spec, tokens, width, patch, provenance, size).to(device)
+
+
+def _open_clip_resize(sd: dict[str, torch.Tensor], visual: nn.Module) -> dict[str, torch.Tensor]:
+    """open_clip's own position-embedding resampling, for a tower built at another image size."""
+    from types import SimpleNamespace
+
+    from open_clip.model import resize_pos_embed
+
+    prefixed = {f"visual.{k}": v for k, v in sd.items()}
+    resize_pos_embed(prefixed, SimpleNamespace(visual=visual))
+    return {k.removeprefix("visual."): v for k, v in prefixed.items()}
 
 
 def _timm_filter(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:

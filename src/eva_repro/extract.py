@@ -34,6 +34,7 @@ import torch
 
 from eva_repro import __version__, shards
 from eva_repro.encoders import (
+    TOKEN_SOURCES,
     FrozenEncoder,
     list_encoders,
     load_encoder,
@@ -61,6 +62,11 @@ CONFIG = "extract_config.json"
 CHUNKS = "chunks"
 CONFIG_FORMAT = "eva-repro-extract"
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
+# Named target recipes: the settings they fix. BLIP3-o (JiuhaiChen/BLIP3o): EVA-CLIP-E-14-plus at
+# 448 px, the last block's output without the final norm, CLS dropped, 32 x 32 average-pooled
+# 4 x 4 to 8 x 8 = 64 tokens, raw scale.
+RECIPES = {"blip3o": {"eva": "EVA02-E-14-plus", "eva_image_size": 448,
+                      "eva_token_source": "last_block", "grid": 8, "training_mode": "patch_only"}}
 
 
 class ExtractError(ValueError):
@@ -84,6 +90,10 @@ class Settings:
     min_size: int = DEFAULT_MIN_SIZE
     max_pixels: int = DEFAULT_MAX_PIXELS
     limit: int | None = None
+    eva_image_size: int | None = None  # None: the encoder's own resolution
+    clip_image_size: int | None = None
+    eva_token_source: str = "final_norm"  # encoders.TOKEN_SOURCES
+    clip_token_source: str = "final_norm"
     # not in the fingerprint: they change speed, not results
     batch_size: int = 32
     num_workers: int | None = None
@@ -94,7 +104,27 @@ class Settings:
     def fingerprint(self) -> dict[str, Any]:
         keys = ("eva", "clip", "grid", "training_mode", "dtype", "shard_size", "encoder_depth",
                 "seed", "min_size", "max_pixels", "limit")
-        return {k: getattr(self, k) for k in keys}
+        out = {k: getattr(self, k) for k in keys}
+        # later additions only when set, so runs extracted before them still resume
+        for k in ("eva_image_size", "clip_image_size", "eva_token_source", "clip_token_source"):
+            if getattr(self, k) != getattr(Settings, k):
+                out[k] = getattr(self, k)
+        return out
+
+    @classmethod
+    def from_recipe(cls, recipe: str | None, **values: Any) -> Settings:
+        """Settings with a named recipe's values; a conflicting explicit value is an error."""
+        if recipe is None:
+            return cls(**values)
+        if recipe not in RECIPES:
+            raise ExtractError(f"unknown --recipe {recipe!r}; choose one of {sorted(RECIPES)}")
+        for key, value in RECIPES[recipe].items():
+            given = values.get(key)
+            if given is not None and given != value:
+                raise ExtractError(f"--recipe {recipe} sets --{key} {value}; drop --{key} "
+                                   f"{given} or the recipe")
+            values[key] = value
+        return cls(**values)
 
     def validate(self) -> None:
         if self.training_mode not in shards.TOKEN_MODES:
@@ -104,6 +134,9 @@ class Settings:
             raise ExtractError(f"--dtype must be one of {tuple(shards.DTYPES)}, got {self.dtype!r}")
         if self.autocast not in AUTOCAST:
             raise ExtractError(f"--autocast must be one of {tuple(AUTOCAST)}")
+        for name in ("eva_token_source", "clip_token_source"):
+            if getattr(self, name) not in TOKEN_SOURCES:
+                raise ExtractError(f"--{name} must be one of {TOKEN_SOURCES}")
         for name in ("grid", "shard_size", "batch_size", "min_size", "max_pixels"):
             if getattr(self, name) < 1:
                 raise ExtractError(f"--{name} must be >= 1, got {getattr(self, name)}")
@@ -442,10 +475,13 @@ def run_extraction(inputs: Any, output_dir: str | os.PathLike, settings: Setting
         device = _device(settings.device, ctx)
         if encoders is None:
             eva = load_encoder(settings.eva, settings.eva_weights, depth=settings.encoder_depth,
-                               seed=settings.seed, device=device, flag="--eva")
+                               seed=settings.seed, device=device, flag="--eva",
+                               image_size=settings.eva_image_size,
+                               token_source=settings.eva_token_source)
             clip = load_encoder(settings.clip, settings.clip_weights,
                                 depth=settings.encoder_depth, seed=settings.seed,
-                                device=device, flag="--clip")
+                                device=device, flag="--clip", image_size=settings.clip_image_size,
+                                token_source=settings.clip_token_source)
         else:
             eva, clip = (e.to(device) for e in encoders)
         for enc, flag in ((eva, "--eva"), (clip, "--clip")):
@@ -493,16 +529,25 @@ def extract(inputs: Any, output_dir: str | os.PathLike, *, eva: str = "EVA02-L-1
             encoder_depth: int | None = None, device: str | None = None, seed: int = 0,
             autocast: str = "bf16", min_size: int = DEFAULT_MIN_SIZE,
             max_pixels: int = DEFAULT_MAX_PIXELS, limit: int | None = None,
-            progress: bool = True) -> dict[str, Any]:
+            progress: bool = True, recipe: str | None = None,
+            eva_image_size: int | None = None, clip_image_size: int | None = None,
+            eva_token_source: str = "final_norm",
+            clip_token_source: str = "final_norm") -> dict[str, Any]:
     """Extract `inputs` (a folder, .tar files, a list file, or image paths) into shards in
-    `output_dir`; resumes a partial run. Returns the manifest dict (see `eva_repro.shards`)."""
-    settings = Settings(eva=eva, clip=clip, eva_weights=str(eva_weights),
-                        clip_weights=str(clip_weights), grid=grid, training_mode=training_mode,
-                        dtype=dtype, shard_size=shard_size, encoder_depth=encoder_depth,
-                        seed=seed, min_size=min_size, max_pixels=max_pixels, limit=limit,
-                        batch_size=batch_size, num_workers=num_workers, device=device,
-                        autocast=autocast, progress=progress)
-    return run_extraction(inputs, output_dir, settings).manifest
+    `output_dir`; resumes a partial run. Returns the manifest dict (see `eva_repro.shards`).
+    `recipe` (RECIPES, e.g. "blip3o") fixes the target encoder, its resolution and layer, and
+    the pooling."""
+    values = dict(eva=eva, clip=clip, eva_weights=str(eva_weights),
+                  clip_weights=str(clip_weights), grid=grid, training_mode=training_mode,
+                  dtype=dtype, shard_size=shard_size, encoder_depth=encoder_depth, seed=seed,
+                  min_size=min_size, max_pixels=max_pixels, limit=limit, batch_size=batch_size,
+                  num_workers=num_workers, device=device, autocast=autocast, progress=progress,
+                  eva_image_size=eva_image_size, clip_image_size=clip_image_size,
+                  eva_token_source=eva_token_source, clip_token_source=clip_token_source)
+    if recipe in RECIPES:  # here a default cannot be told from a choice: the recipe's wins
+        values = {k: v for k, v in values.items()
+                  if k not in RECIPES[recipe] or v != getattr(Settings, k)}
+    return run_extraction(inputs, output_dir, Settings.from_recipe(recipe, **values)).manifest
 
 
 # ---------------------------------------------------------------------------------------------
@@ -515,15 +560,27 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    "(one path per line, optional TAB caption) or image files")
     p.add_argument("--input_dir", action="append", default=[], help="image folder (repeatable)")
     p.add_argument("--output_dir", help="shard directory to write (or resume, or --merge)")
-    p.add_argument("--eva", default=d.eva, help=f"target encoder, one of {list_encoders()}")
+    p.add_argument("--recipe", choices=sorted(RECIPES), default=None,
+                   help="a named target: blip3o = EVA02-E-14-plus at 448 px, last block before "
+                        "the final norm, no CLS, 32x32 pooled 4x4 to 8x8 (BLIP3-o's tokens)")
+    p.add_argument("--eva", default=None, help=f"target encoder, one of {list_encoders()} "
+                                                 f"(default {d.eva})")
     p.add_argument("--clip", default=d.clip, help="condition encoder (same choices)")
     p.add_argument("--eva_weights", default=d.eva_weights,
                    help="auto | pretrained | random | PATH (file or snapshot dir)")
     p.add_argument("--clip_weights", default=d.clip_weights, help="as --eva_weights")
-    p.add_argument("--grid", type=int, default=d.grid,
-                   help="patch grid per side: 16 native at 224 px, 8 = avg-pooled (BLIP3-o)")
-    p.add_argument("--training_mode", choices=shards.TOKEN_MODES, default=d.training_mode,
-                   help="patch_only drops the CLS token, cls_patch keeps it first")
+    p.add_argument("--grid", type=int, default=None,
+                   help=f"patch grid per side (default {d.grid}): 16 native at 224 px, 8 = "
+                        "avg-pooled (BLIP3-o)")
+    p.add_argument("--training_mode", choices=shards.TOKEN_MODES, default=None,
+                   help="patch_only (default) drops the CLS token, cls_patch keeps it first")
+    for enc in ("eva", "clip"):
+        p.add_argument(f"--{enc}_image_size", type=int, default=None,
+                       help="input resolution (default: the encoder's own; position embeddings "
+                            "are resampled)")
+        p.add_argument(f"--{enc}_token_source", choices=TOKEN_SOURCES, default=None,
+                       help="final_norm (default): after the final norm; last_block: the last "
+                            "block's output before it")
     p.add_argument("--dtype", choices=list(shards.DTYPES), default=d.dtype)
     p.add_argument("--batch_size", type=int, default=d.batch_size)
     p.add_argument("--num_workers", type=int, default=None, help="decode workers (default: "
@@ -563,9 +620,13 @@ def run(args: argparse.Namespace) -> int:
     inputs = list(args.inputs) + list(args.input_dir)
     if not inputs:
         raise ExtractError("no inputs: pass image folders / .tar / list files, or --input_dir")
-    settings = Settings(
-        eva=args.eva, clip=args.clip, eva_weights=args.eva_weights,
-        clip_weights=args.clip_weights, grid=args.grid, training_mode=args.training_mode,
+    fixed = {k: getattr(args, k) for k in ("eva", "grid", "training_mode", "eva_image_size",
+                                            "clip_image_size", "eva_token_source",
+                                            "clip_token_source")}
+    values = {k: v for k, v in fixed.items() if v is not None}  # unset: recipe, else default
+    settings = Settings.from_recipe(
+        args.recipe, **values, clip=args.clip, eva_weights=args.eva_weights,
+        clip_weights=args.clip_weights,
         dtype=args.dtype, shard_size=args.shard_size, encoder_depth=args.encoder_depth,
         seed=args.seed, min_size=args.min_size, max_pixels=args.max_pixels, limit=args.limit,
         batch_size=args.batch_size, num_workers=args.num_workers, device=args.device,
