@@ -77,6 +77,9 @@ def test_report_has_the_documented_keys(cli_report, trained_run):
     methods = {(e["method"], e["shift"]) for e in r["sweep"]}
     assert methods == {(m, s) for m in ("euler", "heun", "dopri5") for s in (1.0, 3.0)}
     assert {e["cfg_scale"] for e in r["sweep"]} == {1.0, 1.5, 3.0}
+    blip3o = [e for e in r["sweep"] if e.get("named") == "blip3o"]  # BLIP3-o's own settings
+    assert [(e["method"], e["steps"], e["cfg_scale"], e["nfe"]) for e in blip3o] == [
+        ("euler", 30, 3.0, 30.0)]
     md = (out / "report.md").read_text()
     assert f"**Quality: {r['cosine']['band']}**" in md and "ridge baseline" in md
 

@@ -105,6 +105,23 @@ def test_sample_cli_stops_on_sigterm_at_a_shard_boundary_with_exit_75(tmp_path, 
     assert cli.main(argv) == 0 and shards.read_manifest(out).num_samples == 12
 
 
+def test_sample_cli_named_blip3o_sampler(tmp_path, capsys):
+    src, model_dir = tmp_path / "in", tmp_path / "model"
+    write_synthetic_shards(src, 4, grid=4, clip_dim=16, eva_dim=24, seed=0)
+    _model().save_pretrained(model_dir)
+    argv = ["sample", "--model_path", str(model_dir), "--input_dir", str(src), "--output_dir",
+            str(tmp_path / "out"), "--sampler", "blip3o", "--device", "cpu"]
+    assert cli.main(argv) == 0
+    settings = json.loads((tmp_path / "out" / "sample_settings.json").read_text())["sampler"]
+    assert settings == {"method": "euler", "steps": 30, "shift": 1.0, "cfg_scale": 3.0,
+                        "seed": 0, "named": "blip3o"}
+    capsys.readouterr()
+    assert cli.main([*argv[:-4], "--output_dir", str(tmp_path / "o2"), "--sampler", "blip3o",
+                     "--steps", "10"]) == 2
+    err = capsys.readouterr().err
+    assert "--sampler blip3o sets --steps 30" in err and len(err.splitlines()) == 1
+
+
 def test_sample_cli_rejects_wrong_dims_in_one_line(tmp_path, capsys):
     write_synthetic_shards(tmp_path / "in", 4, grid=4, clip_dim=8, eva_dim=24, seed=0)
     _model().save_pretrained(tmp_path / "model")

@@ -36,7 +36,15 @@ import torch.nn.functional as F
 from eva_repro import __version__ as _version
 from eva_repro import flow, metrics, shards
 from eva_repro.baselines import fit_baselines, iter_batches
-from eva_repro.generate import METHODS, ModelDataMismatch, add_sampler_args, generate_batch, resolve_device
+from eva_repro.generate import (
+    METHODS,
+    SAMPLERS,
+    ModelDataMismatch,
+    add_sampler_args,
+    generate_batch,
+    resolve_device,
+    resolve_sampler,
+)
 from eva_repro.progress import progress_bar
 
 PLOTS = {"histogram": "cosine_hist.png", "heatmap": "cosine_heatmap.png", "nfe": "cosine_vs_nfe.png"}
@@ -91,6 +99,7 @@ def check_model_fits_data(model: torch.nn.Module, manifest: shards.Manifest, mod
 @dataclass
 class EvalOptions:
     num_samples: int = 1000
+    sampler: str | None = None  # a named sampler (generate.SAMPLERS) that set the four below
     method: str = "heun"
     steps: int = 20
     shift: float = 1.0
@@ -253,6 +262,7 @@ def sampler_sweep(model, reader, eval_idx, opts: EvalOptions, device: torch.devi
     for cfg_scale in ((1.5, 2.0, 3.0, 4.0) if full else (1.5, 3.0)):
         configs.append(dict(method=opts.method, steps=opts.steps, shift=opts.shift,
                             cfg_scale=cfg_scale))
+    configs += [{**settings, "named": name} for name, settings in SAMPLERS.items()]
     out = []
     for cfg in progress_bar(configs, desc="sampler sweep", unit="cfg", disable=not opts.progress):
         cos, nfe = [], []
@@ -265,6 +275,7 @@ def sampler_sweep(model, reader, eval_idx, opts: EvalOptions, device: torch.devi
             nfe.append(k)
         out.append({"method": cfg["method"], "steps": cfg["steps"], "shift": cfg["shift"],
                     "cfg_scale": cfg.get("cfg_scale", 1.0), "tol": cfg.get("tol"),
+                    **({"named": cfg["named"]} if "named" in cfg else {}),
                     "nfe": sum(nfe) / len(nfe), "token_mean": torch.cat(cos).mean().item(),
                     "n_samples": len(subset)})
     return out
@@ -613,6 +624,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    resolve_sampler(args)
     names = {f.name for f in fields(EvalOptions)}
     opts = EvalOptions(**{k: v for k, v in vars(args).items() if k in names},
                        plots=not args.no_plots, progress=not args.quiet)
