@@ -10,7 +10,9 @@ drawn from a generator seeded by (seed, data position, row in the global batch):
 reproducible whatever the world size, and a resumed run continues the exact trajectory.
 
 Output (run_dir = --output_dir): run_config.json, split.json, metrics.jsonl, tb/, checkpoints/,
-model/ (EMA weights, save_pretrained), summary.json. Only rank 0 writes.
+model/ (EMA weights, save_pretrained), summary.json. Only rank 0 writes, holding the directory's
+lock (`lockfile`). SIGTERM / SIGUSR1 stop after the current step with a checkpoint, exit 75
+(`preemption`).
 """
 
 from __future__ import annotations
