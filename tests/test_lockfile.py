@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from eva_repro import train as train_mod
+from eva_repro.evaluate import evaluate
 from eva_repro.extract import extract
 from eva_repro.lockfile import LOCK_NAME, DirectoryLock, DirectoryLocked
 from eva_repro.synth import write_synthetic_shards
@@ -61,6 +62,11 @@ def test_train_and_extract_refuse_a_directory_another_process_writes(tmp_path):
         train_mod.train(cfg)
     assert not (run_dir / "checkpoints").exists() and not (run_dir / "metrics.jsonl").exists()
     assert train_mod.train(cfg)["steps"] == 1  # released: the run goes ahead
+    report_dir = tmp_path / "report"
+    with (DirectoryLock(report_dir, "eva-repro evaluate"),
+          pytest.raises(DirectoryLocked, match="eva-repro evaluate on host")):
+        evaluate(run_dir, data, report_dir, steps=2, sweep="none", plots=False, progress=False)
+    assert list(report_dir.iterdir()) == [report_dir / LOCK_NAME]
     shards_dir, image = tmp_path / "shards", tmp_path / "photo.png"
     Image.fromarray(np.full((64, 64, 3), 128, dtype=np.uint8)).save(image)
     with (DirectoryLock(shards_dir, "eva-repro extract"),

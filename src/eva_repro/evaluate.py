@@ -22,6 +22,7 @@ heatmap, cosine vs NFE). Deterministic for a given --seed (noise per sample, see
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import platform
 import sys
@@ -45,6 +46,7 @@ from eva_repro.generate import (
     resolve_device,
     resolve_sampler,
 )
+from eva_repro.lockfile import DirectoryLock
 from eva_repro.progress import progress_bar
 
 PLOTS = {"histogram": "cosine_hist.png", "heatmap": "cosine_heatmap.png", "nfe": "cosine_vs_nfe.png"}
@@ -301,6 +303,14 @@ def evaluate(
         raise ValueError(f"--sweep {opts.sweep!r}: choose one of {SWEEP_SIZES}")
     if opts.num_samples < 1:
         raise ValueError(f"--num_samples must be >= 1, got {opts.num_samples}")
+    with contextlib.ExitStack() as stack:
+        if output_dir is not None:  # one writer per report directory
+            stack.enter_context(DirectoryLock(output_dir, "eva-repro evaluate"))
+        return _evaluate(model_path, embeddings_dir, output_dir, opts)
+
+
+def _evaluate(model_path: str | Path, embeddings_dir: str | Path, output_dir: str | Path | None,
+              opts: EvalOptions) -> dict:
     torch.manual_seed(opts.seed)
     start_time = time.time()
     device = resolve_device(opts.device)

@@ -21,10 +21,12 @@ import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from eva_repro import flow, shards
+from eva_repro.lockfile import DirectoryLock
 from eva_repro.preemption import Preempted, StopSignals
 from eva_repro.progress import progress_bar
 
@@ -224,6 +226,13 @@ def run(args: argparse.Namespace) -> int:
                 "sampler": {"method": args.method, "steps": args.steps, "shift": args.shift,
                             "cfg_scale": args.cfg_scale, "seed": args.seed,
                             **({"named": args.sampler} if args.sampler else {})}}
+    with DirectoryLock(out, "eva-repro sample"):  # one writer per output directory
+        return _sample_shards(args, model, loaded, manifest, reader, out, settings)
+
+
+def _sample_shards(args: argparse.Namespace, model: torch.nn.Module, loaded: Any,
+                   manifest: shards.Manifest, reader: shards.ShardReader, out: Path,
+                   settings: dict) -> int:
     done = _resume(out, settings)
     start_time, written = time.time(), 0
     bar = progress_bar(total=len(reader), desc="sample", unit="img")
