@@ -494,6 +494,7 @@ def run_extraction(inputs: Any, output_dir: str | os.PathLike, settings: Setting
             lock = DirectoryLock(out_dir, "eva-repro extract").acquire()
         out_dir.mkdir(parents=True, exist_ok=True)
         _prepare_output(out_dir, config, ctx)
+        ctx.barrier()  # no rank writes a shard before rank 0 has checked the directory
         chunks = _chunks(discovery.items, settings.shard_size)
         done = finished_chunks(out_dir, len(chunks))
         mine = [c for c in range(len(chunks)) if c % ctx.world == ctx.rank]
