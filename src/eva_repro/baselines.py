@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from eva_repro.progress import progress_bar
-from eva_repro.shards import ShardReader
+from eva_repro.shards import ShardReader, finite_samples
 
 ALPHAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 
@@ -190,7 +190,7 @@ def fit_baselines(
                leave=False)
     skipped = 0
     for batch, rows in iter_batches(reader, train_indices, batch_size):
-        finite = (rows["clip"].flatten(1).isfinite().all(1) & rows["eva"].flatten(1).isfinite().all(1))
+        finite = finite_samples(rows)
         if not finite.all():  # NaN/Inf samples: the trainer skips them, and so do the fits
             skipped += int((~finite).sum())
             batch = [i for i, ok in zip(batch, finite.tolist(), strict=True) if ok]

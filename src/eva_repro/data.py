@@ -304,7 +304,7 @@ def read_batch(
         shard, row = reader.locate(r)
         reader.read_into(shard, row, {k: v[i:i + 1] for k, v in batch.items()})
     clip, eva = batch["clip"], batch["eva"]
-    valid = torch.isfinite(clip).flatten(1).all(1) & torch.isfinite(eva).flatten(1).all(1)
+    valid = shards.finite_samples(batch)
     bad = []
     if not bool(valid.all()):
         for i in (~valid).nonzero().flatten().tolist():

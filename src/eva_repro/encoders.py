@@ -500,6 +500,7 @@ def load_encoder(name: str, weights: str = "auto", *, depth: int | None = None, 
 
     if spec.backend == "hf":
         vision, width, patch, full = _load_hf(spec, src, depth, device, flag)
+        size = spec.image_size  # (another image size was refused above)
         tokens: nn.Module = _HFTokens(vision, final_norm=token_source == "final_norm")
         files = sorted(p for p in src.path.iterdir() if p.suffix in (".safetensors", ".bin"))
         weights_info = {"weights": src.origin, "weights_path": str(src.path),
@@ -511,6 +512,12 @@ def load_encoder(name: str, weights: str = "auto", *, depth: int | None = None, 
         build = _build_timm if spec.backend == "timm" else _build_open_clip
         model, built = build(spec, depth, seed, image_size)
         full = full or built
+        patch = int(model.patch_embed.patch_size[0] if spec.backend == "timm"
+                    else model.conv1.kernel_size[0])
+        size = image_size or spec.image_size
+        if size % patch or size < patch:  # before reading any weights
+            raise EncoderError(f"{flag}_image_size {size} is not a multiple of {spec.name}'s "
+                               f"{patch}-px patches; use e.g. {max(patch, size // patch * patch)}")
         if src.kind == "random":
             weights_info = {"weights": f"random-init, seed {seed}"}
         else:
@@ -532,14 +539,10 @@ def load_encoder(name: str, weights: str = "auto", *, depth: int | None = None, 
             if token_source == "last_block":  # after the weights: the norm's are loaded, unused
                 model.norm = nn.Identity()
             tokens = _TimmTokens(model, spec.summary_token)
-            width, patch = int(model.embed_dim), int(model.patch_embed.patch_size[0])
+            width = int(model.embed_dim)
         else:
             tokens = _OpenClipTokens(model, final_norm=token_source == "final_norm")
-            width, patch = int(model.conv1.out_channels), int(model.conv1.kernel_size[0])
-    size = image_size or spec.image_size
-    if size % patch or size < patch:
-        raise EncoderError(f"{flag}_image_size {size} is not a multiple of {spec.name}'s "
-                           f"{patch}-px patches; use e.g. {max(patch, size // patch * patch)}")
+            width = int(model.conv1.out_channels)
 
     provenance = {
         "name": spec.name, "backend": spec.backend, "arch": spec.arch,

@@ -430,6 +430,12 @@ class ShardReader:
 # held-out split
 
 
+def finite_samples(rows: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[N] bool: samples whose tensors (TENSOR_KEYS) are all finite. Every reader skips the
+    others: the trainer masks them, the baselines leave them out."""
+    return torch.stack([torch.isfinite(rows[k]).flatten(1).all(1) for k in TENSOR_KEYS]).all(0)
+
+
 def heldout_score(key: str, salt: str = "eva-repro") -> float:
     """A stable uniform number in [0, 1) per key: the split depends on the key only, not order."""
     digest = hashlib.sha256(f"{salt}:{key}".encode()).digest()

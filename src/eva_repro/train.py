@@ -846,83 +846,82 @@ def _train(cfg: TrainConfig, on_step: Callable[[int, dict[str, Any]], None] | No
     train_s = 0.0  # seconds in optimiser steps since this process started (the curves' x-axis)
     bar = progress_bar(total=run.total_steps, initial=run.step, unit="step", desc="train",
                        dynamic_ncols=True, disable=not (d.is_main and cfg.progress))
-    signals = StopSignals().__enter__()
-    try:
-        if run.step == 0:  # the untrained baseline, so the curve starts where learning starts
-            metrics.write(evaluate(run))
-        while run.step < run.total_steps:
-            t0 = time.perf_counter()
-            loss, cosine, norm, samples, wait = train_step(run, batches, stats)
-            step_s = time.perf_counter() - t0
-            interval.busy += step_s  # evaluation / checkpoints not counted
-            train_s += step_s
-            run.step += 1
-            interval.steps += 1
-            interval.samples += samples
-            interval.wait += wait
-            if math.isfinite(loss):
-                interval.finite += 1
-                interval.loss += loss
-                interval.cos += cosine
-                interval.norm += norm
-                run.recent_losses = (run.recent_losses + [loss])[-10:]
-            record: dict[str, Any] = {"step": run.step, "loss": loss}
-            if run.step % cfg.log_every == 0 or run.step == run.total_steps:
-                record = _log_record(run, interval, stats, monitor, norm)
-                metrics.write(record)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                                sps=f"{record['samples_per_s']:.0f}")
-                interval.reset()
-            if run.step % cfg.eval_every == 0 and run.step < run.total_steps:
-                metrics.write({**evaluate(run), "train_s": round(train_s, 2)})
-            if run.step % cfg.save_every == 0 and run.step < run.total_steps:
-                save(run)
-            bar.update(1)
-            if on_step is not None:
-                on_step(run.step, record)
-            if stop_requested(signals, d) and run.step < run.total_steps:
-                if run.step % cfg.save_every:
+    with StopSignals() as signals:
+        try:
+            if run.step == 0:  # the untrained baseline, so the curve starts where learning starts
+                metrics.write(evaluate(run))
+            while run.step < run.total_steps:
+                t0 = time.perf_counter()
+                loss, cosine, norm, samples, wait = train_step(run, batches, stats)
+                step_s = time.perf_counter() - t0
+                interval.busy += step_s  # evaluation / checkpoints not counted
+                train_s += step_s
+                run.step += 1
+                interval.steps += 1
+                interval.samples += samples
+                interval.wait += wait
+                if math.isfinite(loss):
+                    interval.finite += 1
+                    interval.loss += loss
+                    interval.cos += cosine
+                    interval.norm += norm
+                    run.recent_losses = (run.recent_losses + [loss])[-10:]
+                record: dict[str, Any] = {"step": run.step, "loss": loss}
+                if run.step % cfg.log_every == 0 or run.step == run.total_steps:
+                    record = _log_record(run, interval, stats, monitor, norm)
+                    metrics.write(record)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                    sps=f"{record['samples_per_s']:.0f}")
+                    interval.reset()
+                if run.step % cfg.eval_every == 0 and run.step < run.total_steps:
+                    metrics.write({**evaluate(run), "train_s": round(train_s, 2)})
+                if run.step % cfg.save_every == 0 and run.step < run.total_steps:
                     save(run)
-                log(d, f"{signals.received or 'a stop signal'}: stopped after step {run.step} "
-                       f"with a checkpoint; rerun with --resume auto to continue")
-                raise Preempted(f"stopped on {signals.received or 'a signal'} at step {run.step} "
-                                f"of {run.total_steps}, checkpoint saved in {run.run_dir}")
-        bar.close()
-        save(run)
-        export_ema(run)
-        recent = run.recent_losses
-        final_eval = {**evaluate(run), "train_s": round(train_s, 2)}
-        metrics.write(final_eval)
-        summary = {
-            "steps": run.step,
-            "final_loss": float(np.mean(recent)) if recent else None,  # last 10 steps
-            "last_loss": recent[-1] if recent else None,
-            "heldout_cosine": final_eval["heldout_cosine"],
-            "heldout_samples": int(run.eval_set[0].shape[0]),
-            "train_samples": len(run.train_rows),
-            "target_norm": run.raw.config.target_norm,
-            "params_m": round(run.raw.num_parameters() / 1e6, 3),
-            "world_size": d.world_size,
-            "global_batch": run.schedule.global_batch * cfg.grad_accum,
-            "skipped_samples": stats["skipped_samples"],
-            "nonfinite_steps": stats["nonfinite_steps"],
-            "train_time_s": round(time.perf_counter() - start_time, 2),
-            "resumed_from": run.resumed_from,
-        }
-        if run.overfit_set is not None:
-            summary["overfit_cosine"] = final_eval["overfit_cosine"]
-            summary["overfit_samples"] = int(run.overfit_set[0].shape[0])
-            summary["overfit_passed"] = (summary["overfit_cosine"] or 0.0) > OVERFIT_BAR
-        if d.is_main:
-            atomic_write_json(run.run_dir / "summary.json", summary)
-        return summary
-    finally:
-        signals.__exit__()
-        bar.close()
-        metrics.close()
-        del batches
-        if d.owns_group:
-            dist.destroy_process_group()
+                bar.update(1)
+                if on_step is not None:
+                    on_step(run.step, record)
+                if stop_requested(signals, d) and run.step < run.total_steps:
+                    if run.step % cfg.save_every:
+                        save(run)
+                    log(d, f"{signals.received or 'a stop signal'}: stopped after step {run.step} "
+                           f"with a checkpoint; rerun with --resume auto to continue")
+                    raise Preempted(f"stopped on {signals.received or 'a signal'} at step {run.step} "
+                                    f"of {run.total_steps}, checkpoint saved in {run.run_dir}")
+            bar.close()
+            save(run)
+            export_ema(run)
+            recent = run.recent_losses
+            final_eval = {**evaluate(run), "train_s": round(train_s, 2)}
+            metrics.write(final_eval)
+            summary = {
+                "steps": run.step,
+                "final_loss": float(np.mean(recent)) if recent else None,  # last 10 steps
+                "last_loss": recent[-1] if recent else None,
+                "heldout_cosine": final_eval["heldout_cosine"],
+                "heldout_samples": int(run.eval_set[0].shape[0]),
+                "train_samples": len(run.train_rows),
+                "target_norm": run.raw.config.target_norm,
+                "params_m": round(run.raw.num_parameters() / 1e6, 3),
+                "world_size": d.world_size,
+                "global_batch": run.schedule.global_batch * cfg.grad_accum,
+                "skipped_samples": stats["skipped_samples"],
+                "nonfinite_steps": stats["nonfinite_steps"],
+                "train_time_s": round(time.perf_counter() - start_time, 2),
+                "resumed_from": run.resumed_from,
+            }
+            if run.overfit_set is not None:
+                summary["overfit_cosine"] = final_eval["overfit_cosine"]
+                summary["overfit_samples"] = int(run.overfit_set[0].shape[0])
+                summary["overfit_passed"] = (summary["overfit_cosine"] or 0.0) > OVERFIT_BAR
+            if d.is_main:
+                atomic_write_json(run.run_dir / "summary.json", summary)
+            return summary
+        finally:
+            bar.close()
+            metrics.close()
+            del batches
+            if d.owns_group:
+                dist.destroy_process_group()
 
 
 def stop_requested(signals: StopSignals, d: Dist) -> bool:
