@@ -279,10 +279,10 @@ def _split_of(run_dir: Path | None) -> dict | None:
 
 
 def _model_from_checkpoint(ckpt: Path) -> torch.nn.Module:
-    from eva_repro.model import DiT, DiTConfig
+    from eva_repro.model import build_model, config_from_dict
 
     config = json.loads((ckpt / "config.json").read_text())
-    model = DiT(DiTConfig.from_dict(config))
+    model = build_model(config_from_dict(config))
     try:
         model.load_state_dict(load_file(str(ckpt / "ema.safetensors")))
     except (RuntimeError, OSError) as e:
@@ -297,7 +297,7 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
     A run dir uses run_dir/model/ (the exported EMA weights) or, while training is still going,
     its newest complete checkpoint.
     """
-    from eva_repro.model import DiT
+    from eva_repro.model import from_pretrained, is_saved_model
 
     path = Path(path)
     if not path.exists():
@@ -307,12 +307,12 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
         run_dir = path.parent.parent if path.parent.name == CHECKPOINTS else None
         loaded = LoadedModel(_model_from_checkpoint(path), run_dir, _split_of(run_dir),
                              f"checkpoint {path.name} (EMA)")
-    elif (path / "config.json").exists() and (path / "model.safetensors").exists():
+    elif is_saved_model(path):
         run_dir = path.parent if (path.parent / "split.json").exists() else None
-        loaded = LoadedModel(DiT.from_pretrained(path, map_location="cpu"), run_dir,
+        loaded = LoadedModel(from_pretrained(path, map_location="cpu"), run_dir,
                              _split_of(run_dir), "model dir")
     elif (path / "model" / "config.json").exists():
-        loaded = LoadedModel(DiT.from_pretrained(path / "model", map_location="cpu"), path,
+        loaded = LoadedModel(from_pretrained(path / "model", map_location="cpu"), path,
                              _split_of(path), "run dir (exported EMA model)")
     elif (ckpt := latest_checkpoint(path)) is not None:
         loaded = LoadedModel(_model_from_checkpoint(ckpt), path, _split_of(path),

@@ -49,7 +49,7 @@ OVERFIT_DEFAULT_STEPS = 300
 # Peak AdamW learning rate per preset when --learning_rate is not given: roughly 1/width, the
 # usual transformer practice (wider models need smaller steps). The tiny preset's was measured
 # (README, "Learning"): 3e-3 beat 1e-3 on held-out cosine at 300 steps; the others are not retuned.
-DEFAULT_LR = {"tiny": 3e-3, "small": 6e-4, "base": 3e-4, "large": 2e-4}
+DEFAULT_LR = {"tiny": 3e-3, "small": 6e-4, "base": 3e-4, "large": 2e-4, "blip3o": 1e-4}
 OVERFIT_BAR = 0.8  # the seed's sanity bar for the sampled cosine in overfit mode
 
 
@@ -69,9 +69,10 @@ class TrainingDiverged(RuntimeError):
 class TrainConfig:
     data_dir: str = ""
     output_dir: str = ""
+    backbone: str = "next-dit"  # next-dit (model/dit.py) | lumina-next (diffusers, BLIP3-o's head)
     model_size: str = "base"
-    model_variant: str = "eva-repro"  # eva-repro | lumina-next (the pure BLIP3-o head): VARIANTS
-    model_overrides: dict[str, Any] = field(default_factory=dict)  # DiTConfig fields over the preset
+    model_variant: str = "eva-repro"  # next-dit: eva-repro | lumina-next (pure BLIP3-o block)
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # config fields over the preset
     linear_init: str = "zero"  # zero | ridge: how the head's linear path starts (measured)
     training_mode: str = "auto"  # auto (from the manifest) | patch_only | cls_patch
     # batches and length
@@ -132,15 +133,22 @@ class TrainConfig:
 
 def validate_config(cfg: TrainConfig) -> None:
     """Flag problems that need no data, before anything heavy happens."""
-    from eva_repro.model import PRESETS, VARIANTS
+    from eva_repro.model import BACKBONES, VARIANTS, backbones
 
+    lumina = cfg.backbone == "lumina-next"
+    sizes = backbones.presets(cfg.backbone) if cfg.backbone in BACKBONES else []
     checks = [
+        (cfg.backbone in BACKBONES, f"unknown --backbone {cfg.backbone!r}; choose one of {BACKBONES}"),
         (bool(cfg.data_dir), "--data_dir (or --chunked_embeddings_dir) is required"),
         (bool(cfg.output_dir), "--output_dir is required"),
         (cfg.model_variant in VARIANTS, f"unknown --model_variant {cfg.model_variant!r}; choose "
                                         f"one of {sorted(VARIANTS)}"),
-        (cfg.model_size in PRESETS, f"unknown --model_size {cfg.model_size!r}; choose one of "
-                                    f"{sorted(PRESETS)}"),
+        (cfg.model_size in sizes, f"unknown --model_size {cfg.model_size!r} for --backbone "
+                                  f"{cfg.backbone}; choose one of {sizes}"),
+        (not lumina or cfg.model_variant == "eva-repro",
+         "--model_variant picks a next-dit head; --backbone lumina-next is diffusers' own network"),
+        (not lumina or cfg.linear_init == "zero",
+         "--linear_init ridge needs the next-dit backbone's linear path; lumina-next has none"),
         (cfg.training_mode in ("auto", *TOKEN_MODES),
          f"--training_mode must be auto, patch_only or cls_patch, got {cfg.training_mode!r}"),
         (cfg.batch_size >= 1, f"--batch_size must be >= 1, got {cfg.batch_size}"),
@@ -224,7 +232,7 @@ def barrier(d: Dist) -> None:
 
 
 def build_model_config(cfg: TrainConfig, data: TrainData, target_norm: float):
-    from eva_repro.model import VARIANTS, DiTConfig
+    from eva_repro.model import model_config
 
     token_mode = "cls_patch" if data.manifest.include_cls else "patch_only"
     if cfg.training_mode == "cls_patch" and token_mode == "patch_only":
@@ -239,12 +247,14 @@ def build_model_config(cfg: TrainConfig, data: TrainData, target_norm: float):
                             " they follow the data")
     tokens = data.manifest.tokens - int(data.manifest.include_cls and token_mode == "patch_only")
     try:
-        return DiTConfig.preset(cfg.model_size, target_dim=data.eva_dim, cond_dim=data.clip_dim,
-                                token_mode=token_mode, grad_checkpointing=cfg.grad_checkpointing,
-                                target_norm=target_norm, tokens=tokens,
-                                **{**VARIANTS[cfg.model_variant], **cfg.model_overrides})
-    except (TypeError, ValueError) as e:  # an override that is no DiTConfig field, or a bad mix
+        return model_config(cfg.backbone, cfg.model_size, cfg.model_variant,
+                            target_dim=data.eva_dim, cond_dim=data.clip_dim, token_mode=token_mode,
+                            grad_checkpointing=cfg.grad_checkpointing, target_norm=target_norm,
+                            tokens=tokens, **cfg.model_overrides)
+    except TypeError as e:  # an override that is no field of the backbone's config
         raise TrainingError(f"--model_override: {e}") from e
+    except ValueError as e:  # a bad mix of fields, or data the backbone cannot take
+        raise TrainingError(f"{data.manifest.root}: {e}") from e
 
 
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
@@ -589,13 +599,13 @@ def setup(cfg: TrainConfig) -> Run:
     drop_cls = data.manifest.include_cls and cfg.training_mode == "patch_only"
     model_cfg = build_model_config(cfg, data, data_mod.target_norm(data.reader, rows,
                                                                    skip_cls=drop_cls))
-    from eva_repro.model import DiT
+    from eva_repro.model import build_model
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    raw = DiT(model_cfg).to(d.device)
+    raw = build_model(model_cfg).to(d.device)
     if cfg.linear_init == "ridge" and model_cfg.cond_linear and resume_path is None:
         init_linear_path_by_ridge(raw, data, rows, drop_cls, d)
-    ema = DiT(model_cfg).to(d.device)
+    ema = build_model(model_cfg).to(d.device)
     ema.load_state_dict(raw.state_dict())
     ema.requires_grad_(False)
     model = _wrap(raw, ema, cfg, d)
@@ -692,11 +702,11 @@ def export_ema(run: Run) -> None:
     """run_dir/model/: the EMA weights, save_pretrained (unsharded)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    from eva_repro.model import DiT
+    from eva_repro.model import build_model
 
     state = get_model_state_dict(run.ema, options=_state_options())
     if run.d.is_main:
-        plain = DiT(run.raw.config)
+        plain = build_model(run.raw.config)
         plain.load_state_dict(state)
         plain.save_pretrained(run.run_dir / "model")
     barrier(run.d)
@@ -961,14 +971,20 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     a("--data_dir", "--chunked_embeddings_dir", dest="data_dir", required=True,
       help="shard directory (eva-repro extract / synth output)")
     a("--output_dir", required=True, help="run directory: checkpoints, logs, model/, summary.json")
-    a("--model_size", default=c.model_size, help="DiT preset: tiny, small, base, large")
-    from eva_repro.model import VARIANTS
+    from eva_repro.model import BACKBONES, VARIANTS
+
+    a("--backbone", default=c.backbone, choices=list(BACKBONES),
+      help="next-dit: eva-repro's Next-DiT (model/dit.py); lumina-next: diffusers' "
+           "LuminaNextDiT2DModel, BLIP3-o's head (needs the diffusers extra)")
+    a("--model_size", default=c.model_size,
+      help="preset: tiny, small, base, large (both backbones); blip3o (lumina-next: 1792 wide, "
+           "24 layers, 28 heads)")
 
     a("--model_variant", default=c.model_variant, choices=list(VARIANTS),
       help="the head's conditioning and prediction: eva-repro (aligned condition, x-prediction, "
            "linear path) or lumina-next (the pure BLIP3-o head: cross-attention, v-prediction)")
     a("--model_override", dest="model_overrides", action="append", default=[], metavar="KEY=VALUE",
-      help="override a DiTConfig field of the preset, e.g. depth=2 (repeatable; JSON values)")
+      help="override a config field of the preset, e.g. depth=2 (repeatable; JSON values)")
     a("--linear_init", default=c.linear_init, choices=list(LINEAR_INITS),
       help="eva-repro head: start its linear path at zero (default: best on the synthetic "
            "sets) or at the ridge fit of the training split (starts at ridge; better on small "

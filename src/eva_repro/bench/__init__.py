@@ -15,7 +15,7 @@ from pathlib import Path
 
 from eva_repro.shards import atomic_write_json
 
-SUITES = ("model", "extract", "train", "evaluate", "quality")
+SUITES = ("model", "extract", "train", "evaluate", "quality", "backbones")
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:

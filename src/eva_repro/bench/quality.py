@@ -41,13 +41,15 @@ def first_step_above(curve: list[dict], level: float) -> dict | None:
                  if p["heldout_cosine"] > level), None)
 
 
-def run_problem(data: Path, steps: int, variant: str, work: Path) -> dict[str, Any]:
-    out = work / f"run-{variant}"
-    train_mod.train(dict(
-        data_dir=str(data), output_dir=str(out), model_size="tiny", model_variant=variant,
-        batch_size=16, max_steps=steps, eval_fraction=0.2, eval_every=max(1, steps // 6),
-        eval_samples=100_000, save_every=100_000, num_workers=0, progress=False,
-        tensorboard=False, log_every=50))
+def run_problem(data: Path, steps: int, label: str, work: Path, **train_options) -> dict[str, Any]:
+    """One default-settings run (tiny, batch 16, `train_options` over them) scored on held-out
+    data against the baselines."""
+    out = work / f"run-{label}"
+    summary = train_mod.train(dict(
+        data_dir=str(data), output_dir=str(out), model_size="tiny", batch_size=16,
+        max_steps=steps, eval_fraction=0.2, eval_every=max(1, steps // 6), eval_samples=100_000,
+        save_every=100_000, num_workers=0, progress=False, tensorboard=False, log_every=50,
+        **train_options))
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     curve = [{"step": r["step"], "train_s": r.get("train_s", 0.0),
               "heldout_cosine": round(r["heldout_cosine"], 4)}
@@ -57,7 +59,8 @@ def run_problem(data: Path, steps: int, variant: str, work: Path) -> dict[str, A
     mean = report["baselines"]["mean"]["token_mean"]
     ridge = report["baselines"]["ridge"]["token_mean"]
     return {
-        "variant": variant, "steps": steps, "curve": curve,
+        "variant": label, "steps": steps, "params_m": summary["params_m"],
+        "train_s": summary["train_time_s"], "curve": curve,
         "dit": round(report["cosine"]["token_mean"], 4), "mean": round(mean, 4),
         "ridge": round(ridge, 4), "heldout_samples": report["n_samples"],
         "first_above_mean": first_step_above(curve, mean),
@@ -97,7 +100,8 @@ def run(output_dir: Path, quick: bool, data_dirs: list[str] | None = None) -> di
             jobs.append((name, data, steps))
         jobs += [(Path(d).name, Path(d), 150 if quick else 600) for d in data_dirs or []]
         for name, data, steps in jobs:
-            results[name] = [run_problem(data, steps, v, Path(tmp) / name) for v in VARIANTS]
+            results[name] = [run_problem(data, steps, v, Path(tmp) / name, model_variant=v)
+                             for v in VARIANTS]
             print(f"[quality] {name}: " + ", ".join(
                 f"{r['variant']} {r['dit']:.3f}" for r in results[name])
                 + f" | ridge {results[name][0]['ridge']:.3f}, mean {results[name][0]['mean']:.3f}",

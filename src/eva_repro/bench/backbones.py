@@ -1,0 +1,71 @@
+"""Backbones: eva-repro's Next-DiT against diffusers' LuminaNextDiT2DModel (BLIP3-o's head).
+
+On the learning benchmark's problems (`bench.quality.PROBLEMS`), at equal width and depth (the
+tiny preset: 384 wide, 6 blocks, batch 16, default settings otherwise), three heads are trained
+and scored on held-out samples against the mean and ridge baselines:
+- `next-dit`: eva-repro's default head (aligned condition, x-prediction, linear path);
+- `next-dit-pure`: our Next-DiT in its pure Lumina-Next configuration (cross-attention
+  only, v-prediction), the same conditioning as diffusers' network;
+- `diffusers-lumina-next`: diffusers' own network (`--backbone lumina-next`).
+Reported per head: the curve of held-out cosine against steps and training seconds, the first
+step past each baseline, parameters, training samples/s and sampling samples/s (heun, 20 steps).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from eva_repro.bench.quality import PROBLEMS, plot, run_problem
+from eva_repro.checkpoint import load_model
+from eva_repro.generate import generate
+from eva_repro.shards import ShardReader
+from eva_repro.synth import write_synthetic_shards
+
+HEADS = {
+    "next-dit": dict(backbone="next-dit", model_variant="eva-repro"),
+    "next-dit-pure": dict(backbone="next-dit", model_variant="lumina-next"),
+    "diffusers-lumina-next": dict(backbone="lumina-next"),
+}
+QUICK = {"synth-64-128": 150}
+SAMPLING_BATCH = 64
+
+
+def sampling_rate(run_dir: Path, data: Path) -> float:
+    """Samples/s of the run's EMA model through 20 heun steps on a batch of conditions."""
+    model = load_model(run_dir).model
+    reader = ShardReader(data)
+    clip = reader.read_rows(0, 0, SAMPLING_BATCH)["clip"].float()
+    tokens = model.config.tokens or clip.shape[1]
+    clip = clip[:, -tokens:]  # patch_only models take the patches of CLS-first shards
+    start = time.perf_counter()
+    generate(model, clip, steps=20, method="heun", batch_size=SAMPLING_BATCH)
+    return clip.shape[0] / (time.perf_counter() - start)
+
+
+def run(output_dir: Path, quick: bool) -> dict[str, Any]:
+    torch.set_num_threads(1)  # the tiny models' small ops: one thread is fastest on a shared CPU
+    problems = {k: (PROBLEMS[k][0], v) for k, v in QUICK.items()} if quick else PROBLEMS
+    results: dict[str, list[dict]] = {}
+    with tempfile.TemporaryDirectory(prefix="eva-backbones-") as tmp:
+        for name, (synth, steps) in problems.items():
+            work = Path(tmp) / name
+            data = work / "shards"
+            write_synthetic_shards(data, dtype="float32", **synth)
+            results[name] = []
+            for label, options in HEADS.items():
+                r = run_problem(data, steps, label, work, **options)
+                r["train_samples_per_s"] = round(16 * steps / r["train_s"], 1)
+                r["sample_samples_per_s"] = round(sampling_rate(work / f"run-{label}", data), 1)
+                results[name].append(r)
+            print(f"[backbones] {name}: " + ", ".join(
+                f"{r['variant']} {r['dit']:.3f} ({r['params_m']}M)" for r in results[name])
+                + f" | ridge {results[name][0]['ridge']:.3f}, mean {results[name][0]['mean']:.3f}",
+                flush=True)
+    plot(results, output_dir / "backbones.png")
+    return {"quick": quick, "preset": "tiny", "batch_size": 16, "sampler": "heun, 20 steps",
+            "heads": HEADS, "problems": results, "plot": str(output_dir / "backbones.png")}
