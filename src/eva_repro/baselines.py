@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from eva_repro.errors import UserError
 from eva_repro.progress import progress_bar
 from eva_repro.shards import ShardReader, finite_samples
 
@@ -85,7 +86,7 @@ class MeanAccumulator:
 
     def result(self) -> MeanBaseline:
         if self.total is None:
-            raise ValueError("mean baseline: no training samples to fit on")
+            raise UserError("mean baseline: no training samples to fit on")
         return MeanBaseline((self.total / self.count).float())
 
 
@@ -179,7 +180,7 @@ def fit_baselines(
 ) -> tuple[MeanBaseline, RidgeBaseline]:
     """Fit both baselines in one streamed pass over `train_indices` (training split only)."""
     if len(train_indices) == 0:
-        raise ValueError("baselines: no training samples to fit on")
+        raise UserError("baselines: no training samples to fit on")
     m = reader.manifest
     mean_acc = MeanAccumulator()
     fit = RidgeAccumulator(m.clip_dim, m.eva_dim, m.tokens, position_bias, device)

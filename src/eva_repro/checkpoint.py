@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from eva_repro.errors import UserError
 from eva_repro.shards import atomic_save_safetensors, atomic_write_json, sha256_file
 
 CHECKPOINTS = "checkpoints"
@@ -42,7 +43,7 @@ STEP_DIR = re.compile(r"^step-(\d{8})$")
 TENSOR_FILES = ("model", "ema", "optimizer", "rng")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint or model path that cannot be used; the message names it and the fix."""
 
 

@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(argv).parse_args(argv)
     module = importlib.import_module(COMMANDS[args.command][0])
+    from eva_repro.errors import UserError
     from eva_repro.preemption import EXIT_PREEMPTED, Preempted
 
     try:
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     except Preempted as e:  # work saved: a requeued job resumes it
         print(f"preempted: {e}", file=sys.stderr)
         return EXIT_PREEMPTED
-    except ValueError as e:  # user errors (bad paths, shards, flags) are one line, not a traceback
+    except UserError as e:  # bad paths, shards or flags: one line; anything else is a bug (traceback)
         print(f"error: {e}", file=sys.stderr)
         return 2
 

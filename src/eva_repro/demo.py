@@ -29,13 +29,14 @@ from typing import Any
 
 from eva_repro import cli, encoders, shards
 from eva_repro.demo_images import PHOTOS, write_demo_images
+from eva_repro.errors import UserError
 from eva_repro.extract import extract
 
 EVA, CLIP, GRID = "EVA02-L-14", "ViT-L-14", 8  # 8 x 8 = 64 tokens, the BLIP3-o setting
 CONFIG, SUMMARY, STAGES = "demo_config.json", "demo_summary.json", "demo_stages.json"
 
 
-class DemoError(ValueError):
+class DemoError(UserError):
     """A demo that cannot run as asked; one line naming the problem and the fix."""
 
 

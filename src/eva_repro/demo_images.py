@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from eva_repro.errors import UserError
+
 
 def _stereo_left() -> np.ndarray:
     import skimage.data
@@ -88,7 +90,7 @@ def write_demo_images(output_dir: str | Path, num_images: int, seed: int = 0) ->
     """Write `num_images` JPEG views; existing ones are kept (a rerun writes nothing), views of an
     earlier, larger request are removed so the folder holds exactly these images."""
     if num_images < 1:
-        raise ValueError(f"--num_images must be >= 1, got {num_images}")
+        raise UserError(f"--num_images must be >= 1, got {num_images}")
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = view_paths(out, num_images)

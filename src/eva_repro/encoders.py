@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from eva_repro.errors import UserError
 from eva_repro.shards import sha256_file
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -54,7 +55,7 @@ WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin",
                 "model.safetensors", "pytorch_model.bin")
 
 
-class EncoderError(ValueError):
+class EncoderError(UserError):
     """Unknown encoder, unusable weights: one line naming the problem and the fix."""
 
 

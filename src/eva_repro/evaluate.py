@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from eva_repro import __version__ as _version
 from eva_repro import flow, metrics, shards
 from eva_repro.baselines import fit_baselines, iter_batches
+from eva_repro.errors import UserError
 from eva_repro.generate import (
     METHODS,
     SAMPLERS,
@@ -53,7 +54,7 @@ PLOTS = {"histogram": "cosine_hist.png", "heatmap": "cosine_heatmap.png", "nfe":
 SWEEP_SIZES = ("auto", "none", "small", "full")  # auto: full on CUDA, small on CPU
 
 
-class ModelPathError(ValueError):
+class ModelPathError(UserError):
     """A --model_path that holds no loadable model."""
 
 
@@ -298,11 +299,11 @@ def evaluate(
     opts = options or EvalOptions()
     opts = EvalOptions(**{**asdict(opts), **overrides})
     if opts.method not in METHODS:
-        raise ValueError(f"--method {opts.method!r}: choose one of {METHODS}")
+        raise UserError(f"--method {opts.method!r}: choose one of {METHODS}")
     if opts.sweep not in SWEEP_SIZES:
-        raise ValueError(f"--sweep {opts.sweep!r}: choose one of {SWEEP_SIZES}")
+        raise UserError(f"--sweep {opts.sweep!r}: choose one of {SWEEP_SIZES}")
     if opts.num_samples < 1:
-        raise ValueError(f"--num_samples must be >= 1, got {opts.num_samples}")
+        raise UserError(f"--num_samples must be >= 1, got {opts.num_samples}")
     with contextlib.ExitStack() as stack:
         if output_dir is not None:  # one writer per report directory
             stack.enter_context(DirectoryLock(output_dir, "eva-repro evaluate"))

@@ -41,6 +41,7 @@ from eva_repro.encoders import (
     pool_grid,
     select_tokens,
 )
+from eva_repro.errors import UserError
 from eva_repro.images import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_MIN_SIZE,
@@ -69,7 +70,7 @@ RECIPES = {"blip3o": {"eva": "EVA02-E-14-plus", "eva_image_size": 448,
                       "eva_token_source": "last_block", "grid": 8, "training_mode": "patch_only"}}
 
 
-class ExtractError(ValueError):
+class ExtractError(UserError):
     """A run that cannot start or finish: one line naming the problem and the fix."""
 
 

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from eva_repro import flow, shards
+from eva_repro.errors import UserError
 from eva_repro.lockfile import DirectoryLock
 from eva_repro.preemption import Preempted, StopSignals
 from eva_repro.progress import progress_bar
@@ -33,7 +34,7 @@ from eva_repro.progress import progress_bar
 METHODS = flow.METHODS
 
 
-class ModelDataMismatch(ValueError):
+class ModelDataMismatch(UserError):
     """Condition or target tensors that do not fit the model's config."""
 
 
@@ -175,7 +176,7 @@ def resolve_sampler(args: argparse.Namespace) -> None:
     for key, default in SAMPLER_DEFAULTS.items():
         given = getattr(args, key)
         if given is not None and key in named and given != named[key]:
-            raise ValueError(f"--sampler {args.sampler} sets --{key} {named[key]}; drop --{key} "
+            raise UserError(f"--sampler {args.sampler} sets --{key} {named[key]}; drop --{key} "
                              f"{given} or the named sampler")
         setattr(args, key, given if given is not None else named.get(key, default))
 
@@ -193,14 +194,14 @@ def _resume(out: Path, settings: dict) -> dict[int, shards.ShardInfo]:
     if path.exists():
         previous = json.loads(path.read_text())
         if previous != settings:
-            raise ValueError(f"{path}: {out} holds shards generated with other settings "
+            raise UserError(f"{path}: {out} holds shards generated with other settings "
                              f"({previous}); choose a new --output_dir or delete it")
         done = shards.finished_shards(out)
         if done:
             print(f"resuming: {len(done)} finished shards in {out} are kept")
         return done
     if out.exists() and any(out.glob("shard-*")):
-        raise ValueError(f"{out}: already holds shards not written by `eva-repro sample`; "
+        raise UserError(f"{out}: already holds shards not written by `eva-repro sample`; "
                          "choose an empty --output_dir")
     shards.atomic_write_json(path, settings)
     return {}
@@ -220,7 +221,7 @@ def run(args: argparse.Namespace) -> int:
     reader = shards.ShardReader(manifest)
     out = Path(args.output_dir)
     if out.resolve() == manifest.root.resolve():
-        raise ValueError(f"{out}: --output_dir must differ from --input_dir (it would overwrite it)")
+        raise UserError(f"{out}: --output_dir must differ from --input_dir (it would overwrite it)")
     settings = {"model_path": str(Path(args.model_path).resolve()),
                 "input_dir": str(manifest.root.resolve()),
                 "sampler": {"method": args.method, "steps": args.steps, "shift": args.shift,

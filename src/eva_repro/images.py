@@ -25,6 +25,7 @@ import torch
 from PIL import Image, ImageOps
 
 from eva_repro.encoders import resize_center_crop
+from eva_repro.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 LIST_EXTENSIONS = (".txt", ".lst", ".list", ".tsv")
@@ -32,7 +33,7 @@ DEFAULT_MIN_SIZE = 8  # px per side; smaller images carry no usable patch struct
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb threshold (~0.25 GB RGB)
 
 
-class InputError(ValueError):
+class InputError(UserError):
     """The inputs themselves are unusable (missing, empty): one line, before any work."""
 
 

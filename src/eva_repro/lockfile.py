@@ -18,10 +18,12 @@ import sys
 import time
 from pathlib import Path
 
+from eva_repro.errors import UserError
+
 LOCK_NAME = ".eva-repro.lock"
 
 
-class DirectoryLocked(ValueError):
+class DirectoryLocked(UserError):
     """Another live process writes to this directory (a one-line error)."""
 
 

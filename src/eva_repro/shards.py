@@ -34,6 +34,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from eva_repro.errors import UserError
+
 FORMAT = "eva-repro-shards"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -44,7 +46,7 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
 
 
-class ShardError(ValueError):
+class ShardError(UserError):
     """A shard directory or file that cannot be used; the message names the file and the fix."""
 
 
@@ -55,7 +57,7 @@ class ShardError(ValueError):
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
-class DiskFullError(ValueError):
+class DiskFullError(UserError):
     """A write ran out of space or hit a file-size limit; the partial file was removed."""
 
 
@@ -454,7 +456,7 @@ def split_indices(
     small data, the keys of lowest score are added until min(MIN_HELDOUT, len(keys) // 5) are
     held out, so a run of 20 photos at 5% still has held-out samples (4) to score."""
     if not 0.0 <= eval_fraction < 1.0:
-        raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+        raise UserError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
     scores = [heldout_score(key, salt) for key in keys]
     floor = min(MIN_HELDOUT, len(keys) // 5) if eval_fraction > 0 else 0
     by_score = sorted(range(len(keys)), key=scores.__getitem__)

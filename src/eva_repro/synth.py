@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from eva_repro import shards
+from eva_repro.errors import UserError
 
 
 def _function_weights(grid: int, clip_dim: int, eva_dim: int, seed: int,
@@ -87,7 +88,7 @@ def write_synthetic_shards(
 ) -> dict:
     """Write `num_samples` synthetic pairs as shards in the extraction format; returns the manifest."""
     if num_samples < 1:
-        raise ValueError(f"--num_samples must be >= 1, got {num_samples}")
+        raise UserError(f"--num_samples must be >= 1, got {num_samples}")
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     for index, start in enumerate(range(0, num_samples, shard_size)):

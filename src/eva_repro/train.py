@@ -40,6 +40,7 @@ from eva_repro import checkpoint as ckpt
 from eva_repro import data as data_mod
 from eva_repro import flow
 from eva_repro.data import BatchSchedule, DataPosition, TrainData
+from eva_repro.errors import UserError
 from eva_repro.lockfile import DirectoryLock
 from eva_repro.preemption import Preempted, StopSignals
 from eva_repro.progress import progress_bar
@@ -53,7 +54,7 @@ DEFAULT_LR = {"tiny": 3e-3, "small": 6e-4, "base": 3e-4, "large": 2e-4, "blip3o"
 OVERFIT_BAR = 0.8  # the seed's sanity bar for the sampled cosine in overfit mode
 
 
-class TrainingError(ValueError):
+class TrainingError(UserError):
     """A training setup that cannot run (bad flags, data that does not fit the model)."""
 
 

@@ -1,6 +1,6 @@
 """Backbones: eva-repro's Next-DiT against diffusers' LuminaNextDiT2DModel (BLIP3-o's head).
 
-On the learning benchmark's problems (`bench.quality.PROBLEMS`), at equal width and depth (the
+On problems of the learning benchmark (`bench.quality`), at equal width and depth (the
 tiny preset: 384 wide, 6 blocks, batch 16, default settings otherwise), three heads are trained
 and scored on held-out samples against the mean and ridge baselines:
 - `next-dit`: eva-repro's default head (aligned condition, x-prediction, linear path);
@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from eva_repro.bench.quality import PROBLEMS, plot, run_problem
+from eva_repro.bench.quality import PROBLEMS as QUALITY_PROBLEMS
+from eva_repro.bench.quality import plot, run_problem
 from eva_repro.checkpoint import load_model
 from eva_repro.generate import generate
 from eva_repro.shards import ShardReader
@@ -31,7 +32,14 @@ HEADS = {
     "next-dit-pure": dict(backbone="next-dit", model_variant="lumina-next"),
     "diffusers-lumina-next": dict(backbone="lumina-next"),
 }
-QUICK = {"synth-64-128": 150}
+# the learning benchmark's grid problems, and one token per image: diffusers' cross-attention
+# gives the condition keys no position, so only there is the aligned condition token free to find
+PROBLEMS = {
+    "synth-64-128": QUALITY_PROBLEMS["synth-64-128"],
+    "synth-nonlinear": QUALITY_PROBLEMS["synth-nonlinear"],
+    "synth-1-token": (dict(num_samples=600, grid=1, clip_dim=64, eva_dim=128, seed=5), 600),
+}
+QUICK = {"synth-64-128": 150, "synth-1-token": 150}
 SAMPLING_BATCH = 64
 
 

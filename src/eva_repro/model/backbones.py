@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch.nn as nn
 
+from eva_repro.errors import UserError
 from eva_repro.model import dit, lumina_next
 
 BACKBONES = ("next-dit", "lumina-next")
@@ -32,7 +33,7 @@ def model_config(backbone: str, preset: str, variant: str | None = None, **field
         return dit.DiTConfig.preset(preset, **{**dit.VARIANTS[variant or "eva-repro"], **fields})
     if backbone == "lumina-next":
         return lumina_next.LuminaNextConfig.preset(preset, **fields)
-    raise ValueError(f"unknown backbone {backbone!r}; choose one of {BACKBONES}")
+    raise UserError(f"unknown backbone {backbone!r}; choose one of {BACKBONES}")
 
 
 def config_from_dict(data: dict):

@@ -14,9 +14,10 @@
         h += tanh(g2) * RMSNorm(SwiGLU(RMSNorm(h) * (1 + s2)))
     Attn = self-attention over h + tanh(gate_head) * cross-attention to c', QK-norm, GQA,
            3D RoPE on (slot, row, col) for both the patch tokens and the condition tokens
-    y   = W_out (RMSNorm(h) * (1 + s_f)) + W_l a_c + b_pos
+    y   = W_out (RMSNorm(h) * (1 + s_f)) + W_l a_c + b_pos [+ MLP(a_c)]
                                                      (W_out zero init; W_l, b_pos: the full-width
-                                                     linear path, zero init)
+                                                     linear path, zero init; MLP: the optional
+                                                     per-token nonlinear path, zero-init output)
     v   = y                                          prediction "v" (Lumina-Next, BLIP3-o)
     v   = (y - x_t) / (1 - t)                        prediction "x": y is the clean target
                                                      (JiT; flow.velocity_from_data)
@@ -62,6 +63,7 @@ from safetensors.torch import load_file
 from torch.utils.checkpoint import checkpoint
 
 from eva_repro import flow
+from eva_repro.errors import UserError
 from eva_repro.shards import TOKEN_MODES, atomic_save_safetensors, atomic_write_json
 
 ARCHITECTURE = "eva-repro-dit"
@@ -99,6 +101,7 @@ class DiTConfig:
     prediction: str = "x"  # "x": the network predicts the clean target; "v": the velocity
     cond_align: bool = True  # add the condition token at the same grid position to the input
     cond_linear: bool = True  # full-width linear path from the aligned condition to x1 (needs "x")
+    cond_mlp: int = 0  # > 0: hidden width of a per-token MLP beside the linear path (needs it)
     tokens: int | None = None  # target tokens per sample: sizes the linear path's position bias
     norm_eps: float = 1e-6
     grad_checkpointing: bool = False
@@ -115,6 +118,8 @@ class DiTConfig:
             raise ValueError(f"prediction must be one of {flow.PREDICTIONS}, got {self.prediction!r}")
         if self.cond_linear and self.prediction != "x":
             raise ValueError("cond_linear predicts the clean target: it needs prediction='x'")
+        if self.cond_mlp and not self.cond_linear:
+            raise ValueError("cond_mlp extends the linear path: it needs cond_linear=True")
         if self.head_dim % 2:
             raise ValueError(f"head_dim {self.head_dim} must be even for RoPE")
         if self.rope_axes is None:
@@ -172,6 +177,7 @@ def estimate_flops(cfg: DiTConfig, tokens: int, cond_tokens: int) -> float:
     )
     io = 2 * T * cfg.target_dim * h * 2 + 2 * Tc * cfg.cond_dim * h
     io += 2 * T * cfg.cond_dim * h * cfg.cond_align + 2 * T * cfg.cond_dim * cfg.target_dim * cfg.cond_linear
+    io += 2 * T * (cfg.cond_dim + cfg.target_dim) * cfg.cond_mlp
     return float(cfg.depth * per_block + io)
 
 
@@ -187,7 +193,7 @@ def token_positions(tokens: int, cls_first: bool, scale: float = 1.0) -> torch.T
     """
     g = math.isqrt(tokens - int(cls_first))
     if g * g != tokens - int(cls_first):
-        raise ValueError(f"{tokens} tokens is not a square grid{' plus CLS' if cls_first else ''}")
+        raise UserError(f"{tokens} tokens is not a square grid{' plus CLS' if cls_first else ''}")
     r, c = torch.meshgrid(torch.arange(g), torch.arange(g), indexing="ij")
     patches = torch.stack([torch.ones(g * g), r.flatten() * scale, c.flatten() * scale], dim=-1)
     return torch.cat([torch.zeros(1, 3), patches]) if cls_first else patches
@@ -336,6 +342,9 @@ class DiT(nn.Module):
         if cfg.cond_linear:
             self.linear_cond = nn.Linear(cfg.cond_dim, cfg.target_dim)
             self.linear_bias = nn.Parameter(torch.zeros(cfg.tokens or 1, cfg.target_dim))
+        if cfg.cond_mlp:
+            self.cond_mlp = nn.Sequential(nn.Linear(cfg.cond_dim, cfg.cond_mlp), nn.GELU(),
+                                          nn.Linear(cfg.cond_mlp, cfg.target_dim))
         self.cond_norm = nn.RMSNorm(cfg.cond_dim, eps=cfg.norm_eps)
         self.cond_proj = nn.Linear(cfg.cond_dim, cfg.hidden)
         self.null_cond = nn.Parameter(torch.randn(cfg.hidden) * 0.02)  # CFG "no condition"
@@ -360,6 +369,8 @@ class DiT(nn.Module):
         # zero init: blocks start as identity, the output (velocity) starts at exactly zero
         # the linear path starts at zero too (or at least squares: init_linear_path)
         zero = [b.ada[-1] for b in self.blocks] + [self.final_ada[-1], self.out]
+        if self.config.cond_mlp:
+            zero.append(self.cond_mlp[-1])
         if self.config.cond_linear:
             zero.append(self.linear_cond)
             nn.init.zeros_(self.linear_bias)
@@ -424,6 +435,8 @@ class DiT(nn.Module):
         y = self.out(h)
         if cfg.cond_linear:
             y = y + self.linear_cond(aligned) + self.linear_bias.to(y.dtype)
+        if cfg.cond_mlp:
+            y = y + self.cond_mlp(aligned)
         return flow.velocity_from_data(y, x, t) if cfg.prediction == "x" else y
 
     @torch.no_grad()
@@ -463,20 +476,20 @@ class DiT(nn.Module):
         directory = Path(directory)
         config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
         if not config_path.exists() or not weights_path.exists():
-            raise ValueError(f"{directory}: not a saved eva-repro model (needs {CONFIG_FILE} and "
+            raise UserError(f"{directory}: not a saved eva-repro model (needs {CONFIG_FILE} and "
                              f"{WEIGHTS_FILE}); pass the directory written by save_pretrained")
         data = json.loads(config_path.read_text())
         if data.get("architecture") != ARCHITECTURE:
-            raise ValueError(f"{config_path}: architecture {data.get('architecture')!r} is not "
+            raise UserError(f"{config_path}: architecture {data.get('architecture')!r} is not "
                              f"{ARCHITECTURE!r}")
         model = cls(DiTConfig.from_dict(data))
         state = load_file(str(weights_path), device=map_location)
         try:
             missing, unexpected = model.load_state_dict(state, strict=False)
         except RuntimeError as e:  # shape mismatch
-            raise ValueError(f"{weights_path}: weights do not fit {config_path}: {e}") from e
+            raise UserError(f"{weights_path}: weights do not fit {config_path}: {e}") from e
         if missing or unexpected:
-            raise ValueError(f"{weights_path}: weights do not match {config_path} (missing "
+            raise UserError(f"{weights_path}: weights do not match {config_path} (missing "
                              f"{missing[:3]}, unexpected {unexpected[:3]}); the files come from "
                              "different models")
         return model.to(map_location)

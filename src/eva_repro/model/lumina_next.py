@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from eva_repro.errors import UserError
 from eva_repro.shards import atomic_write_json
 
 ARCHITECTURE = "diffusers-lumina-next"
@@ -52,7 +53,7 @@ PRESETS = {
 }
 
 
-class LuminaNextConfigError(ValueError):
+class LuminaNextConfigError(UserError):
     """A configuration the diffusers Lumina-Next network cannot take."""
 
 

@@ -1,0 +1,49 @@
+"""The `eva-repro` command line: one-line user errors (exit 2), tracebacks for bugs, exit 75 when
+preempted, and a subcommand per pipeline stage."""
+
+import pytest
+
+from eva_repro import cli, synth
+from eva_repro.errors import UserError
+from eva_repro.preemption import EXIT_PREEMPTED, Preempted
+
+
+def test_every_stage_is_a_subcommand_and_help_exits_0(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--help"])
+    assert info.value.code == 0
+    listed = capsys.readouterr().out
+    assert all(name in listed for name in cli.COMMANDS)
+
+
+def test_a_user_error_is_one_line_and_exit_code_2(tmp_path, capsys):
+    code = cli.main(["synth", "--output_dir", str(tmp_path / "s"), "--num_samples", "0"])
+    err = capsys.readouterr().err
+    assert code == 2 and err == "error: --num_samples must be >= 1, got 0\n"
+
+
+def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
+    def broken(args):
+        raise ValueError("an internal bug, not the user's input")
+
+    monkeypatch.setattr(synth, "run", broken)
+    with pytest.raises(ValueError, match="internal bug"):
+        cli.main(["synth", "--output_dir", str(tmp_path / "s")])
+
+
+def test_preempted_work_exits_75(tmp_path, monkeypatch, capsys):
+    def stopped(args):
+        raise Preempted("SIGTERM: saved at step 3")
+
+    monkeypatch.setattr(synth, "run", stopped)
+    assert cli.main(["synth", "--output_dir", str(tmp_path / "s")]) == EXIT_PREEMPTED
+    assert capsys.readouterr().err == "preempted: SIGTERM: saved at step 3\n"
+
+
+def test_stage_errors_share_the_one_base_class():
+    from eva_repro.checkpoint import CheckpointError
+    from eva_repro.shards import ShardError
+    from eva_repro.train import TrainingError
+
+    assert all(issubclass(e, UserError) and issubclass(e, ValueError)
+               for e in (CheckpointError, ShardError, TrainingError))
