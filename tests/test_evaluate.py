@@ -11,7 +11,8 @@ from PIL import Image
 
 from eva_repro import cli, shards
 from eva_repro.bench.evaluate import nfe_within, train_synth_model
-from eva_repro.evaluate import EvalOptions, ModelPathError, evaluate
+from eva_repro.checkpoint import CheckpointError
+from eva_repro.evaluate import EvalOptions, evaluate
 from eva_repro.generate import ModelDataMismatch
 from eva_repro.model import DiT, DiTConfig
 from eva_repro.synth import make_pairs, write_synthetic_shards
@@ -183,7 +184,7 @@ def test_checkpoint_from_another_architecture(trained_run, tmp_path):
 def test_run_dir_without_model_and_missing_path(tmp_path, trained_run, capsys):
     run = tmp_path / "run"
     shards.atomic_write_json(run / "run_config.json", {})
-    with pytest.raises(ModelPathError) as e:
+    with pytest.raises(CheckpointError) as e:
         evaluate(run, trained_run["data"], None, **FAST)
     assert "run directory with no model" in _one_line(e)
     # the CLI prints it as one `error:` line and exits 2

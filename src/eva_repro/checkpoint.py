@@ -321,6 +321,10 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
     elif path.name == CHECKPOINTS and (ckpt := latest_checkpoint(path.parent)) is not None:
         loaded = LoadedModel(_model_from_checkpoint(ckpt), path.parent, _split_of(path.parent),
                              f"checkpoint {ckpt.name} (EMA)")
+    elif (path / "run_config.json").exists() or (path / CHECKPOINTS).is_dir():
+        raise CheckpointError(f"{path}: run directory with no model (no {path / 'model'} and no "
+                              "complete checkpoint): training has not saved one yet; wait for its "
+                              "first checkpoint or pass another run")
     else:
         raise CheckpointError(f"{path}: no model here (needs config.json + model.safetensors, a run "
                               "directory with model/ or a complete checkpoint); pass a run, model "

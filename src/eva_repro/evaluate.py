@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from eva_repro import __version__ as _version
 from eva_repro import flow, metrics, shards
 from eva_repro.baselines import fit_baselines, iter_batches
+from eva_repro.checkpoint import load_model
 from eva_repro.errors import UserError
 from eva_repro.generate import (
     METHODS,
@@ -52,29 +53,6 @@ from eva_repro.progress import progress_bar
 
 PLOTS = {"histogram": "cosine_hist.png", "heatmap": "cosine_heatmap.png", "nfe": "cosine_vs_nfe.png"}
 SWEEP_SIZES = ("auto", "none", "small", "full")  # auto: full on CUDA, small on CPU
-
-
-class ModelPathError(UserError):
-    """A --model_path that holds no loadable model."""
-
-
-# ---------------------------------------------------------------------------------------------
-# loading: eva_repro.checkpoint.load_model is the one loader; this adds the run-dir-without-model case
-
-
-def load_model(path: str | Path):
-    """A run dir, a model dir (save_pretrained) or a checkpoint dir -> checkpoint.LoadedModel
-    (model on CPU, run_dir, split, source)."""
-    from eva_repro.checkpoint import latest_checkpoint
-    from eva_repro.checkpoint import load_model as checkpoint_load_model
-
-    path = Path(path)
-    is_run = (path / "run_config.json").exists() or (path / "checkpoints").is_dir()
-    if is_run and not (path / "model" / "config.json").exists() and latest_checkpoint(path) is None:
-        raise ModelPathError(f"{path}: run directory with no model (no {path / 'model'} and no "
-                             "complete checkpoint): training has not saved one yet; wait for its "
-                             "first checkpoint or pass another run")
-    return checkpoint_load_model(path)
 
 
 def check_model_fits_data(model: torch.nn.Module, manifest: shards.Manifest, model_path: Any) -> None:

@@ -208,7 +208,7 @@ def _resume(out: Path, settings: dict) -> dict[int, shards.ShardInfo]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from eva_repro.evaluate import load_model  # the one loading function
+    from eva_repro.checkpoint import load_model  # the one loading function
 
     resolve_sampler(args)
     loaded = load_model(args.model_path)

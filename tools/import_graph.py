@@ -1,0 +1,85 @@
+"""Print eva_repro's module import graph (every `import` / `from` in each module, including the
+ones inside functions) and any import cycles: `python tools/import_graph.py [--check]`.
+
+--check exits 1 when there is a cycle (tests/test_imports.py runs it in CI)."""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "eva_repro"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports_of(path: Path, known: set[str]) -> set[str]:
+    """The eva_repro modules `path` imports (a `from pkg import name` counts pkg.name if that is a
+    module, else pkg)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in known else node.module
+                     for a in node.names]
+        else:
+            continue
+        found |= {n for n in names if n in known}
+    return found
+
+
+def graph() -> dict[str, set[str]]:
+    files = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    known = set(files)
+    return {m: imports_of(p, known) - {m} - {m.rsplit(".", 1)[0]} for m, p in sorted(files.items())}
+
+
+def cycles(g: dict[str, set[str]]) -> list[list[str]]:
+    """Each strongly connected group of more than one module (Tarjan)."""
+    index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in g.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                out.append(sorted(group))
+
+    for v in g:
+        if v not in index:
+            visit(v)
+    return out
+
+
+def main(argv: list[str]) -> int:
+    g = graph()
+    for m, deps in g.items():
+        print(f"{m} -> {', '.join(sorted(deps)) or '-'}")
+    found = cycles(g)
+    for group in found:
+        print("cycle: " + " <-> ".join(group))
+    return 1 if found and "--check" in argv else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
