@@ -23,7 +23,6 @@ import json
 import math
 import os
 import random
-import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -40,8 +39,10 @@ from eva_repro import checkpoint as ckpt
 from eva_repro import data as data_mod
 from eva_repro import flow
 from eva_repro.data import BatchSchedule, DataPosition, TrainData
+from eva_repro.distributed import Dist, all_reduce_sum, barrier, setup_distributed
 from eva_repro.errors import UserError
 from eva_repro.lockfile import DirectoryLock
+from eva_repro.monitoring import DebugMonitor, MetricsLog, log
 from eva_repro.preemption import Preempted, StopSignals
 from eva_repro.progress import progress_bar
 from eva_repro.shards import MIN_HELDOUT, TOKEN_MODES, atomic_write_json
@@ -169,63 +170,6 @@ def validate_config(cfg: TrainConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise TrainingError(message)
-
-
-# ---------------------------------------------------------------------------------------------
-# distributed plumbing
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    owns_group: bool = False  # this run created the process group (and destroys it at the end)
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-
-def setup_distributed(device: str, need_group: bool = False) -> Dist:
-    """Join the torchrun process group when launched by torchrun; pick this rank's device.
-
-    `need_group` (FSDP2) makes a one-process group when not launched by torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise TrainingError("--device cuda but CUDA is not available; use --device cpu")
-        dev = torch.device("cuda", local if world > 1 else (dev.index or 0))
-        torch.cuda.set_device(dev)
-    backend = "nccl" if dev.type == "cuda" else "gloo"
-    owns = (world > 1 or need_group) and not dist.is_initialized()
-    if owns and world > 1:
-        dist.init_process_group(backend, device_id=dev if dev.type == "cuda" else None)
-    elif owns:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    return Dist(rank, world, local, dev, owns)
-
-
-def all_reduce_sum(values: list[float], d: Dist) -> list[float]:
-    if not d.enabled:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=d.device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
-def barrier(d: Dist) -> None:
-    if d.enabled:
-        dist.barrier()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -380,113 +324,6 @@ def evaluate(run: Run) -> dict[str, Any]:
         message += f", overfit set {fmt(record['overfit_cosine'])}"
     log(d, message)
     return record
-
-
-# ---------------------------------------------------------------------------------------------
-# logging
-
-
-class MetricsLog:
-    """metrics.jsonl + TensorBoard on rank 0; nothing on other ranks."""
-
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, resume_step: int | None):
-        self.enabled = enabled
-        self.path = run_dir / "metrics.jsonl"
-        self.tb = None
-        if not enabled:
-            return
-        if resume_step is not None and self.path.exists():
-            # a killed run may have logged steps past its last checkpoint: they are redone
-            keep = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in keep))
-        elif resume_step is None:
-            self.path.write_text("")
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(run_dir / "tb"))
-            except ImportError:  # tensorboard is a dependency, but keep training without it
-                warnings.warn("tensorboard is not installed: logging to metrics.jsonl only",
-                              stacklevel=2)
-
-    def write(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
-                    self.tb.add_scalar(k, v, record["step"])
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-
-
-def log(d: Dist, message: str) -> None:
-    if d.is_main:
-        print(f"[train] {message}", file=sys.stderr, flush=True)
-
-
-class DebugMonitor:
-    """--debug_mode: per-layer gradient norms, zero / exploding gradient warnings, activations."""
-
-    def __init__(self, model: nn.Module, d: Dist, explode_factor: float = 10.0):
-        self.model, self.d, self.explode_factor = model, d, explode_factor
-        self.activations: dict[str, dict[str, float]] = {}
-        self.norm_history: list[float] = []
-        self.handles = [m.register_forward_hook(self._hook(name))
-                        for name, m in self._layers(model)]
-
-    @staticmethod
-    def _layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-        out = []
-        for name, m in model.named_children():
-            if isinstance(m, nn.ModuleList):
-                out.extend((f"{name}.{i}", sub) for i, sub in enumerate(m))
-            else:
-                out.append((name, m))
-        return out
-
-    def _hook(self, name: str):
-        def hook(_module, _inputs, output):
-            if isinstance(output, torch.Tensor) and torch.is_grad_enabled():
-                y = output.detach().float()
-                self.activations[name] = {"mean": float(y.mean()), "std": float(y.std()),
-                                          "absmax": float(y.abs().max())}
-        return hook
-
-    def grad_norms(self) -> dict[str, float]:
-        norms = {}
-        for name, m in self._layers(self.model):
-            sq = 0.0
-            for p in m.parameters():
-                if p.grad is not None:
-                    g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
-                    sq += float(g.detach().float().pow(2).sum())
-            norms[name] = math.sqrt(sq)
-        return norms
-
-    def check(self, step: int, total_norm: float) -> dict[str, float]:
-        """Per-layer norms (and warnings) for the metrics record of this step."""
-        norms = self.grad_norms()
-        if step > 2:  # at step 1 the zero-initialised output layer blocks every other gradient
-            zero = [n for n, v in norms.items() if v == 0.0]
-            if zero:
-                log(self.d, f"warning: step {step}: zero gradient in {zero}")
-        median = float(np.median(self.norm_history)) if len(self.norm_history) >= 5 else None
-        if median and total_norm > self.explode_factor * median:
-            log(self.d, f"warning: step {step}: exploding gradient norm {total_norm:.3g} "
-                        f"(> {self.explode_factor:g}x the running median {median:.3g})")
-        if math.isfinite(total_norm):
-            self.norm_history = (self.norm_history + [total_norm])[-100:]
-        record = {f"grad_norm/{k}": v for k, v in norms.items()}
-        for name, stats in self.activations.items():
-            record.update({f"act/{name}/{k}": v for k, v in stats.items()})
-        return record
 
 
 # ---------------------------------------------------------------------------------------------

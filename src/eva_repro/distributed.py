@@ -1,0 +1,71 @@
+"""Distributed plumbing for torchrun: this rank's place in the job and its device, and the two
+collectives the trainer needs. One process without torchrun is a world of 1 (no group, unless
+FSDP2 asks for one)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from eva_repro.errors import UserError
+
+
+class DeviceError(UserError):
+    """A device that this machine does not have."""
+
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    owns_group: bool = False  # this run created the process group (and destroys it at the end)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_distributed(device: str, need_group: bool = False) -> Dist:
+    """Join the torchrun process group when launched by torchrun; pick this rank's device.
+
+    `need_group` (FSDP2) makes a one-process group when not launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError("--device cuda but CUDA is not available; use --device cpu")
+        dev = torch.device("cuda", local if world > 1 else (dev.index or 0))
+        torch.cuda.set_device(dev)
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    owns = (world > 1 or need_group) and not dist.is_initialized()
+    if owns and world > 1:
+        dist.init_process_group(backend, device_id=dev if dev.type == "cuda" else None)
+    elif owns:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return Dist(rank, world, local, dev, owns)
+
+
+def all_reduce_sum(values: list[float], d: Dist) -> list[float]:
+    if not d.enabled:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=d.device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def barrier(d: Dist) -> None:
+    if d.enabled:
+        dist.barrier()
