@@ -109,7 +109,7 @@ import resource, signal, sys, torch
 sys.path.insert(0, {tests!r})
 from test_checkpoint import _state, _step, _tiny_model
 from eva_repro import checkpoint as ckpt
-from eva_repro.shards import DiskFullError
+from eva_repro.files import DiskFullError
 model = _tiny_model(); opt = torch.optim.AdamW(model.parameters()); _step(model, opt, 0)
 ckpt.save_checkpoint({run!r}, _state(model, opt, 10))
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() fails with EFBIG instead of killing us

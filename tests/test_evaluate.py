@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from eva_repro import cli, shards
+from eva_repro import cli, files, shards
 from eva_repro.bench.evaluate import nfe_within, train_synth_model
 from eva_repro.checkpoint import CheckpointError
 from eva_repro.evaluate import EvalOptions, evaluate
@@ -36,8 +36,8 @@ def trained_run(tmp_path_factory, one_thread):
     model = train_synth_model(clip[train], eva[train], steps=400, hidden=96, depth=2)
     run = root / "run"
     model.save_pretrained(run / "model")
-    shards.atomic_write_json(run / "run_config.json", {"data_dir": str(data.resolve())})
-    shards.atomic_write_json(run / "split.json", {
+    files.atomic_write_json(run / "run_config.json", {"data_dir": str(data.resolve())})
+    files.atomic_write_json(run / "split.json", {
         "data_dir": str(data.resolve()), "eval_fraction": 0.2, "salt": "eva-repro",
         "num_train": len(train), "num_heldout": len(heldout), "max_samples": None,
         "heldout_keys": [keys[i] for i in heldout]})
@@ -183,7 +183,7 @@ def test_checkpoint_from_another_architecture(trained_run, tmp_path):
 
 def test_run_dir_without_model_and_missing_path(tmp_path, trained_run, capsys):
     run = tmp_path / "run"
-    shards.atomic_write_json(run / "run_config.json", {})
+    files.atomic_write_json(run / "run_config.json", {})
     with pytest.raises(CheckpointError) as e:
         evaluate(run, trained_run["data"], None, **FAST)
     assert "run directory with no model" in _one_line(e)

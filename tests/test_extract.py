@@ -23,7 +23,7 @@ from open_clip.model import _build_vision_tower
 from PIL import Image
 from safetensors.torch import save_file
 
-from eva_repro import cli, shards
+from eva_repro import cli, files, shards
 from eva_repro import extract as extract_mod
 from eva_repro.encoders import EncoderError
 from eva_repro.extract import ExtractError, extract, merge
@@ -61,7 +61,7 @@ def write_images(folder: Path, n: int, seed: int = 0) -> list[Path]:
 
 
 def shard_digests(out: Path) -> dict[str, str]:
-    return {p.name: shards.sha256_file(p) for p in sorted(out.glob("shard-*"))}
+    return {p.name: files.sha256_file(p) for p in sorted(out.glob("shard-*"))}
 
 
 def test_extract_folder_end_to_end(tmp_path):
@@ -106,7 +106,7 @@ def test_weights_files_give_the_tokens_of_open_clip_and_timm(tmp_path):
                 encoder_depth=1, grid=16, training_mode="cls_patch", dtype="float32",
                 num_workers=0, progress=False)
     assert m["include_cls"] is True and m["tokens"] == 257 and m["dtype"] == "float32"
-    assert m["encoders"]["eva"]["weights_sha256"] == shards.sha256_file(tmp_path / "eva.safetensors")
+    assert m["encoders"]["eva"]["weights_sha256"] == files.sha256_file(tmp_path / "eva.safetensors")
     reader = shards.ShardReader(tmp_path / "out")
 
     preprocess = open_clip.image_transform(224, is_train=False, mean=open_clip.OPENAI_DATASET_MEAN,

@@ -35,7 +35,7 @@ import torch
 from safetensors.torch import load_file
 
 from eva_repro.errors import UserError
-from eva_repro.shards import atomic_save_safetensors, atomic_write_json, sha256_file
+from eva_repro.files import atomic_save_safetensors, atomic_write_json, sha256_file
 
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from eva_repro import cli, encoders, shards
+from eva_repro import cli, encoders, files, shards
 from eva_repro.demo_images import PHOTOS, write_demo_images
 from eva_repro.errors import UserError
 from eva_repro.extract import extract
@@ -147,7 +147,7 @@ def _save_config(out: Path, config: dict[str, Any]) -> None:
     """Written once the shards exist: a run that failed before (say --pretrained without a
     network) leaves nothing behind that would refuse the next attempt's settings."""
     if not (out / CONFIG).exists():
-        shards.atomic_write_json(out / CONFIG, config)
+        files.atomic_write_json(out / CONFIG, config)
 
 
 def _announce_weights(weights: str) -> dict[str, str]:
@@ -280,7 +280,7 @@ class StageLog:
             rec = {**old, "reused": True, "earlier_run": True}
         self.stages[name] = rec
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        shards.atomic_write_json(self.path, {**self.earlier, **self.stages})
+        files.atomic_write_json(self.path, {**self.earlier, **self.stages})
 
 
 def _fmt(value: float | None) -> str:
@@ -316,8 +316,8 @@ def _write_summary(out: Path, weights: dict[str, str], report: dict[str, Any],
              f"Time per stage: {_time_line(stages)}. This invocation: {total:.1f} s.",
              "", f"Files: {out / 'shards'}, {out / 'run'}, {out / 'report'}.", ""]
     text = "\n".join(lines)
-    shards.atomic_write_bytes(out / "DEMO.md", text.encode())
-    shards.atomic_write_json(out / SUMMARY, {
+    files.atomic_write_bytes(out / "DEMO.md", text.encode())
+    files.atomic_write_json(out / SUMMARY, {
         "plan": asdict(plan), "encoder_weights": weights, "stages": stages,
         "invocation_seconds": total, "num_images": manifest["num_samples"],
         "train": train_summary,

@@ -34,11 +34,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 
 from eva_repro.errors import UserError
-from eva_repro.shards import sha256_file
+from eva_repro.files import sha256_file
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -129,16 +128,6 @@ def get_spec(name: str) -> EncoderSpec:
 
 # ---------------------------------------------------------------------------------------------
 # preprocessing (the decode side runs in DataLoader workers, normalisation on the device)
-
-
-def resize_center_crop(img: Image.Image, size: int) -> torch.Tensor:
-    """RGB PIL image -> uint8 [3, size, size]: open_clip's eval transform before ToTensor."""
-    from torchvision.transforms import InterpolationMode
-    from torchvision.transforms import functional as TF
-
-    img = TF.resize(img, size, interpolation=InterpolationMode.BICUBIC)
-    img = TF.center_crop(img, [size, size])
-    return TF.pil_to_tensor(img)
 
 
 def pool_grid(tokens: torch.Tensor, grid: int) -> torch.Tensor:

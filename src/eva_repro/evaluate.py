@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from eva_repro import __version__ as _version
-from eva_repro import flow, metrics, shards
+from eva_repro import files, flow, metrics, shards
 from eva_repro.baselines import fit_baselines, iter_batches
 from eva_repro.checkpoint import load_model
 from eva_repro.errors import UserError
@@ -407,8 +407,8 @@ def write_outputs(report: dict, c: Collected, sweep: list[dict], out: Path,
     out.mkdir(parents=True, exist_ok=True)
     if plots:
         report["plots"] = write_plots(out, c.cat("dit").mean(dim=1), report, manifest)
-    shards.atomic_write_json(out / "report.json", report)
-    shards.atomic_write_bytes(out / "report.md", markdown(report).encode())
+    files.atomic_write_json(out / "report.json", report)
+    files.atomic_write_bytes(out / "report.md", markdown(report).encode())
 
 
 def write_plots(out: Path, per_image: torch.Tensor, report: dict, manifest: shards.Manifest) -> dict:
@@ -439,7 +439,7 @@ def _save(fig, path: Path) -> str:
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png", dpi=110)
-    shards.atomic_write_bytes(path, buf.getvalue())
+    files.atomic_write_bytes(path, buf.getvalue())
     return path.name
 
 

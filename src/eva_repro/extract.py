@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from eva_repro import __version__, shards
+from eva_repro import __version__, files, shards
 from eva_repro.encoders import (
     TOKEN_SOURCES,
     FrozenEncoder,
@@ -266,7 +266,7 @@ def _prepare_output(out_dir: Path, config: dict[str, Any], ctx: DistContext) -> 
     if any(out_dir.glob("shard-*.json")):
         raise ExtractError(f"{out_dir}: holds shards not written by `eva-repro extract` (no "
                            f"{CONFIG}); use a new --output_dir")
-    shards.atomic_write_json(path, config)
+    files.atomic_write_json(path, config)
 
 
 def _read_record(out_dir: Path, index: int) -> dict[str, Any] | None:
@@ -323,7 +323,7 @@ def _write_chunk(out_dir: Path, index: int, items: Sequence[InputItem],
     """Record first, shard second: the chunk counts as done only once both exist."""
     record = {"index": index, "num_inputs": len(items), "num_samples": len(buf["keys"]),
               "failures": buf["failures"]}
-    shards.atomic_write_json(chunk_path(out_dir, index), record)
+    files.atomic_write_json(chunk_path(out_dir, index), record)
     if buf["keys"]:
         shards.write_shard(out_dir, index, torch.cat(buf["clip"]), torch.cat(buf["eva"]),
                            buf["keys"], buf["captions"], settings.dtype)
@@ -424,7 +424,7 @@ def merge(output_dir: str | os.PathLike) -> dict[str, Any]:
     failures = list(config["discovery_failures"])
     for i in range(n):
         failures += done[i]["failures"]
-    shards.atomic_write_bytes(out_dir / shards.FAILURES,
+    files.atomic_write_bytes(out_dir / shards.FAILURES,
                               "".join(json.dumps(f) + "\n" for f in failures).encode())
     finished = shards.finished_shards(out_dir)
     listed = [finished[i] for i in range(n) if done[i]["num_samples"] > 0]

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from eva_repro import flow, shards
+from eva_repro import files, flow, shards
 from eva_repro.errors import UserError
 from eva_repro.lockfile import DirectoryLock
 from eva_repro.preemption import Preempted, StopSignals
@@ -203,7 +203,7 @@ def _resume(out: Path, settings: dict) -> dict[int, shards.ShardInfo]:
     if out.exists() and any(out.glob("shard-*")):
         raise UserError(f"{out}: already holds shards not written by `eva-repro sample`; "
                          "choose an empty --output_dir")
-    shards.atomic_write_json(path, settings)
+    files.atomic_write_json(path, settings)
     return {}
 
 

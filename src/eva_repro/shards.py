@@ -16,14 +16,10 @@ stays bounded whatever the data size. No pickle anywhere.
 from __future__ import annotations
 
 import bisect
-import errno
 import hashlib
 import json
 import math
 import os
-import re
-import shutil
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,9 +28,9 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from eva_repro.errors import UserError
+from eva_repro.files import atomic_save_safetensors, atomic_write_json, sha256_file
 
 FORMAT = "eva-repro-shards"
 FORMAT_VERSION = 1
@@ -48,88 +44,6 @@ SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch
 
 class ShardError(UserError):
     """A shard directory or file that cannot be used; the message names the file and the fix."""
-
-
-# ---------------------------------------------------------------------------------------------
-# atomic files
-
-
-NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-
-
-class DiskFullError(UserError):
-    """A write ran out of space or hit a file-size limit; the partial file was removed."""
-
-
-def _out_of_space(path: Path, nbytes: int, error: BaseException) -> DiskFullError | None:
-    """The one-line error for a full disk (OSError, or safetensors' "os error N"), else None."""
-    code = error.errno if isinstance(error, OSError) else None
-    if code is None and (m := re.search(r"os error (\d+)", str(error))):
-        code = int(m.group(1))
-    if code not in NO_SPACE:
-        return None
-    free = shutil.disk_usage(path.parent).free
-    limit = " or the file-size limit (ulimit -f)" if code == errno.EFBIG else ""
-    return DiskFullError(f"{path}: out of disk space{limit} writing {nbytes / 1e6:.1f} MB "
-                         f"({free / 1e6:.0f} MB free there); free space or write elsewhere "
-                         "(nothing partial was kept)")
-
-
-def _publish(tmp: str, path: Path) -> None:
-    """Rename a finished temp file into place with normal permissions (mkstemp makes it 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` via a temp file in the same directory and an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        _publish(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if (full := _out_of_space(path, len(data), e)) is not None:
-            raise full from e
-        raise
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
-
-
-def atomic_save_safetensors(
-    tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
-) -> None:
-    """`safetensors.torch.save_file` through a temp file + rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        _publish(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-        if (full := _out_of_space(path, nbytes, e)) is not None:
-            raise full from e
-        raise
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------

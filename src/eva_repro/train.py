@@ -41,11 +41,12 @@ from eva_repro import flow
 from eva_repro.data import BatchSchedule, DataPosition, TrainData
 from eva_repro.distributed import Dist, all_reduce_sum, barrier, setup_distributed
 from eva_repro.errors import UserError
+from eva_repro.files import atomic_write_json
 from eva_repro.lockfile import DirectoryLock
 from eva_repro.monitoring import DebugMonitor, MetricsLog, log
 from eva_repro.preemption import Preempted, StopSignals
 from eva_repro.progress import progress_bar
-from eva_repro.shards import MIN_HELDOUT, TOKEN_MODES, atomic_write_json
+from eva_repro.shards import MIN_HELDOUT, TOKEN_MODES
 
 OVERFIT_DEFAULT_STEPS = 300
 # Peak AdamW learning rate per preset when --learning_rate is not given: roughly 1/width, the

@@ -13,7 +13,7 @@ import json
 import time
 from pathlib import Path
 
-from eva_repro.shards import atomic_write_json
+from eva_repro.files import atomic_write_json
 
 SUITES = ("model", "extract", "train", "evaluate", "quality", "backbones")
 

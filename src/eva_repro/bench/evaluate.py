@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 from eva_repro import flow, metrics
+from eva_repro.files import atomic_write_json
 from eva_repro.generate import generate_batch
 from eva_repro.model import DiT, DiTConfig
-from eva_repro.shards import atomic_write_json
 from eva_repro.synth import make_pairs, write_synthetic_shards
 
 

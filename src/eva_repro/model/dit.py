@@ -64,7 +64,8 @@ from torch.utils.checkpoint import checkpoint
 
 from eva_repro import flow
 from eva_repro.errors import UserError
-from eva_repro.shards import TOKEN_MODES, atomic_save_safetensors, atomic_write_json
+from eva_repro.files import atomic_save_safetensors, atomic_write_json
+from eva_repro.shards import TOKEN_MODES
 
 ARCHITECTURE = "eva-repro-dit"
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"

@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 
 from eva_repro.errors import UserError
-from eva_repro.shards import atomic_write_json
+from eva_repro.files import atomic_write_json
 
 ARCHITECTURE = "diffusers-lumina-next"
 CONFIG_FILE, SUBFOLDER = "config.json", "transformer"

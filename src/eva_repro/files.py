@@ -1,0 +1,100 @@
+"""Files written whole or not at all: a temp file in the same directory, fsync, atomic rename.
+
+A full disk (or a file-size limit) becomes one line, DiskFullError, naming the file, the bytes
+and the free space, and leaves nothing partial behind. Every writer of eva-repro goes through
+here: shards, manifests, checkpoints, models, reports.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from eva_repro.errors import UserError
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+class DiskFullError(UserError):
+    """A write ran out of space or hit a file-size limit; the partial file was removed."""
+
+
+def _out_of_space(path: Path, nbytes: int, error: BaseException) -> DiskFullError | None:
+    """The one-line error for a full disk (OSError, or safetensors' "os error N"), else None."""
+    code = error.errno if isinstance(error, OSError) else None
+    if code is None and (m := re.search(r"os error (\d+)", str(error))):
+        code = int(m.group(1))
+    if code not in NO_SPACE:
+        return None
+    free = shutil.disk_usage(path.parent).free
+    limit = " or the file-size limit (ulimit -f)" if code == errno.EFBIG else ""
+    return DiskFullError(f"{path}: out of disk space{limit} writing {nbytes / 1e6:.1f} MB "
+                         f"({free / 1e6:.0f} MB free there); free space or write elsewhere "
+                         "(nothing partial was kept)")
+
+
+def _publish(tmp: str, path: Path) -> None:
+    """Rename a finished temp file into place with normal permissions (mkstemp makes it 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` via a temp file in the same directory and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        _publish(tmp, path)
+    except BaseException as e:
+        Path(tmp).unlink(missing_ok=True)
+        if (full := _out_of_space(path, len(data), e)) is not None:
+            raise full from e
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def atomic_save_safetensors(
+    tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
+) -> None:
+    """`safetensors.torch.save_file` through a temp file + rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        _publish(tmp, path)
+    except BaseException as e:
+        Path(tmp).unlink(missing_ok=True)
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        if (full := _out_of_space(path, nbytes, e)) is not None:
+            raise full from e
+        raise
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
