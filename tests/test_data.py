@@ -93,8 +93,8 @@ def test_batches_are_fp16_on_disk_and_fp32_on_device(synth_dir):
     assert on_device.eva.dtype == torch.float32 and batch.offset == 8
     assert torch.equal(on_device.eva, eva[[5, 17, 40]].half().float())
     assert torch.equal(on_device.clip, clip[[5, 17, 40]].half().float())
-    c, e = load_rows(data.reader, [1, 2], data.keys)
-    assert c.dtype == torch.float32 and torch.equal(e, eva[[1, 2]].half().float())
+    ids, c, e = load_rows(data.reader, [1, 2], data.keys)
+    assert ids == [1, 2] and c.dtype == torch.float32 and torch.equal(e, eva[[1, 2]].half().float())
     norm = target_norm(data.reader, list(range(41)))
     assert norm == pytest.approx(eva.half().float().norm(dim=-1).mean().item(), rel=1e-5)
 
@@ -111,8 +111,8 @@ def test_nan_or_inf_samples_are_skipped_with_their_key(tmp_path):
     assert batch.valid.tolist() == [True, False, False, True]
     assert len(batch.bad) == 2 and keys[2] in batch.bad[0] and "NaN/Inf" in batch.bad[0]
     assert torch.isfinite(batch.eva).all() and torch.isfinite(batch.clip).all()
-    clip, eva = load_rows(reader, [1, 2, 5, 6], keys)
-    assert clip.shape[0] == eva.shape[0] == 2
+    ids, clip, eva = load_rows(reader, [1, 2, 5, 6], keys)
+    assert ids == [1, 6] and clip.shape[0] == eva.shape[0] == 2
 
 
 def _one_line_error(fn, match):

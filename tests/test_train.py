@@ -440,3 +440,15 @@ def test_lumina_next_backbone_refuses_what_it_cannot_do_in_one_line(tmp_path, sm
     _one_line(lambda: train_mod.train(_cfg(small_data, out, **lumina, grad_checkpointing=True)),
               "gradient checkpointing")
     assert not (out / "checkpoints").exists()
+
+
+def test_the_runs_held_out_cosine_is_the_evaluators(tmp_path, small_data):
+    """One noise function keyed by row id (flow.sample_noise): the trainer's last held-out
+    cosine and `eva-repro evaluate` on the same run, sampler and samples agree."""
+    out = tmp_path / "run"
+    summary = train_mod.train(_cfg(small_data, out, max_steps=20, eval_fraction=0.2,
+                                   eval_samples=1000, eval_sampler_steps=4))
+    r = evaluate(out, small_data, num_samples=1000, steps=4, method="heun", sweep="none",
+                 progress=False, plots=False, control_samples=0)
+    assert r["n_samples"] == summary["heldout_samples"] > 8
+    assert r["cosine"]["token_mean"] == pytest.approx(summary["heldout_cosine"], rel=1e-5)

@@ -316,13 +316,15 @@ def read_batch(
 
 
 def load_rows(reader: ShardReader, rows: list[int], keys: list[str]
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A fixed (small) set of rows as fp32 (clip, eva), non-finite samples dropped: eval sets."""
+              ) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """A fixed (small) set of rows as (kept rows, fp32 clip, fp32 eva), non-finite samples
+    dropped: eval sets."""
     m = reader.manifest
     if not rows:
-        return torch.empty(0, m.tokens, m.clip_dim), torch.empty(0, m.tokens, m.eva_dim)
+        return [], torch.empty(0, m.tokens, m.clip_dim), torch.empty(0, m.tokens, m.eva_dim)
     batch = read_batch(reader, rows, keys)
-    return batch.clip[batch.valid].float(), batch.eva[batch.valid].float()
+    kept = [r for r, ok in zip(rows, batch.valid.tolist(), strict=True) if ok]
+    return kept, batch.clip[batch.valid].float(), batch.eva[batch.valid].float()
 
 
 def target_norm(reader: ShardReader, rows: list[int], max_rows: int = 256,

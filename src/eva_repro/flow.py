@@ -265,6 +265,18 @@ def guided_velocity(
 
 
 @torch.no_grad()
+def sample_noise(ids, tokens: int, dim: int, seed: int = 0) -> torch.Tensor:
+    """The one per-sample noise x0 ~ N(0, I) [len(ids), tokens, dim]: row i from its own generator
+    (seed, ids[i]), so a sample's noise depends on its id (its row in the shards) only, never on
+    batching: the trainer's held-out cosine, `eva-repro evaluate` and `eva-repro sample` draw the
+    same noise for the same image."""
+    out = torch.empty(len(ids), tokens, dim)
+    for i, sample_id in enumerate(ids):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + int(sample_id))
+        out[i] = torch.randn(tokens, dim, generator=g)
+    return out
+
+
 def sample(
     model: torch.nn.Module,
     cond: torch.Tensor,

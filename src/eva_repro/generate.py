@@ -58,16 +58,6 @@ def check_condition(config, clip_tokens: torch.Tensor, where: str = "clip tokens
                                 "embeddings extracted with the same --grid")
 
 
-def sample_noise(ids: Sequence[int], tokens: int, dim: int, seed: int) -> torch.Tensor:
-    """N(0, I) noise [len(ids), tokens, dim]; row i comes from its own generator (seed, ids[i]),
-    so a sample's noise depends on its id only, never on batching."""
-    out = torch.empty(len(ids), tokens, dim)
-    for i, sample_id in enumerate(ids):
-        g = torch.Generator().manual_seed(seed * 1_000_003 + int(sample_id))
-        out[i] = torch.randn(tokens, dim, generator=g)
-    return out
-
-
 def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -95,7 +85,7 @@ def generate_batch(
     device = model_device(model)
     cond = clip_tokens.to(device=device, dtype=torch.float32)
     ids = range(offset, offset + cond.shape[0]) if ids is None else ids
-    x0 = sample_noise(ids, cond.shape[1], config.target_dim, seed).to(device)
+    x0 = flow.sample_noise(ids, cond.shape[1], config.target_dim, seed).to(device)
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
     with autocast:  # bf16 only on CUDA: on CPU it is ~100x slower than fp32
         x1, nfe = flow.sample_ode(flow.guided_velocity(model, cond, cfg_scale), x0, steps, method,

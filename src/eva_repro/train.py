@@ -284,25 +284,35 @@ def draw_noise(
 # evaluation
 
 
+@dataclass
+class EvalSet:
+    """Samples scored during training: their row ids (which key their noise), conditions, targets."""
+
+    ids: list[int]
+    clip: torch.Tensor
+    eva: torch.Tensor
+
+
 @torch.no_grad()
 def sampled_cosine(
-    model: nn.Module, clip: torch.Tensor, eva: torch.Tensor, cfg: TrainConfig, device: torch.device,
+    model: nn.Module, samples: EvalSet, cfg: TrainConfig, device: torch.device,
     autocast: Callable[[], contextlib.AbstractContextManager],
 ) -> float | None:
-    """Sample targets for `clip` from fixed noise with the (EMA) model; mean token cosine to `eva`
-    (None for an empty set, e.g. --eval_fraction 0)."""
-    if clip.shape[0] == 0:
+    """Sample targets for the set's conditions with the (EMA) model from flow.sample_noise (keyed
+    by row id, as `eva-repro evaluate` does); mean token cosine to its targets (None for an empty
+    set, e.g. --eval_fraction 0)."""
+    if not samples.ids:
         return None
     was_training = model.training
     model.eval()
-    g = torch.Generator(device=device).manual_seed(data_mod.mix_seed("eval", cfg.seed))
     total, count = 0.0, 0
-    for start in range(0, clip.shape[0], cfg.batch_size):
-        c = clip[start:start + cfg.batch_size].to(device).float()
-        e = eva[start:start + cfg.batch_size].to(device).float()
+    for start in range(0, len(samples.ids), cfg.batch_size):
+        c = samples.clip[start:start + cfg.batch_size].to(device).float()
+        e = samples.eva[start:start + cfg.batch_size].to(device).float()
+        x0 = flow.sample_noise(samples.ids[start:start + cfg.batch_size], e.shape[1], e.shape[2])
         with autocast():
-            x, _ = flow.sample(model, c, steps=cfg.eval_sampler_steps, method=cfg.eval_method,
-                               shift=cfg.time_shift, generator=g)
+            x, _ = flow.sample_ode(flow.guided_velocity(model, c), x0.to(device),
+                                   cfg.eval_sampler_steps, cfg.eval_method, cfg.time_shift)
         cos = flow.token_cosine(x.float(), e)
         total += float(cos.sum())
         count += cos.numel()
@@ -316,11 +326,11 @@ def evaluate(run: Run) -> dict[str, Any]:
     """Held-out (and, in overfit mode, training-set) sampled cosine of the EMA model."""
     cfg, d = run.cfg, run.d
     record: dict[str, Any] = {"step": run.step, "heldout_cosine": sampled_cosine(
-        run.ema, *run.eval_set, cfg, d.device, run.autocast)}
+        run.ema, run.eval_set, cfg, d.device, run.autocast)}
     fmt = lambda x: "n/a" if x is None else f"{x:.4f}"  # noqa: E731
     message = f"step {run.step}: sampled cosine (EMA) held-out {fmt(record['heldout_cosine'])}"
     if run.overfit_set is not None:
-        record["overfit_cosine"] = sampled_cosine(run.ema, *run.overfit_set, cfg, d.device,
+        record["overfit_cosine"] = sampled_cosine(run.ema, run.overfit_set, cfg, d.device,
                                                   run.autocast)
         message += f", overfit set {fmt(record['overfit_cosine'])}"
     log(d, message)
@@ -350,8 +360,8 @@ class Run:
     drop_cls: bool
     autocast: Callable[[], contextlib.AbstractContextManager]
     train_rows: list[int]
-    eval_set: tuple[torch.Tensor, torch.Tensor]
-    overfit_set: tuple[torch.Tensor, torch.Tensor] | None
+    eval_set: EvalSet
+    overfit_set: EvalSet | None
     step: int = 0
     position: DataPosition = field(default_factory=DataPosition)
     resumed_from: str | None = None
@@ -457,9 +467,9 @@ def setup(cfg: TrainConfig) -> Run:
     def autocast() -> contextlib.AbstractContextManager:
         return torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
 
-    def load(rows_: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        clip, eva = data_mod.load_rows(data.reader, rows_, data.keys)
-        return (clip[:, 1:], eva[:, 1:]) if drop_cls else (clip, eva)
+    def load(rows_: list[int]) -> EvalSet:
+        kept, clip, eva = data_mod.load_rows(data.reader, rows_, data.keys)
+        return EvalSet(kept, *((clip[:, 1:], eva[:, 1:]) if drop_cls else (clip, eva)))
 
     eval_rows = data.heldout_rows[:cfg.eval_samples]
     run = Run(cfg, d, run_dir, data, schedule, model, raw, ema, optimizer,
@@ -747,7 +757,7 @@ def _train(cfg: TrainConfig, on_step: Callable[[int, dict[str, Any]], None] | No
                 "final_loss": float(np.mean(recent)) if recent else None,  # last 10 steps
                 "last_loss": recent[-1] if recent else None,
                 "heldout_cosine": final_eval["heldout_cosine"],
-                "heldout_samples": int(run.eval_set[0].shape[0]),
+                "heldout_samples": len(run.eval_set.ids),
                 "train_samples": len(run.train_rows),
                 "target_norm": run.raw.config.target_norm,
                 "params_m": round(run.raw.num_parameters() / 1e6, 3),
@@ -760,7 +770,7 @@ def _train(cfg: TrainConfig, on_step: Callable[[int, dict[str, Any]], None] | No
             }
             if run.overfit_set is not None:
                 summary["overfit_cosine"] = final_eval["overfit_cosine"]
-                summary["overfit_samples"] = int(run.overfit_set[0].shape[0])
+                summary["overfit_samples"] = len(run.overfit_set.ids)
                 summary["overfit_passed"] = (summary["overfit_cosine"] or 0.0) > OVERFIT_BAR
             if d.is_main:
                 atomic_write_json(run.run_dir / "summary.json", summary)
