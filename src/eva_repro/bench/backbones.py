@@ -67,7 +67,8 @@ def run(output_dir: Path, quick: bool) -> dict[str, Any]:
             results[name] = []
             for label, options in HEADS.items():
                 r = run_problem(data, steps, label, work, **options)
-                r["train_samples_per_s"] = round(16 * steps / r["train_s"], 1)
+                # training seconds without the periodic evaluations (metrics.jsonl's train_s)
+                r["train_samples_per_s"] = round(16 * steps / r["curve"][-1]["train_s"], 1)
                 r["sample_samples_per_s"] = round(sampling_rate(work / f"run-{label}", data), 1)
                 results[name].append(r)
             print(f"[backbones] {name}: " + ", ".join(
