@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from eva_repro.bench.quality import PROBLEMS as QUALITY_PROBLEMS
-from eva_repro.bench.quality import plot, run_problem
+from eva_repro.bench.quality import plot, run_problem, summary_line
 from eva_repro.checkpoint import load_model
 from eva_repro.generate import generate
 from eva_repro.shards import ShardReader
@@ -71,10 +71,7 @@ def run(output_dir: Path, quick: bool) -> dict[str, Any]:
                 r["train_samples_per_s"] = round(16 * steps / r["curve"][-1]["train_s"], 1)
                 r["sample_samples_per_s"] = round(sampling_rate(work / f"run-{label}", data), 1)
                 results[name].append(r)
-            print(f"[backbones] {name}: " + ", ".join(
-                f"{r['variant']} {r['dit']:.3f} ({r['params_m']}M)" for r in results[name])
-                + f" | ridge {results[name][0]['ridge']:.3f}, mean {results[name][0]['mean']:.3f}",
-                flush=True)
+            print(summary_line("backbones", name, results[name]), flush=True)
     plot(results, output_dir / "backbones.png")
     return {"quick": quick, "preset": "tiny", "batch_size": 16, "sampler": "heun, 20 steps",
             "heads": HEADS, "problems": results, "plot": str(output_dir / "backbones.png")}

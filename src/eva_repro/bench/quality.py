@@ -68,6 +68,12 @@ def run_problem(data: Path, steps: int, label: str, work: Path, **train_options)
     }
 
 
+def summary_line(suite: str, problem: str, runs: list[dict]) -> str:
+    """`[suite] problem: head cosine (params), ... | ridge, mean` for the log."""
+    heads = ", ".join(f"{r['variant']} {r['dit']:.3f} ({r['params_m']}M)" for r in runs)
+    return f"[{suite}] {problem}: {heads} | ridge {runs[0]['ridge']:.3f}, mean {runs[0]['mean']:.3f}"
+
+
 def plot(results: dict[str, list[dict]], path: Path) -> None:
     import matplotlib
 
@@ -102,10 +108,7 @@ def run(output_dir: Path, quick: bool, data_dirs: list[str] | None = None) -> di
         for name, data, steps in jobs:
             results[name] = [run_problem(data, steps, v, Path(tmp) / name, model_variant=v)
                              for v in VARIANTS]
-            print(f"[quality] {name}: " + ", ".join(
-                f"{r['variant']} {r['dit']:.3f}" for r in results[name])
-                + f" | ridge {results[name][0]['ridge']:.3f}, mean {results[name][0]['mean']:.3f}",
-                flush=True)
+            print(summary_line("quality", name, results[name]), flush=True)
     plot(results, output_dir / "quality.png")
     return {"quick": quick, "preset": "tiny", "batch_size": 16, "sampler": "heun, 20 steps",
             "problems": results, "plot": str(output_dir / "quality.png")}

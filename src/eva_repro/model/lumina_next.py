@@ -37,20 +37,15 @@ import torch.nn as nn
 
 from eva_repro.errors import UserError
 from eva_repro.files import atomic_write_json
+from eva_repro.model.dit import PRESETS as DIT_PRESETS
 
 ARCHITECTURE = "diffusers-lumina-next"
 CONFIG_FILE, SUBFOLDER = "config.json", "transformer"
 INSTALL_HINT = "pip install 'eva-repro[diffusers]' (or: pip install diffusers)"
 
-# width, depth, heads, kv heads: eva-repro's preset sizes (so backbones compare at equal size),
-# and BLIP3-o's head (EVA-CLIP-E width 1792, 24 layers, 28 heads, no grouped kv).
-PRESETS = {
-    "tiny": dict(hidden=384, depth=6, n_heads=6, n_kv_heads=2),
-    "small": dict(hidden=512, depth=8, n_heads=8, n_kv_heads=4),
-    "base": dict(hidden=768, depth=12, n_heads=12, n_kv_heads=4),
-    "large": dict(hidden=1024, depth=16, n_heads=16, n_kv_heads=8),
-    "blip3o": dict(hidden=1792, depth=24, n_heads=28, n_kv_heads=28),
-}
+# eva-repro's preset sizes (so the backbones compare at equal width, depth and heads), and
+# BLIP3-o's head: EVA-CLIP-E width 1792, 24 layers, 28 heads, no grouped kv.
+PRESETS = {**DIT_PRESETS, "blip3o": dict(hidden=1792, depth=24, n_heads=28, n_kv_heads=28)}
 
 
 class LuminaNextConfigError(UserError):
