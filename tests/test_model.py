@@ -100,6 +100,35 @@ def test_configs_saved_before_a_field_existed_load_as_the_model_they_were():
     assert {name: getattr(old, name) for name in LEGACY} == LEGACY == VARIANTS["lumina-next"]
 
 
+def test_cond_mlp_starts_at_zero_then_fits_what_the_linear_path_cannot():
+    torch.manual_seed(0)
+    small = dict(target_dim=8, cond_dim=6, hidden=32, depth=1, n_heads=2, n_kv_heads=1, tokens=4)
+    model = DiT(DiTConfig(**small, cond_mlp=64))
+    plain = DiT(DiTConfig(**small))
+    plain.load_state_dict(model.state_dict(), strict=False)
+    x, c, t = torch.randn(2, 4, 8), torch.randn(2, 4, 6), torch.rand(2)
+    torch.testing.assert_close(model(x, t, c), plain(x, t, c))  # zero-init output layer
+    # x1 = tanh(a_c W), nonlinear per token. At t = 0 from x_t = 0 the model returns x1_hat,
+    # which is the two paths' output while the network's zero-init output layer is untrained.
+    w = torch.randn(6, 8)
+    cond = torch.randn(128, 4, 6)
+    a = F.rms_norm(cond, (6,))
+    target = torch.tanh(a @ w)
+    flat = torch.cat([a, torch.ones(128, 4, 1)], -1).reshape(-1, 7)
+    linear_best = (flat @ torch.linalg.lstsq(flat, target.reshape(-1, 8)).solution
+                   - target.reshape(-1, 8)).square().mean()
+    opt = torch.optim.Adam([*model.cond_mlp.parameters(), *model.linear_cond.parameters()], lr=1e-2)
+    zeros, t0 = torch.zeros(128, 4, 8), torch.zeros(128)
+    for _ in range(500):
+        loss = (model(zeros, t0, cond) - target).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.3 * linear_best.item(), (loss.item(), linear_best.item())
+    with pytest.raises(ValueError, match="needs cond_linear=True"):
+        DiTConfig(**{**small, "cond_linear": False}, cond_mlp=16)
+
+
 def test_linear_path_needs_x_prediction():
     with pytest.raises(ValueError, match="prediction='x'"):
         DiTConfig(target_dim=8, cond_dim=8, prediction="v", cond_linear=True)
