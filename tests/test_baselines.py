@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eva_repro import metrics
+from eva_repro import flow
 from eva_repro.baselines import (
     ALPHAS,
     MeanAccumulator,
@@ -70,7 +70,7 @@ def test_ridge_recovers_an_exactly_linear_map():
     acc.update(clip, target)
     coef = acc.solve(1e-9).float()
     pred = rms_normalize(clip) @ coef[:6] + coef[6:]
-    assert metrics.token_cosines(pred, target).min().item() > 0.9999
+    assert flow.token_cosine(pred, target).min().item() > 0.9999
     assert coef[6:].abs().max().item() < 1e-4  # no offsets in this map
 
 
@@ -98,8 +98,8 @@ def test_fit_baselines_on_training_rows_only_and_ridge_beats_mean(synth_dir):
     assert ridge_b.info["num_train_samples"] == len(train)
     rows = torch.stack([reader.read(i)["clip"].float() for i in heldout])
     eva = torch.stack([reader.read(i)["eva"].float() for i in heldout])
-    mean_cos = metrics.token_cosines(mean_b.predict(rows), eva).mean().item()
-    ridge_cos = metrics.token_cosines(ridge_b.predict(rows), eva).mean().item()
+    mean_cos = flow.token_cosine(mean_b.predict(rows), eva).mean().item()
+    ridge_cos = flow.token_cosine(ridge_b.predict(rows), eva).mean().item()
     # synthetic target = nonlinear map of the token and its neighbours + position offset
     assert 0.4 < mean_cos < 0.7
     assert ridge_cos > mean_cos + 0.2

@@ -192,23 +192,23 @@ def main_pass(model, reader, eval_idx, baselines, opts: EvalOptions, device) -> 
                                   opts.seed, ids=batch)
         gen = gen.cpu()
         c.nfe.append((nfe, len(batch)))
-        c.dit.append(metrics.token_cosines(gen, eva))
+        c.dit.append(flow.token_cosine(gen, eva))
         c.pooled["dit"].append(metrics.mean_pool(gen))
         c.pooled["target"].append(metrics.mean_pool(eva))
         mean_pred = mean_b.predict(clip)
-        c.mean.append(metrics.token_cosines(mean_pred, eva))
+        c.mean.append(flow.token_cosine(mean_pred, eva))
         c.pooled["mean"].append(metrics.mean_pool(mean_pred))
         ridge_pred = ridge_b.predict(clip)
-        c.ridge.append(metrics.token_cosines(ridge_pred, eva))
+        c.ridge.append(flow.token_cosine(ridge_pred, eva))
         c.pooled["ridge"].append(metrics.mean_pool(ridge_pred))
         k = max(0, min(len(batch), n_control - done))
         if k:  # controls on the first n_control images: shuffled conditions, a second sample
             shuffled, _ = generate_batch(model, other["clip"][:k], opts.steps, opts.method,
                                          opts.cfg_scale, opts.shift, opts.seed, ids=batch[:k])
-            c.shuffled.append(metrics.token_cosines(shuffled.cpu(), eva[:k]))
+            c.shuffled.append(flow.token_cosine(shuffled.cpu(), eva[:k]))
             second, _ = generate_batch(model, clip[:k], opts.steps, opts.method, opts.cfg_scale,
                                        opts.shift, opts.seed + 1, ids=batch[:k])
-            c.diversity.append(metrics.token_cosines(gen[:k], second.cpu()))
+            c.diversity.append(flow.token_cosine(gen[:k], second.cpu()))
         velocity_fn = flow.guided_velocity(model, clip.to(device))
         # bf16 autocast on CUDA only: on CPU bf16 is ~100x slower than fp32
         with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
@@ -252,7 +252,7 @@ def sampler_sweep(model, reader, eval_idx, opts: EvalOptions, device: torch.devi
                                     cfg["method"], cfg.get("cfg_scale", 1.0), cfg["shift"],
                                     opts.seed, ids=subset[s:s + opts.batch_size],
                                     tol=cfg.get("tol", 1e-5))
-            cos.append(metrics.token_cosines(gen.cpu(), rows["eva"][s:s + opts.batch_size]))
+            cos.append(flow.token_cosine(gen.cpu(), rows["eva"][s:s + opts.batch_size]))
             nfe.append(k)
         out.append({"method": cfg["method"], "steps": cfg["steps"], "shift": cfg["shift"],
                     "cfg_scale": cfg.get("cfg_scale", 1.0), "tol": cfg.get("tol"),

@@ -168,7 +168,12 @@ def velocity_loss(
 
 
 def token_cosine(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Cosine per token over the last dim (fused reductions: F.cosine_similarity is much slower on CPU)."""
+    """The cosine of eva-repro: per token over the last dim, in fp32, [..., T] for equal-shape
+    [..., T, D] inputs (the loss log, the trainer's held-out score, the evaluator, the baselines).
+    Fused reductions: F.cosine_similarity is much slower on CPU."""
+    if a.shape != b.shape:
+        raise ValueError(f"token_cosine: shapes {tuple(a.shape)} and {tuple(b.shape)} differ")
+    a, b = a.float(), b.float()
     dot = torch.linalg.vecdot(a, b)
     return dot / (a.norm(dim=-1) * b.norm(dim=-1)).clamp_min(eps)
 

@@ -34,15 +34,6 @@ def band_name(cosine: float) -> str:
     return name
 
 
-def token_cosines(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Cosine per token [N, T] between pred and target [N, T, D] (fp32, after L2 norm)."""
-    if pred.shape != target.shape:
-        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
-    a = F.normalize(pred.float(), dim=-1)
-    b = F.normalize(target.float(), dim=-1)
-    return torch.linalg.vecdot(a, b)
-
-
 def mean_pool(tokens: torch.Tensor) -> torch.Tensor:
     """[N, T, D] -> [N, D]: mean of the L2-normalised tokens (so no single token's norm dominates)."""
     return F.normalize(tokens.float(), dim=-1).mean(dim=1)
@@ -126,7 +117,7 @@ def retrieval_recall(
 
 def diversity(sample_a: torch.Tensor, sample_b: torch.Tensor) -> float:
     """Mean token cosine between two samples drawn for the same conditions (1.0 = deterministic)."""
-    return token_cosines(sample_a, sample_b).mean().item()
+    return flow.token_cosine(sample_a, sample_b).mean().item()
 
 
 @torch.no_grad()
@@ -148,5 +139,5 @@ def velocity_cosine(
         x0 = torch.randn(x1.shape, generator=generator).to(x1.device)
         t = torch.full((x1.shape[0],), float(t_value), device=x1.device)
         v_pred = velocity_fn(flow.interpolate(x0, x1, t), t).float()
-        out[f"{t_value:g}"] = token_cosines(v_pred, flow.target_velocity(x0, x1)).mean().item()
+        out[f"{t_value:g}"] = flow.token_cosine(v_pred, flow.target_velocity(x0, x1)).mean().item()
     return out

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from eva_repro import flow, metrics
+from eva_repro import flow
 from eva_repro.files import atomic_write_json
 from eva_repro.generate import generate_batch
 from eva_repro.model import DiT, DiTConfig
@@ -96,8 +96,8 @@ def nfe_to_converge(model: DiT, clip: torch.Tensor, eva: torch.Tensor, quick: bo
                 steps, tol = (0, knob) if method == "dopri5" else (knob, 1e-5)
                 gen, nfe = generate_batch(model, clip, steps, method, shift=shift, seed=0, tol=tol)
                 curve.append({"steps": steps, "tol": tol if method == "dopri5" else None, "nfe": nfe,
-                              "cosine": metrics.token_cosines(gen, eva).mean().item(),
-                              "solution_cosine": metrics.token_cosines(gen, reference).mean().item()})
+                              "cosine": flow.token_cosine(gen, eva).mean().item(),
+                              "solution_cosine": flow.token_cosine(gen, reference).mean().item()})
             converged = curve[-1]["cosine"]
             out[f"{method}_shift{shift:g}"] = {
                 "converged_cosine": round(converged, 4),
