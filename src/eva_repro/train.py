@@ -92,12 +92,7 @@ class TrainConfig:
     adam_beta2: float = 0.95
     grad_clip: float = 1.0
     ema_decay: float = 0.999  # ramped in as min(decay, (1 + step) / (10 + step))
-    # flow
-    time_scheme: str = "logit_normal"
-    time_mean: float = -0.8  # logit-normal(-0.8, 0.8): JiT's, more weight near noise (measured)
-    time_std: float = 0.8
-    time_shift: float = 1.0
-    cfg_dropout: float = 0.1
+    flow: flow.FlowConfig = field(default_factory=flow.FlowConfig)  # time draws, CFG dropout
     # data
     eval_fraction: float = 0.05
     max_samples: int | None = None
@@ -127,11 +122,16 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise TrainingError(f"unknown training options {unknown}")
-        return cls(**data)
+        """Flat options (as on the command line: time_mean=...) or a nested "flow" dict."""
+        data = dict(data)
+        flow_keys = {f.name for f in fields(flow.FlowConfig)}
+        nested = data.pop("flow", None)
+        flow_values = {**(asdict(nested) if isinstance(nested, flow.FlowConfig) else nested or {}),
+                       **{k: data.pop(k) for k in flow_keys & set(data)}}
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown or set(flow_values) - flow_keys:
+            raise TrainingError(f"unknown training options {unknown + sorted(set(flow_values) - flow_keys)}")
+        return cls(**data, flow=flow.FlowConfig(**flow_values))
 
 
 def validate_config(cfg: TrainConfig) -> None:
@@ -162,7 +162,8 @@ def validate_config(cfg: TrainConfig) -> None:
          f"--learning_rate must be > 0, got {cfg.learning_rate}"),
         (0 <= cfg.ema_decay < 1, f"--ema_decay must be in [0, 1), got {cfg.ema_decay}"),
         (cfg.linear_init in LINEAR_INITS, f"--linear_init must be one of {LINEAR_INITS}"),
-        (cfg.time_scheme in flow.TIME_SCHEMES, f"--time_scheme must be one of {flow.TIME_SCHEMES}"),
+        (cfg.flow.time_scheme in flow.TIME_SCHEMES,
+         f"--time_scheme must be one of {flow.TIME_SCHEMES}"),
         (cfg.eval_method in flow.METHODS, f"--eval_method must be one of {flow.METHODS}"),
         (cfg.overfit_test_size >= 0, "--overfit_test_size must be >= 0"),
         (min(cfg.log_every, cfg.save_every, cfg.eval_every) >= 1,
@@ -275,7 +276,7 @@ def draw_noise(
         g.manual_seed(data_mod.mix_seed("noise", seed, batch.position.epoch, first + i))
         x0.append(torch.randn(shape[1:], generator=g, device=device))
         ts.append(flow.sample_time(1, flow_cfg.time_scheme, flow_cfg.time_mean, flow_cfg.time_std,
-                                   flow_cfg.shift, generator=g, device=device))
+                                   flow_cfg.time_shift, generator=g, device=device))
         drops.append(torch.rand(1, generator=g, device=device) < flow_cfg.cfg_dropout)
     return torch.stack(x0), torch.cat(ts), torch.cat(drops)
 
@@ -312,7 +313,7 @@ def sampled_cosine(
         x0 = flow.sample_noise(samples.ids[start:start + cfg.batch_size], e.shape[1], e.shape[2])
         with autocast():
             x, _ = flow.sample_ode(flow.guided_velocity(model, c), x0.to(device),
-                                   cfg.eval_sampler_steps, cfg.eval_method, cfg.time_shift)
+                                   cfg.eval_sampler_steps, cfg.eval_method, cfg.flow.time_shift)
         cos = flow.token_cosine(x.float(), e)
         total += float(cos.sum())
         count += cos.numel()
@@ -354,7 +355,6 @@ class Run:
     raw: nn.Module  # the DiT itself (FSDP: the sharded module)
     ema: nn.Module
     optimizer: torch.optim.Optimizer
-    flow_cfg: flow.FlowConfig
     total_steps: int
     warmup: int
     drop_cls: bool
@@ -473,8 +473,6 @@ def setup(cfg: TrainConfig) -> Run:
 
     eval_rows = data.heldout_rows[:cfg.eval_samples]
     run = Run(cfg, d, run_dir, data, schedule, model, raw, ema, optimizer,
-              flow.FlowConfig(cfg.time_scheme, cfg.time_mean, cfg.time_std, cfg.time_shift,
-                              cfg.cfg_dropout),
               total, warmup, drop_cls, autocast, rows, load(eval_rows),
               load(rows[:max(cfg.eval_samples, 1)]) if cfg.overfit_test_size else None)
     if resume_path is not None:
@@ -571,7 +569,7 @@ def write_run_files(run: Run) -> None:
         "args": {**asdict(run.cfg), "data_dir": str(Path(run.cfg.data_dir).resolve())},
         "data_dir": str(Path(run.cfg.data_dir).resolve()),
         "model": run.raw.config.to_dict(),
-        "flow": asdict(run.flow_cfg),
+        "flow": asdict(run.cfg.flow),
         "world_size": run.d.world_size,
         "global_batch": run.schedule.global_batch * run.cfg.grad_accum,
         "total_steps": run.total_steps,
@@ -628,7 +626,7 @@ def train_step(run: Run, batches: Iterator[data_mod.Batch], stats: dict[str, Any
         run.position = run.schedule.advance(batch.position)
         b = batch.to(d.device)
         clip, eva = (b.clip[:, 1:], b.eva[:, 1:]) if run.drop_cls else (b.clip, b.eva)
-        x0, t, drop = draw_noise(b, tuple(eva.shape), run.flow_cfg, cfg.seed,
+        x0, t, drop = draw_noise(b, tuple(eva.shape), cfg.flow, cfg.seed,
                                  run.schedule.global_batch, d.device)
         last = micro == cfg.grad_accum - 1
         sync = contextlib.nullcontext()
@@ -854,11 +852,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     a("--adam_beta2", type=float, default=c.adam_beta2)
     a("--grad_clip", type=float, default=c.grad_clip)
     a("--ema_decay", type=float, default=c.ema_decay)
-    a("--time_scheme", default=c.time_scheme, choices=list(flow.TIME_SCHEMES))
-    a("--time_mean", type=float, default=c.time_mean)
-    a("--time_std", type=float, default=c.time_std)
-    a("--time_shift", type=float, default=c.time_shift)
-    a("--cfg_dropout", type=float, default=c.cfg_dropout)
+    add_dataclass_flags(p.add_argument_group("flow (flow.FlowConfig)"), c.flow,
+                        choices={"time_scheme": flow.TIME_SCHEMES})
     a("--eval_fraction", type=float, default=c.eval_fraction)
     a("--max_samples", type=int, default=None, help="use only the first N samples (quick runs)")
     a("--overfit_test_size", type=int, default=0,
@@ -902,11 +897,19 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def add_dataclass_flags(group, config: Any, choices: dict[str, Any] | None = None) -> None:
+    """One --FIELD flag per field of a dataclass instance, typed and defaulted by it."""
+    for f in fields(config):
+        value = getattr(config, f.name)
+        group.add_argument(f"--{f.name}", type=type(value), default=value,
+                           choices=(choices or {}).get(f.name), help=f"default {value}")
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    known = {f.name for f in fields(TrainConfig)}
+    known = {f.name for f in fields(TrainConfig)} | {f.name for f in fields(flow.FlowConfig)}
     values = {k: v for k, v in vars(args).items() if k in known}
     values["model_overrides"] = parse_overrides(values.get("model_overrides") or [])
-    return TrainConfig(**values)
+    return TrainConfig.from_dict(values)
 
 
 def run(args: argparse.Namespace) -> int:
