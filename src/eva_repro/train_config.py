@@ -91,9 +91,9 @@ class TrainConfig:
         nested = data.pop("flow", None)
         flow_values = {**(asdict(nested) if isinstance(nested, flow.FlowConfig) else nested or {}),
                        **{k: data.pop(k) for k in flow_keys & set(data)}}
-        unknown = sorted(set(data) - {f.name for f in fields(cls)})
-        if unknown or set(flow_values) - flow_keys:
-            raise TrainingError(f"unknown training options {unknown + sorted(set(flow_values) - flow_keys)}")
+        unknown = sorted(set(data) - {f.name for f in fields(cls)}) + sorted(set(flow_values) - flow_keys)
+        if unknown:
+            raise TrainingError(f"unknown training options {unknown}")
         return cls(**data, flow=flow.FlowConfig(**flow_values))
 
 
