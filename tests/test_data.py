@@ -27,9 +27,9 @@ def synth_dir(tmp_path_factory):
     return out
 
 
-def _schedule(rows, shard_size=16, global_batch=8, seed=0, window=2):
+def _schedule(rows, shard_size=16, global_batch=8, seed=0, window=32):
     return BatchSchedule(rows, [r // shard_size for r in rows], global_batch, seed=seed,
-                         window_shards=window)
+                         window_rows=window)
 
 
 def test_split_is_by_key_hash_and_heldout_is_never_trained_on(synth_dir):
@@ -57,10 +57,13 @@ def test_epoch_order_is_a_shuffled_permutation_with_shard_window_locality():
     assert sorted(e0) == rows and sorted(e1) == rows and e0 != e1
     assert e0 != sorted(e0)
     assert _schedule(rows).epoch_order(1) == e1 and _schedule(rows, seed=1).epoch_order(1) != e1
-    # rows come in windows of 2 whole shards: each block of 32 covers exactly 2 shards
+    # rows come in windows of 32 rows = 2 whole shards: each block of 32 covers exactly 2 shards
     for w in range(3):
         block = e0[32 * w:32 * (w + 1)]
         assert len({r // 16 for r in block}) == 2
+    # data smaller than the default window is one global shuffle: the first 32 rows of an
+    # epoch come from (nearly) every shard
+    assert len({r // 16 for r in BatchSchedule(rows, [r // 16 for r in rows], 8).epoch_order(0)[:32]}) >= 5
     # shard order is shuffled too (not always shards 0,1 first)
     firsts = {frozenset(r // 16 for r in _schedule(rows, seed=k).epoch_order(0)[:32]) for k in range(6)}
     assert len(firsts) > 1

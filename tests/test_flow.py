@@ -120,16 +120,31 @@ def _small_model(**kw):
 def test_flow_loss_at_init_and_reproducibility():
     model = _small_model(**VARIANTS["lumina-next"])  # v-prediction: the velocity starts at 0
     cond, target = torch.randn(64, 16, 16), torch.randn(64, 16, 32) * 9.0
-    out = flow.flow_loss(model, target, cond, generator=torch.Generator().manual_seed(0))
+    plain = flow.FlowConfig(loss_weight="velocity")
+    out = flow.flow_loss(model, target, cond, plain, generator=torch.Generator().manual_seed(0))
     # zero-init model predicts v = 0, so the loss is E|x1 - x0|^2 per element = 1 + 1
     assert abs(out.loss.item() - 2.0) < 0.05 and out.cosine.item() == 0.0
-    again = flow.flow_loss(model, target, cond, generator=torch.Generator().manual_seed(0))
+    again = flow.flow_loss(model, target, cond, plain, generator=torch.Generator().manual_seed(0))
     assert torch.equal(out.per_example, again.per_example)
-    other = flow.flow_loss(model, target, cond, generator=torch.Generator().manual_seed(1))
+    other = flow.flow_loss(model, target, cond, plain, generator=torch.Generator().manual_seed(1))
     assert not torch.equal(out.t, other.t)  # fresh t (and noise) per call
-    weighted = flow.flow_loss(model, target, cond, generator=torch.Generator().manual_seed(0),
-                              weighting=lambda t: torch.full_like(t, 3.0))
-    assert torch.allclose(weighted.loss, 3 * out.loss)
+    data = flow.flow_loss(model, target, cond, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(data.per_example, out.per_example * (1 - out.t).square())
+
+
+def test_data_loss_weight_is_the_clean_target_error():
+    """(1 - t)^2 |v_hat - v|^2 = |x1_hat - x1|^2 for an x-predicting network, away from the clamp."""
+    torch.manual_seed(0)
+    x1, x0, x1_hat = torch.randn(3, 5, 4, 8).unbind(0)
+    t = torch.tensor([0.0, 0.3, 0.6, 0.9, 0.99])
+    x_t = flow.interpolate(x0, x1, t)
+    v_err = flow.velocity_from_data(x1_hat, x_t, t) - flow.target_velocity(x0, x1)
+    weighted = v_err.square().mean(dim=(1, 2)) * flow.loss_weight(t, "data")
+    assert torch.allclose(weighted[:4], (x1_hat - x1).square().mean(dim=(1, 2))[:4], atol=1e-5)
+    assert flow.loss_weight(t, "data")[4].item() == pytest.approx(flow.DATA_EPS ** 2)  # clamped
+    assert torch.equal(flow.loss_weight(t, "velocity"), torch.ones(5))
+    with pytest.raises(ValueError, match="loss weight"):
+        flow.loss_weight(t, "snr")
 
 
 def test_velocity_loss_mask_leaves_padded_examples_out():

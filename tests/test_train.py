@@ -70,8 +70,9 @@ def test_loss_falls_and_heldout_cosine_rises(tmp_path):
     cosines = [m["heldout_cosine"] for m in metrics if "heldout_cosine" in m]
     assert summary["steps"] == 240 and summary["final_loss"] < 0.6 * losses[0]
     assert len(cosines) == 7 and cosines[-1] == summary["heldout_cosine"]  # steps 0, 40, ..., 240
-    assert abs(cosines[0]) < 0.1 and summary["heldout_cosine"] > 0.35
-    assert all(b > a for a, b in zip(cosines, cosines[1:], strict=False))
+    assert abs(cosines[0]) < 0.1 and summary["heldout_cosine"] > 0.85  # measured 0.94
+    # rises, then holds its plateau (13 held-out samples: +-0.005 between evaluations)
+    assert cosines[1] > cosines[0] + 0.5 and cosines[-1] >= max(cosines) - 0.02
     assert {"velocity_cosine", "grad_norm", "lr", "samples_per_s", "data_wait_fraction"} <= set(metrics[1])
     split = json.loads((out / "split.json").read_text())
     assert split["num_heldout"] == summary["heldout_samples"] == len(split["heldout_keys"]) > 0
@@ -319,6 +320,7 @@ def test_bad_inputs_fail_before_training_with_one_line(tmp_path, small_data):
     _one_line(lambda: train_mod.train(_cfg(small_data, out, model_size="huge")), "unknown --model_size")
     _one_line(lambda: train_mod.train(_cfg(tmp_path / "none", out)), "does not exist")
     _one_line(lambda: train_mod.train(_cfg(small_data, out, batch_size=500)), "larger than")
+    _one_line(lambda: train_mod.train(_cfg(small_data, out, loss_weight="snr")), "--loss_weight")
     _one_line(lambda: train_mod.train(_cfg(small_data, out, training_mode="cls_patch")), "CLS")
     _one_line(lambda: train_mod.train(_cfg(small_data, out, model_overrides={"nope": 1})),
               "model_override")
@@ -337,8 +339,10 @@ def test_seed_script_accepts_the_seed_flags_and_reports_errors_in_one_line(tmp_p
     cfg = train_mod.config_from_args(parser.parse_args([
         "--chunked_embeddings_dir", "D", "--output_dir", "O", "--batch_size", "8", "--num_epochs",
         "10", "--overfit_test_size", "10", "--debug_mode", "--model_size", "base",
-        "--training_mode", "patch_only", "--model_override", "depth=2"]))
+        "--training_mode", "patch_only", "--model_override", "depth=2", "--loss_weight",
+        "velocity", "--time_mean", "0"]))
     assert (cfg.data_dir, cfg.batch_size, cfg.num_epochs, cfg.overfit_test_size) == ("D", 8, 10, 10)
+    assert (cfg.flow.loss_weight, cfg.flow.time_mean, cfg.flow.time_std) == ("velocity", 0.0, 1.0)
     assert cfg.debug_mode and cfg.model_size == "base" and cfg.training_mode == "patch_only"
     assert cfg.model_overrides == {"depth": 2}
     proc = subprocess.run([sys.executable, str(ROOT / "train_eva_reproduction.py"),
@@ -352,7 +356,8 @@ def test_seed_script_accepts_the_seed_flags_and_reports_errors_in_one_line(tmp_p
 def test_dit_beats_ridge_and_mean_on_held_out_data(tmp_path):
     """The learning issue's bar in CI: the default head and hyperparameters (a 128-wide, 2-block
     DiT, for time), a synthetic problem whose target is far from linear in the condition (ridge
-    well below 1), held-out samples only. Measured: DiT 0.917, ridge 0.893, mean 0.465."""
+    well below 1), held-out samples only. Measured: DiT 0.947, ridge 0.893, mean 0.468 (with the
+    previous objective, velocity loss and logit-normal(-0.8, 0.8): DiT 0.917)."""
     data = tmp_path / "data"
     write_synthetic_shards(data, 1600, grid=4, clip_dim=32, eva_dim=64, seed=3, gain=4.0)
     out = tmp_path / "run"
@@ -365,7 +370,7 @@ def test_dit_beats_ridge_and_mean_on_held_out_data(tmp_path):
     dit = r["cosine"]["token_mean"]
     ridge, mean = r["baselines"]["ridge"]["token_mean"], r["baselines"]["mean"]["token_mean"]
     assert r["n_samples"] == 200 and ridge < 0.92, r  # a problem with room above the ridge
-    assert dit > ridge and dit > mean + 0.3, (dit, ridge, mean)
+    assert dit > ridge + 0.02 and dit > mean + 0.3, (dit, ridge, mean)
 
 
 def test_model_variant_selects_the_pure_lumina_next_head(tmp_path, small_data):

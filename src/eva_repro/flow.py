@@ -9,7 +9,14 @@ Sampling integrates dx/dt = v(x, t) forward from t = 0 (noise) to t = 1 (data).
 Prediction targets map onto v here and nowhere else. A network that predicts the clean target
 x1_hat (x-prediction, JiT: Li & He 2025) has the velocity
     v = (x1_hat - x_t) / (1 - t)         `velocity_from_data`, 1 - t clamped at DATA_EPS
-and is still trained on the velocity loss, which weights the x1 error by 1 / (1 - t)^2.
+
+Loss: the velocity MSE per example, times a weight of t (`loss_weight`):
+    "velocity"   1                   rectified flow / SD3 / Lumina-Next / BLIP3-o
+    "data"       (1 - t)^2           = |x1_hat - x1|^2 for the implied clean target
+                                       x1_hat = x_t + (1 - t) v_hat (1 - t clamped at DATA_EPS)
+With "velocity", an x-predicting network's x1 error is weighted by 1 / (1 - t)^2, so the loss is
+spent near the data, where x_t already holds the answer; with "data" every t counts by its error
+in data space, and the draws near noise, where the condition alone decides the sample, count.
 
 Target scaling: EVA tokens are L2-normalised per token and multiplied by sqrt(D), so a target
 element has unit variance like the noise. (Unit-norm targets next to N(0, I) noise would make
@@ -30,6 +37,7 @@ VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 METHODS = ("euler", "heun", "dopri5")
 TIME_SCHEMES = ("uniform", "logit_normal")
 PREDICTIONS = ("v", "x")  # what the network outputs: the velocity, or the clean target x1
+LOSS_WEIGHTS = ("velocity", "data")  # weight of the velocity MSE at time t (module docstring)
 DATA_EPS = 0.05  # JiT's clamp of 1 - t in the x -> v conversion
 
 
@@ -63,6 +71,15 @@ def normalize_target(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 def denormalize_target(y: torch.Tensor, norm: float = 1.0, eps: float = 1e-6) -> torch.Tensor:
     """Inverse of `normalize_target` up to the token norm the caller wants (e.g. the data mean)."""
     return y * (norm / y.norm(dim=-1, keepdim=True).clamp_min(eps))
+
+
+def loss_weight(t: torch.Tensor, kind: str = "data") -> torch.Tensor:
+    """Per-example weight [B] of the velocity MSE at times t [B] (module docstring)."""
+    if kind == "velocity":
+        return torch.ones_like(t)
+    if kind == "data":
+        return (1 - t).clamp_min(DATA_EPS).square()
+    raise ValueError(f"unknown loss weight {kind!r}; choose one of {LOSS_WEIGHTS}")
 
 
 def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
@@ -102,14 +119,15 @@ def sample_time(
 
 @dataclass
 class FlowConfig:
-    """Training-time draws: t ~ time_scheme (logit-normal(-0.8, 0.8) by default: JiT's, more
-    weight near noise, where only the condition informs; measured, README "Learning"), shifted
-    by time_shift, and classifier-free guidance's condition dropout."""
+    """Training-time draws and the loss: t ~ time_scheme (logit-normal(-1.5, 1) by default: most
+    draws near noise, where only the condition informs; measured, README "Learning"), shifted by
+    time_shift; the loss weight of t; classifier-free guidance's condition dropout."""
 
     time_scheme: str = "logit_normal"
-    time_mean: float = -0.8
-    time_std: float = 0.8
+    time_mean: float = -1.5
+    time_std: float = 1.0
     time_shift: float = 1.0
+    loss_weight: str = "data"  # "velocity" | "data" (see the module docstring)
     cfg_dropout: float = 0.1  # probability of replacing the condition by the null one
 
 
@@ -127,12 +145,10 @@ def flow_loss(
     cond: torch.Tensor,
     cfg: FlowConfig | None = None,
     generator: torch.Generator | None = None,
-    weighting: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> FlowLoss:
-    """MSE between predicted and true velocity on fresh noise and fresh t for every example.
+    """The weighted velocity MSE (cfg.loss_weight) on fresh noise and fresh t for every example.
 
-    `target` is the raw EVA tokens [B, T, D] (normalised here); `weighting(t) -> [B]` optionally
-    reweights examples by time.
+    `target` is the raw EVA tokens [B, T, D] (normalised here).
     """
     cfg = cfg or FlowConfig()
     b, device = target.shape[0], target.device
@@ -142,7 +158,7 @@ def flow_loss(
     drop = None
     if cfg.cfg_dropout > 0:
         drop = torch.rand(b, generator=generator, device=device) < cfg.cfg_dropout
-    return velocity_loss(model, target, cond, x0, t, drop, weighting)
+    return velocity_loss(model, target, cond, x0, t, drop, cfg.loss_weight)
 
 
 def velocity_loss(
@@ -152,18 +168,18 @@ def velocity_loss(
     x0: torch.Tensor,
     t: torch.Tensor,
     drop: torch.Tensor | None = None,
-    weighting: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    weight: str = "data",
     mask: torch.Tensor | None = None,
 ) -> FlowLoss:
     """The objective of `flow_loss` on the caller's noise x0, times t [B] and condition dropout
-    [B] (the trainer draws them per example, independent of the rank layout). `mask` [B] (bool)
-    leaves padded examples out of the loss and cosine means."""
+    [B] (the trainer draws them per example, independent of the rank layout), weighted by
+    `loss_weight(t, weight)`. `mask` [B] (bool) leaves padded examples out of the loss and
+    cosine means."""
     x1 = normalize_target(target)
     v_true = target_velocity(x0, x1)
     v_pred = model(interpolate(x0, x1, t), t, cond, drop_cond=drop).float()
     per_example = F.mse_loss(v_pred, v_true, reduction="none").mean(dim=tuple(range(1, v_true.dim())))
-    if weighting is not None:
-        per_example = per_example * weighting(t)
+    per_example = per_example * loss_weight(t, weight)
     cosine = token_cosine(v_pred.detach(), v_true).reshape(v_true.shape[0], -1).mean(dim=1)  # [B]
     if mask is None:
         return FlowLoss(per_example.mean(), cosine.mean(), per_example.detach(), t)

@@ -523,7 +523,8 @@ def train_step(run: Run, batches: Iterator[data_mod.Batch], stats: dict[str, Any
             run.model.set_requires_gradient_sync(last)
         with sync:
             with run.autocast():
-                out = flow.velocity_loss(run.model, eva, clip, x0, t, drop, mask=b.valid)
+                out = flow.velocity_loss(run.model, eva, clip, x0, t, drop, cfg.flow.loss_weight,
+                                         mask=b.valid)
             (out.loss / cfg.grad_accum).backward()
         n = float(b.valid.sum())
         loss_sum += float(out.loss.detach()) * n

@@ -127,6 +127,8 @@ def validate_config(cfg: TrainConfig) -> None:
         (cfg.linear_init in LINEAR_INITS, f"--linear_init must be one of {LINEAR_INITS}"),
         (cfg.flow.time_scheme in flow.TIME_SCHEMES,
          f"--time_scheme must be one of {flow.TIME_SCHEMES}"),
+        (cfg.flow.loss_weight in flow.LOSS_WEIGHTS,
+         f"--loss_weight must be one of {flow.LOSS_WEIGHTS}"),
         (cfg.eval_method in flow.METHODS, f"--eval_method must be one of {flow.METHODS}"),
         (cfg.overfit_test_size >= 0, "--overfit_test_size must be >= 0"),
         (min(cfg.log_every, cfg.save_every, cfg.eval_every) >= 1,
@@ -182,7 +184,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     a("--grad_clip", type=float, default=c.grad_clip)
     a("--ema_decay", type=float, default=c.ema_decay)
     add_dataclass_flags(p.add_argument_group("flow (flow.FlowConfig)"), c.flow,
-                        choices={"time_scheme": flow.TIME_SCHEMES})
+                        choices={"time_scheme": flow.TIME_SCHEMES,
+                                 "loss_weight": flow.LOSS_WEIGHTS})
     a("--eval_fraction", type=float, default=c.eval_fraction)
     a("--max_samples", type=int, default=None, help="use only the first N samples (quick runs)")
     a("--overfit_test_size", type=int, default=0,

@@ -1,9 +1,9 @@
 """Learning quality: held-out sampled cosine of the DiT against the mean and ridge baselines.
 
 For each problem (synthetic sets of several shapes, plus any shard directories given with
-`--data`, e.g. real photos through `eva-repro extract`) and each head variant (the default
-`eva-repro` and the pure BLIP3-o `lumina-next`), one `eva_repro.train` run with default settings
-(tiny preset, batch 16) evaluates its EMA model on every held-out sample every `eval_every`
+`--data`, e.g. real photos through `eva-repro extract`) and each configuration in `CONFIGS` (the
+defaults, and the pure BLIP3-o one: its head and its objective), one `eva_repro.train` run (tiny
+preset, batch 16) evaluates its EMA model on every held-out sample every `eval_every`
 steps. The baselines are fitted on the same run's training split and scored on the same held-out
 samples (`eva_repro.evaluate`). Reported: the curve of held-out cosine against optimiser steps
 and training seconds, and the first evaluated step at which the DiT passes the mean baseline and
@@ -21,7 +21,6 @@ import torch
 
 from eva_repro import train as train_mod
 from eva_repro.evaluate import evaluate
-from eva_repro.model import VARIANTS
 from eva_repro.synth import write_synthetic_shards
 
 # name: (synth arguments, optimiser steps); the wide ones put 1024-d and 4096-d targets (EVA02-L,
@@ -33,6 +32,13 @@ PROBLEMS = {
     "synth-1024-4096": (dict(num_samples=400, grid=4, clip_dim=1024, eva_dim=4096, seed=2), 400),
 }
 QUICK = {"synth-64-128": 200}
+# label: train options over the defaults. "blip3o" is BLIP3-o's own recipe: the Lumina-Next head
+# (cross-attention only, v-prediction), the plain velocity loss, logit-normal(0, 1) times.
+CONFIGS = {
+    "eva-repro": {},
+    "blip3o": dict(model_variant="lumina-next", loss_weight="velocity", time_mean=0.0,
+                   time_std=1.0),
+}
 
 
 def first_step_above(curve: list[dict], level: float) -> dict | None:
@@ -106,8 +112,8 @@ def run(output_dir: Path, quick: bool, data_dirs: list[str] | None = None) -> di
             jobs.append((name, data, steps))
         jobs += [(Path(d).name, Path(d), 150 if quick else 600) for d in data_dirs or []]
         for name, data, steps in jobs:
-            results[name] = [run_problem(data, steps, v, Path(tmp) / name, model_variant=v)
-                             for v in VARIANTS]
+            results[name] = [run_problem(data, steps, label, Path(tmp) / name, **options)
+                             for label, options in CONFIGS.items()]
             print(summary_line("quality", name, results[name]), flush=True)
     plot(results, output_dir / "quality.png")
     return {"quick": quick, "preset": "tiny", "batch_size": 16, "sampler": "heun, 20 steps",
