@@ -4,7 +4,7 @@
                              the rows into train / held-out by key hash (`shards.split_indices`)
     BatchSchedule            the deterministic stream of global micro-batches: per epoch, shard
                              order is shuffled, then rows are shuffled within windows of
-                             consecutive whole shards holding >= WINDOW_ROWS rows (locality for
+                             consecutive whole shards holding >= `window_rows` rows (locality for
                              the page cache; a smaller data set is one global shuffle), all from
                              (seed, epoch) only; a `DataPosition` (epoch, batch) resumes it exactly
     BatchReader              reads one rank's rows (`ShardReader`: bounded memory, fp16 on disk

@@ -73,7 +73,7 @@ def denormalize_target(y: torch.Tensor, norm: float = 1.0, eps: float = 1e-6) ->
     return y * (norm / y.norm(dim=-1, keepdim=True).clamp_min(eps))
 
 
-def loss_weight(t: torch.Tensor, kind: str = "data") -> torch.Tensor:
+def loss_weight(t: torch.Tensor, kind: str) -> torch.Tensor:
     """Per-example weight [B] of the velocity MSE at times t [B] (module docstring)."""
     if kind == "velocity":
         return torch.ones_like(t)
@@ -168,7 +168,7 @@ def velocity_loss(
     x0: torch.Tensor,
     t: torch.Tensor,
     drop: torch.Tensor | None = None,
-    weight: str = "data",
+    weight: str = FlowConfig.loss_weight,
     mask: torch.Tensor | None = None,
 ) -> FlowLoss:
     """The objective of `flow_loss` on the caller's noise x0, times t [B] and condition dropout
