@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from eva_repro import checkpoint as ckpt
-from eva_repro import flow, shards
+from eva_repro import flow, optim, shards
 from eva_repro import train as train_mod
 from eva_repro.extract import extract
 from eva_repro.generate import generate_batch
@@ -122,7 +122,7 @@ def test_the_trainer_uses_fused_adamw_and_it_matches_foreach(tmp_path, data, mon
         torch.manual_seed(0)
         model = _perturbed(DiT(DiTConfig(target_dim=128, cond_dim=64, hidden=128, depth=2,
                                          n_heads=4, n_kv_heads=2))).to(CUDA)
-        groups = train_mod.param_groups(model, train_mod.TrainConfig())
+        groups = optim.param_groups(model, weight_decay=0.01)
         opt = torch.optim.AdamW(groups, lr=1e-3, fused=fused, foreach=None if fused else True)
         g = torch.Generator(device=CUDA).manual_seed(1)
         for _ in range(3):

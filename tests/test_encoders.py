@@ -22,9 +22,9 @@ from eva_repro.encoders import (
     get_spec,
     load_encoder,
     pool_grid,
-    select_tokens,
 )
 from eva_repro.images import resize_center_crop
+from eva_repro.layout import select_tokens
 
 # name -> (width, native grid); every registry entry except the 8B HF model (own test below)
 EXPECTED = {

@@ -123,6 +123,10 @@ def test_evaluation_is_deterministic_and_warns_on_too_many_samples(trained_run, 
     assert a["controls"] == b["controls"] and a["velocity_cosine"] == b["velocity_cosine"]
     c = evaluate(trained_run["run"], trained_run["data"], None, **{**kw, "seed": 1})
     assert c["cosine"]["token_mean"] != a["cosine"]["token_mean"]
+    # the noise is keyed by sample id, not by batch: another batch size scores the same
+    d = evaluate(trained_run["run"], trained_run["data"], None, **{**kw, "batch_size": 3})
+    assert d["cosine"]["token_mean"] == pytest.approx(a["cosine"]["token_mean"], abs=1e-5)
+    assert d["velocity_cosine"] == pytest.approx(a["velocity_cosine"], abs=1e-5)
 
 
 def test_model_dir_without_split_says_so(trained_run, tmp_path):

@@ -224,3 +224,20 @@ def fit_baselines(
     }
     ridge = RidgeBaseline(weight=w[: m.clip_dim], bias=w[m.clip_dim:], alpha=alpha, info=info)
     return mean_acc.result(), ridge
+
+
+RIDGE_INIT_SAMPLES = 4096  # enough for a D x D map; a bounded extra read on huge datasets
+
+
+def ridge_linear_path(reader: ShardReader, train_rows: Sequence[int], drop_cls: bool
+                      ) -> tuple[torch.Tensor, torch.Tensor, RidgeBaseline, int]:
+    """The ridge map fitted on (at most RIDGE_INIT_SAMPLES of) training rows, scaled into the
+    sampler's target space (token norm sqrt(De)): (weight [Dc, De], bias [P, De], the fit, the
+    samples it read), for `DiT.init_linear_path`. Held-out rows are never read; every rank fits
+    the same map (float64 sums over the same rows)."""
+    stride = max(1, math.ceil(len(train_rows) / RIDGE_INIT_SAMPLES))
+    subset = sorted(list(train_rows)[::stride])
+    _, ridge = fit_baselines(reader, subset, progress=False)
+    scale = math.sqrt(reader.manifest.eva_dim)  # ridge predicts unit tokens
+    bias = ridge.bias[1:] if drop_cls and ridge.bias.shape[0] > 1 else ridge.bias  # CLS first
+    return ridge.weight * scale, bias * scale, ridge, len(subset)

@@ -262,6 +262,62 @@ def load_checkpoint(path: str | os.PathLike) -> TrainingState:
 
 
 # ---------------------------------------------------------------------------------------------
+# full state dicts from (possibly DDP / FSDP2-sharded) modules: collectives, call on every rank
+
+
+def _full_options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True, **kw)
+
+
+def gather_training_state(step: int, model: torch.nn.Module, ema: torch.nn.Module,
+                          optimizer: torch.optim.Optimizer, meta: dict[str, Any]) -> TrainingState:
+    """Full CPU state dicts of the training weights, EMA and optimiser (a collective)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    full = _full_options()
+    return TrainingState(step, get_model_state_dict(model, options=full),
+                         get_model_state_dict(ema, options=full),
+                         get_optimizer_state_dict(model, optimizer, options=full),
+                         model.config.to_dict(), meta)
+
+
+def load_training_state(path: str | os.PathLike, model: torch.nn.Module, ema: torch.nn.Module,
+                        optimizer: torch.optim.Optimizer) -> TrainingState:
+    """Load a checkpoint written with any world size into these (possibly sharded) modules; the
+    optimiser keeps this run's own stepping options (fused / foreach). Returns the state for
+    its step and meta."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    state = load_checkpoint(path)
+    try:
+        set_model_state_dict(model, state.model, options=_full_options())
+        set_model_state_dict(ema, state.ema, options=_full_options())
+        keep = [{k: g[k] for k in ("fused", "foreach", "capturable") if k in g}
+                for g in optimizer.param_groups]
+        # strict=False: a parameter that never had a gradient (e.g. the null condition with
+        # --cfg_dropout 0) has no optimiser state to restore
+        set_optimizer_state_dict(model, optimizer, state.optimizer,
+                                 options=_full_options(strict=False))
+        for g, kept in zip(optimizer.param_groups, keep, strict=True):
+            g.update(kept)  # how to step is this run's business, not the checkpoint's
+            g["betas"] = tuple(g["betas"])
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise CheckpointError(f"{path}: does not fit this model / optimiser ({e}); resume "
+                              "with the same --model_size and data, or start a new "
+                              "--output_dir") from e
+    return state
+
+
+def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The unsharded CPU state dict of a (possibly FSDP2-sharded) module (a collective)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model, options=_full_options())
+
+
+# ---------------------------------------------------------------------------------------------
 # the one model loader (evaluate / sample / demo)
 
 

@@ -334,7 +334,7 @@ def load_rows(reader: ShardReader, rows: list[int], keys: list[str]
 
 
 def target_norm(reader: ShardReader, rows: list[int], max_rows: int = 256,
-                skip_cls: bool = False) -> float:
+                drop_cls: bool = False) -> float:
     """Mean L2 norm of the raw target tokens over (up to `max_rows` evenly spaced) training rows.
 
     256 rows of 256 tokens already pin the mean to well under 1%; reading more real-size rows
@@ -343,7 +343,7 @@ def target_norm(reader: ShardReader, rows: list[int], max_rows: int = 256,
     step = max(1, len(rows) // max_rows)
     total, count = 0.0, 0
     for r in rows[::step][:max_rows]:
-        eva = reader.read(r)["eva"][int(skip_cls):].float()
+        eva = reader.read(r)["eva"][int(drop_cls):].float()
         norms = eva.norm(dim=-1)
         if torch.isfinite(norms).all():
             total += float(norms.sum())

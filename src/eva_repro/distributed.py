@@ -5,6 +5,7 @@ FSDP2 asks for one)."""
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -69,3 +70,31 @@ def all_reduce_sum(values: list[float], d: Dist) -> list[float]:
 def barrier(d: Dist) -> None:
     if d.enabled:
         dist.barrier()
+
+
+def wrap_model(model: torch.nn.Module, ema: torch.nn.Module, d: Dist, fsdp: bool = False,
+               compiled: bool = False) -> torch.nn.Module:
+    """DDP or FSDP2 (sharding blocks, then the root; the EMA copy is sharded the same way)."""
+    if fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        # the DiT returns a Linear output (a view after its reshape); nothing edits it in place
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+        mesh = init_device_mesh(d.device.type, (d.world_size,))
+        for m in (model, ema):
+            for block in m.blocks:
+                fully_shard(block, mesh=mesh)
+            # the EMA copy only runs forward: reshard its root too, or its parameters stay
+            # gathered (plain tensors) after evaluation and the EMA update mixes kinds
+            fully_shard(m, mesh=mesh, reshard_after_forward=True)
+        if compiled:
+            model.compile()
+        return model
+    if compiled:
+        model.compile()
+    if d.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        return DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+    return model

@@ -150,15 +150,6 @@ def pool_grid(tokens: torch.Tensor, grid: int) -> torch.Tensor:
     return torch.cat([tokens[:, :1].float(), pooled], dim=1).to(tokens.dtype)
 
 
-def select_tokens(tokens: torch.Tensor, training_mode: str) -> torch.Tensor:
-    """patch_only drops token 0; cls_patch keeps it."""
-    if training_mode == "patch_only":
-        return tokens[:, 1:]
-    if training_mode == "cls_patch":
-        return tokens
-    raise ValueError(f"training_mode must be patch_only or cls_patch, got {training_mode!r}")
-
-
 # ---------------------------------------------------------------------------------------------
 # backends: each wraps a model and returns final-norm tokens [B, 1 + n*n, width]
 

@@ -48,6 +48,7 @@ from eva_repro.generate import (
     resolve_device,
     resolve_sampler,
 )
+from eva_repro.layout import has_cls
 from eva_repro.lockfile import DirectoryLock
 from eva_repro.progress import progress_bar
 
@@ -63,7 +64,7 @@ def check_model_fits_data(model: torch.nn.Module, manifest: shards.Manifest, mod
         problems.append(f"clip_dim {manifest.clip_dim} vs model cond_dim {cfg.cond_dim}")
     if cfg.target_dim != manifest.eva_dim:
         problems.append(f"eva_dim {manifest.eva_dim} vs model target_dim {cfg.target_dim}")
-    if (cfg.token_mode == "cls_patch") != manifest.include_cls:
+    if has_cls(cfg.token_mode) != manifest.include_cls:
         problems.append(f"include_cls={manifest.include_cls} vs model token_mode {cfg.token_mode!r}")
     if cfg.fixed_tokens not in (None, manifest.tokens):
         problems.append(f"tokens {manifest.tokens} vs the model's {cfg.fixed_tokens}")
@@ -213,7 +214,7 @@ def main_pass(model, reader, eval_idx, baselines, opts: EvalOptions, device) -> 
         # bf16 autocast on CUDA only: on CPU bf16 is ~100x slower than fp32
         with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
             v = metrics.velocity_cosine(velocity_fn, eva.to(device), opts.t_values,
-                                        torch.Generator().manual_seed(opts.seed * 7919 + done))
+                                        flow.sample_noise(batch, *eva.shape[1:], opts.seed))
         for t, value in v.items():
             c.velocity.setdefault(t, []).append((value, len(batch)))
         done += len(batch)

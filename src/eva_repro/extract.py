@@ -39,7 +39,6 @@ from eva_repro.encoders import (
     list_encoders,
     load_encoder,
     pool_grid,
-    select_tokens,
 )
 from eva_repro.errors import UserError
 from eva_repro.images import (
@@ -52,6 +51,7 @@ from eva_repro.images import (
     discover,
     list_images,
 )
+from eva_repro.layout import TOKEN_MODES, select_tokens
 from eva_repro.lockfile import DirectoryLock
 from eva_repro.preemption import Preempted, StopSignals, ignore_stop_signals
 from eva_repro.progress import progress_bar
@@ -128,8 +128,8 @@ class Settings:
         return cls(**values)
 
     def validate(self) -> None:
-        if self.training_mode not in shards.TOKEN_MODES:
-            raise ExtractError(f"--training_mode must be one of {shards.TOKEN_MODES}, "
+        if self.training_mode not in TOKEN_MODES:
+            raise ExtractError(f"--training_mode must be one of {TOKEN_MODES}, "
                                f"got {self.training_mode!r}")
         if self.dtype not in shards.DTYPES:
             raise ExtractError(f"--dtype must be one of {tuple(shards.DTYPES)}, got {self.dtype!r}")
@@ -574,7 +574,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grid", type=int, default=None,
                    help=f"patch grid per side (default {d.grid}): 16 native at 224 px, 8 = "
                         "avg-pooled (BLIP3-o)")
-    p.add_argument("--training_mode", choices=shards.TOKEN_MODES, default=None,
+    p.add_argument("--training_mode", choices=TOKEN_MODES, default=None,
                    help="patch_only (default) drops the CLS token, cls_patch keeps it first")
     for enc in ("eva", "clip"):
         p.add_argument(f"--{enc}_image_size", type=int, default=None,

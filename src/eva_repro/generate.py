@@ -27,6 +27,7 @@ import torch
 
 from eva_repro import files, flow, shards
 from eva_repro.errors import UserError
+from eva_repro.layout import has_cls
 from eva_repro.lockfile import DirectoryLock
 from eva_repro.preemption import Preempted, StopSignals
 from eva_repro.progress import progress_bar
@@ -46,7 +47,7 @@ def check_condition(config, clip_tokens: torch.Tensor, where: str = "clip tokens
     if dim != config.cond_dim:
         raise ModelDataMismatch(f"{where}: condition dim {dim} but the model expects cond_dim "
                                 f"{config.cond_dim}; use a model trained on these embeddings")
-    cls = config.token_mode == "cls_patch"
+    cls = has_cls(config.token_mode)
     g = math.isqrt(n_tokens - int(cls))
     if g < 1 or g * g != n_tokens - int(cls):
         raise ModelDataMismatch(f"{where}: {n_tokens} tokens is not a square grid"

@@ -125,18 +125,18 @@ def velocity_cosine(
     velocity_fn: flow.VelocityFn,
     target: torch.Tensor,
     t_values: Sequence[float],
-    generator: torch.Generator | None = None,
+    noise: torch.Tensor,
 ) -> dict[str, float]:
     """Mean token cosine between predicted and true velocity at fixed times t.
 
     velocity_fn(x_t, t[B]) -> v, e.g. `flow.guided_velocity(model, cond)`; target: raw EVA
-    tokens [B, T, D] (normalised here as in training). One noise draw per t from `generator` on
-    the CPU, so the numbers do not depend on the device.
+    tokens [B, T, D] (normalised here as in training); noise: x0 [B, T, D], e.g.
+    `flow.sample_noise(ids, T, D, seed)`, the same draw at every t.
     """
     x1 = flow.normalize_target(target)
+    x0 = noise.to(device=x1.device, dtype=x1.dtype)
     out = {}
     for t_value in t_values:
-        x0 = torch.randn(x1.shape, generator=generator).to(x1.device)
         t = torch.full((x1.shape[0],), float(t_value), device=x1.device)
         v_pred = velocity_fn(flow.interpolate(x0, x1, t), t).float()
         out[f"{t_value:g}"] = flow.token_cosine(v_pred, flow.target_velocity(x0, x1)).mean().item()

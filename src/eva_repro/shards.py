@@ -37,7 +37,6 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 FAILURES = "failures.jsonl"
 TENSOR_KEYS = ("clip", "eva")
-TOKEN_MODES = ("patch_only", "cls_patch")  # patch tokens only, or CLS first then patches
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from eva_repro import shards
 from eva_repro.errors import UserError
+from eva_repro.layout import TOKEN_MODES
 
 
 def _function_weights(grid: int, clip_dim: int, eva_dim: int, seed: int,
@@ -118,7 +119,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eva_dim", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shard_size", type=int, default=256)
-    p.add_argument("--training_mode", choices=shards.TOKEN_MODES, default="patch_only")
+    p.add_argument("--training_mode", choices=TOKEN_MODES, default="patch_only")
     p.add_argument("--dtype", choices=sorted(shards.DTYPES), default="float16")
     p.add_argument("--gain", type=float, default=1.5,
                    help="nonlinearity of the target function (tanh saturation); 1.5 is near-linear")

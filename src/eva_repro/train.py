@@ -24,7 +24,6 @@ import math
 import os
 import random
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -37,9 +36,10 @@ from torch import nn
 
 from eva_repro import checkpoint as ckpt
 from eva_repro import data as data_mod
-from eva_repro import flow
+from eva_repro import flow, layout, optim
+from eva_repro.baselines import ridge_linear_path
 from eva_repro.data import BatchSchedule, DataPosition, TrainData
-from eva_repro.distributed import Dist, all_reduce_sum, barrier, setup_distributed
+from eva_repro.distributed import Dist, all_reduce_sum, barrier, setup_distributed, wrap_model
 from eva_repro.files import atomic_write_json
 from eva_repro.lockfile import DirectoryLock
 from eva_repro.monitoring import DebugMonitor, MetricsLog, log
@@ -51,7 +51,8 @@ from eva_repro.train_config import (
     OVERFIT_BAR,
     OVERFIT_DEFAULT_STEPS,
     TrainConfig,
-    TrainingError,
+    TrainingError,  # noqa: F401 -- raised from setup; callers catch it as train.TrainingError
+    build_model_config,
     config_from_args,
     configure_parser,  # noqa: F401 -- `eva-repro train`'s flags: cli finds them here
     validate_config,
@@ -60,89 +61,6 @@ from eva_repro.train_config import (
 
 class TrainingDiverged(RuntimeError):
     """Too many consecutive non-finite steps; the message names the step and the batch."""
-
-
-# ---------------------------------------------------------------------------------------------
-# model, optimiser, schedule, EMA
-
-
-def build_model_config(cfg: TrainConfig, data: TrainData, target_norm: float):
-    from eva_repro.model import model_config
-
-    token_mode = "cls_patch" if data.manifest.include_cls else "patch_only"
-    if cfg.training_mode == "cls_patch" and token_mode == "patch_only":
-        raise TrainingError(f"{data.manifest.root}: --training_mode cls_patch needs shards with a "
-                            "CLS token (include_cls) but these have patches only; re-extract with "
-                            "--training_mode cls_patch or train patch_only")
-    if cfg.training_mode == "patch_only":
-        token_mode = "patch_only"  # CLS tokens (if any) are dropped at load time
-    fixed = {"target_dim", "cond_dim", "token_mode", "target_norm", "tokens"}
-    if fixed & set(cfg.model_overrides):
-        raise TrainingError(f"--model_override cannot set {sorted(fixed & set(cfg.model_overrides))}:"
-                            " they follow the data")
-    tokens = data.manifest.tokens - int(data.manifest.include_cls and token_mode == "patch_only")
-    try:
-        return model_config(cfg.backbone, cfg.model_size, cfg.model_variant,
-                            target_dim=data.eva_dim, cond_dim=data.clip_dim, token_mode=token_mode,
-                            grad_checkpointing=cfg.grad_checkpointing, target_norm=target_norm,
-                            tokens=tokens, **cfg.model_overrides)
-    except TypeError as e:  # an override that is no field of the backbone's config
-        raise TrainingError(f"--model_override: {e}") from e
-    except ValueError as e:  # a bad mix of fields, or data the backbone cannot take
-        raise TrainingError(f"{data.manifest.root}: {e}") from e
-
-
-def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
-    """Weight decay on matrices only: decaying norms, biases, gates or the null condition towards
-    zero fights the zero-init design rather than regularising."""
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": cfg.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
-
-
-RIDGE_INIT_SAMPLES = 4096  # enough for a D x D map; a bounded extra read on huge datasets
-
-
-def init_linear_path_by_ridge(model: nn.Module, data: TrainData, rows: list[int], drop_cls: bool,
-                              d: Dist) -> None:
-    """Start the head's linear path at the ridge baseline fitted on (at most RIDGE_INIT_SAMPLES
-    of) this run's training rows, so step 0 already samples the ridge prediction.
-
-    Held-out rows are never read. Every rank fits the same map (float64 sums over the same rows).
-    """
-    from eva_repro.baselines import fit_baselines
-
-    stride = max(1, math.ceil(len(rows) / RIDGE_INIT_SAMPLES))
-    subset = sorted(rows[::stride])
-    _, ridge = fit_baselines(data.reader, subset, progress=False)
-    scale = math.sqrt(data.manifest.eva_dim)  # ridge predicts unit tokens; the sampler's norm
-    bias = ridge.bias[1:] if drop_cls and ridge.bias.shape[0] > 1 else ridge.bias  # CLS first
-    model.init_linear_path(ridge.weight * scale, bias * scale)
-    log(d, f"linear path initialised by ridge on {len(subset)} training samples "
-           f"(alpha {ridge.alpha:g})")
-
-
-def lr_multiplier(step: int, total: int, warmup: int, floor: float) -> float:
-    """Linear warmup from ~0 to 1 over `warmup` steps, then cosine decay to `floor` at `total`."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def default_warmup(total: int) -> int:
-    return max(1, min(1000, round(0.05 * total)))
-
-
-@torch.no_grad()
-def ema_update(ema: nn.Module, model: nn.Module, step: int, decay: float) -> None:
-    d = min(decay, (1 + step) / (10 + step))  # early on, follow the fast-moving weights
-    ema_params = [p for p in ema.parameters()]
-    params = [p.detach() for p in model.parameters()]
-    torch._foreach_lerp_(ema_params, params, 1 - d)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,33 +205,6 @@ def _total_steps(cfg: TrainConfig, schedule: BatchSchedule) -> int:
     return max(1, int(cfg.num_epochs * schedule.batches_per_epoch) // cfg.grad_accum)
 
 
-def _wrap(model: nn.Module, ema: nn.Module, cfg: TrainConfig, d: Dist) -> nn.Module:
-    """DDP or FSDP2 (sharding blocks, then the root; the EMA copy is sharded the same way)."""
-    if cfg.fsdp:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-
-        # the DiT returns a Linear output (a view after its reshape); nothing edits it in place
-        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
-        mesh = init_device_mesh(d.device.type, (d.world_size,))
-        for m in (model, ema):
-            for block in m.blocks:
-                fully_shard(block, mesh=mesh)
-            # the EMA copy only runs forward: reshard its root too, or its parameters stay
-            # gathered (plain tensors) after evaluation and the EMA update mixes kinds
-            fully_shard(m, mesh=mesh, reshard_after_forward=True)
-        if cfg.compile:
-            model.compile()
-        return model
-    if cfg.compile:
-        model.compile()
-    if d.enabled:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        return DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
-    return model
-
-
 def setup(cfg: TrainConfig) -> Run:
     validate_config(cfg)
     if cfg.learning_rate is None:
@@ -330,24 +221,25 @@ def setup(cfg: TrainConfig) -> Run:
     schedule = BatchSchedule(rows, [data.shard_of(r) for r in rows], micro * d.world_size,
                              seed=cfg.seed)
     total = _total_steps(cfg, schedule)
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else default_warmup(total)
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else optim.default_warmup(total)
 
     drop_cls = data.manifest.include_cls and cfg.training_mode == "patch_only"
-    model_cfg = build_model_config(cfg, data, data_mod.target_norm(data.reader, rows,
-                                                                   skip_cls=drop_cls))
+    model_cfg = build_model_config(cfg, data.manifest, data_mod.target_norm(data.reader, rows,
+                                                                            drop_cls=drop_cls))
     from eva_repro.model import build_model
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     raw = build_model(model_cfg).to(d.device)
     if cfg.linear_init == "ridge" and model_cfg.cond_linear and resume_path is None:
-        init_linear_path_by_ridge(raw, data, rows, drop_cls, d)
+        weight, bias, ridge, n = ridge_linear_path(data.reader, rows, drop_cls)
+        raw.init_linear_path(weight, bias)
+        log(d, f"linear path initialised by ridge on {n} training samples (alpha {ridge.alpha:g})")
     ema = build_model(model_cfg).to(d.device)
     ema.load_state_dict(raw.state_dict())
     ema.requires_grad_(False)
-    model = _wrap(raw, ema, cfg, d)
-    optimizer = torch.optim.AdamW(param_groups(raw, cfg), lr=cfg.learning_rate,
-                                  betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                  fused=d.device.type == "cuda")
+    model = wrap_model(raw, ema, d, fsdp=cfg.fsdp, compiled=cfg.compile)
+    optimizer = optim.build_optimizer(raw, cfg.learning_rate, cfg.weight_decay,
+                                      (cfg.adam_beta1, cfg.adam_beta2), d.device.type == "cuda")
 
     cuda = d.device.type == "cuda"
 
@@ -356,7 +248,7 @@ def setup(cfg: TrainConfig) -> Run:
 
     def load(rows_: list[int]) -> EvalSet:
         kept, clip, eva = data_mod.load_rows(data.reader, rows_, data.keys)
-        return EvalSet(kept, *((clip[:, 1:], eva[:, 1:]) if drop_cls else (clip, eva)))
+        return EvalSet(kept, *((layout.drop_cls(clip), layout.drop_cls(eva)) if drop_cls else (clip, eva)))
 
     eval_rows = data.heldout_rows[:cfg.eval_samples]
     run = Run(cfg, d, run_dir, data, schedule, model, raw, ema, optimizer,
@@ -367,34 +259,9 @@ def setup(cfg: TrainConfig) -> Run:
     return run
 
 
-def _state_options(**kw):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    return StateDictOptions(full_state_dict=True, cpu_offload=True, **kw)
-
-
 def restore(run: Run, path: Path) -> None:
-    """Load a checkpoint written with any world size into this (possibly sharded) run."""
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
-
-    state = ckpt.load_checkpoint(path)
-    full = _state_options()
-    try:
-        set_model_state_dict(run.raw, state.model, options=full)
-        set_model_state_dict(run.ema, state.ema, options=full)
-        keep = [{k: g[k] for k in ("fused", "foreach", "capturable") if k in g}
-                for g in run.optimizer.param_groups]
-        # strict=False: a parameter that never had a gradient (e.g. the null condition with
-        # --cfg_dropout 0) has no optimiser state to restore
-        set_optimizer_state_dict(run.raw, run.optimizer, state.optimizer,
-                                 options=_state_options(strict=False))
-        for g, kept in zip(run.optimizer.param_groups, keep, strict=True):
-            g.update(kept)  # how to step is this run's business, not the checkpoint's
-            g["betas"] = tuple(g["betas"])
-    except (RuntimeError, KeyError, ValueError) as e:
-        raise ckpt.CheckpointError(f"{path}: does not fit this model / optimiser ({e}); resume "
-                                   "with the same --model_size and data, or start a new "
-                                   "--output_dir") from e
+    """Continue from a checkpoint written with any world size."""
+    state = ckpt.load_training_state(path, run.raw, run.ema, run.optimizer)
     run.step = state.step
     run.position = DataPosition.from_dict(state.meta["data_position"])
     saved_batch = int(state.meta.get("global_batch", run.schedule.global_batch))
@@ -411,34 +278,25 @@ def restore(run: Run, path: Path) -> None:
 
 
 def save(run: Run) -> None:
-    """Gather full state dicts (collective), write on rank 0 only."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-
-    full = _state_options()
-    model_sd = get_model_state_dict(run.raw, options=full)
-    ema_sd = get_model_state_dict(run.ema, options=full)
-    opt_sd = get_optimizer_state_dict(run.raw, run.optimizer, options=full)
+    """Gather full state dicts (every rank), write on rank 0 only."""
+    meta = {"data_position": run.position.to_dict(), "world_size": run.d.world_size,
+            "global_batch": run.schedule.global_batch,
+            "scheduler": {"kind": "warmup_cosine", "total_steps": run.total_steps,
+                          "warmup_steps": run.warmup, "min_lr_ratio": run.cfg.min_lr_ratio,
+                          "base_lr": run.cfg.learning_rate},
+            "recent_losses": run.recent_losses}
+    state = ckpt.gather_training_state(run.step, run.raw, run.ema, run.optimizer, meta)
     if run.d.is_main:
-        meta = {"data_position": run.position.to_dict(), "world_size": run.d.world_size,
-                "global_batch": run.schedule.global_batch,
-                "scheduler": {"kind": "warmup_cosine", "total_steps": run.total_steps,
-                              "warmup_steps": run.warmup, "min_lr_ratio": run.cfg.min_lr_ratio,
-                              "base_lr": run.cfg.learning_rate},
-                "recent_losses": run.recent_losses}
-        path = ckpt.save_checkpoint(run.run_dir, ckpt.TrainingState(
-            run.step, model_sd, ema_sd, opt_sd, run.raw.config.to_dict(), meta),
-            keep=run.cfg.keep_checkpoints)
+        path = ckpt.save_checkpoint(run.run_dir, state, keep=run.cfg.keep_checkpoints)
         log(run.d, f"checkpoint {path}")
     barrier(run.d)
 
 
 def export_ema(run: Run) -> None:
     """run_dir/model/: the EMA weights, save_pretrained (unsharded)."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
     from eva_repro.model import build_model
 
-    state = get_model_state_dict(run.ema, options=_state_options())
+    state = ckpt.full_model_state(run.ema)
     if run.d.is_main:
         plain = build_model(run.raw.config)
         plain.load_state_dict(state)
@@ -492,15 +350,28 @@ class Interval:
         self.loss, self.cos, self.norm = 0.0, 0.0, 0.0
         self.wait, self.busy = 0.0, 0.0  # seconds waiting for data / in training steps
 
+    def add(self, loss: float, cosine: float, norm: float, samples: int, wait: float,
+            seconds: float) -> None:
+        """One step; its seconds exclude evaluation and checkpoints. A skipped (non-finite)
+        step counts its samples and time but not its loss."""
+        self.steps += 1
+        self.samples += samples
+        self.wait += wait
+        self.busy += seconds
+        if math.isfinite(loss):
+            self.finite += 1
+            self.loss += loss
+            self.cos += cosine
+            self.norm += norm
+
 
 def train_step(run: Run, batches: Iterator[data_mod.Batch], stats: dict[str, Any]
                ) -> tuple[float, float, float, int, float]:
     """One optimiser step over grad_accum micro-batches -> (loss, cosine, grad norm, samples,
     data wait seconds). A non-finite step is skipped (no update) and counted."""
     cfg, d = run.cfg, run.d
-    mult = lr_multiplier(run.step, run.total_steps, run.warmup, cfg.min_lr_ratio)
-    for g in run.optimizer.param_groups:
-        g["lr"] = cfg.learning_rate * mult
+    optim.set_lr(run.optimizer, cfg.learning_rate * optim.lr_multiplier(
+        run.step, run.total_steps, run.warmup, cfg.min_lr_ratio))
     loss_sum, cos_sum, n_valid, wait = 0.0, 0.0, 0.0, 0.0
     run.optimizer.zero_grad(set_to_none=True)
     for micro in range(cfg.grad_accum):
@@ -512,7 +383,7 @@ def train_step(run: Run, batches: Iterator[data_mod.Batch], stats: dict[str, Any
             log(d, f"skipping sample {bad}")
         run.position = run.schedule.advance(batch.position)
         b = batch.to(d.device)
-        clip, eva = (b.clip[:, 1:], b.eva[:, 1:]) if run.drop_cls else (b.clip, b.eva)
+        clip, eva = (layout.drop_cls(b.clip), layout.drop_cls(b.eva)) if run.drop_cls else (b.clip, b.eva)
         x0, t, drop = draw_noise(b, tuple(eva.shape), cfg.flow, cfg.seed,
                                  run.schedule.global_batch, d.device)
         last = micro == cfg.grad_accum - 1
@@ -539,7 +410,7 @@ def train_step(run: Run, batches: Iterator[data_mod.Batch], stats: dict[str, Any
     cosine = cos_sum / max(n_valid, 1.0)
     if math.isfinite(loss) and math.isfinite(grad_norm):
         run.optimizer.step()
-        ema_update(run.ema, run.raw, run.step, cfg.ema_decay)
+        optim.ema_update(run.ema, run.raw, run.step, cfg.ema_decay)
         stats["nonfinite_in_a_row"] = 0
     else:
         run.optimizer.zero_grad(set_to_none=True)
@@ -599,17 +470,10 @@ def _train(cfg: TrainConfig, on_step: Callable[[int, dict[str, Any]], None] | No
                 t0 = time.perf_counter()
                 loss, cosine, norm, samples, wait = train_step(run, batches, stats)
                 step_s = time.perf_counter() - t0
-                interval.busy += step_s  # evaluation / checkpoints not counted
                 train_s += step_s
                 run.step += 1
-                interval.steps += 1
-                interval.samples += samples
-                interval.wait += wait
+                interval.add(loss, cosine, norm, samples, wait, step_s)
                 if math.isfinite(loss):
-                    interval.finite += 1
-                    interval.loss += loss
-                    interval.cos += cosine
-                    interval.norm += norm
                     run.recent_losses = (run.recent_losses + [loss])[-10:]
                 record: dict[str, Any] = {"step": run.step, "loss": loss}
                 if run.step % cfg.log_every == 0 or run.step == run.total_steps:
@@ -635,29 +499,9 @@ def _train(cfg: TrainConfig, on_step: Callable[[int, dict[str, Any]], None] | No
             bar.close()
             save(run)
             export_ema(run)
-            recent = run.recent_losses
             final_eval = {**evaluate(run), "train_s": round(train_s, 2)}
             metrics.write(final_eval)
-            summary = {
-                "steps": run.step,
-                "final_loss": float(np.mean(recent)) if recent else None,  # last 10 steps
-                "last_loss": recent[-1] if recent else None,
-                "heldout_cosine": final_eval["heldout_cosine"],
-                "heldout_samples": len(run.eval_set.ids),
-                "train_samples": len(run.train_rows),
-                "target_norm": run.raw.config.target_norm,
-                "params_m": round(run.raw.num_parameters() / 1e6, 3),
-                "world_size": d.world_size,
-                "global_batch": run.schedule.global_batch * cfg.grad_accum,
-                "skipped_samples": stats["skipped_samples"],
-                "nonfinite_steps": stats["nonfinite_steps"],
-                "train_time_s": round(time.perf_counter() - start_time, 2),
-                "resumed_from": run.resumed_from,
-            }
-            if run.overfit_set is not None:
-                summary["overfit_cosine"] = final_eval["overfit_cosine"]
-                summary["overfit_samples"] = len(run.overfit_set.ids)
-                summary["overfit_passed"] = (summary["overfit_cosine"] or 0.0) > OVERFIT_BAR
+            summary = _summary(run, final_eval, stats, time.perf_counter() - start_time)
             if d.is_main:
                 atomic_write_json(run.run_dir / "summary.json", summary)
             return summary
@@ -667,6 +511,32 @@ def _train(cfg: TrainConfig, on_step: Callable[[int, dict[str, Any]], None] | No
             del batches
             if d.owns_group:
                 dist.destroy_process_group()
+
+
+def _summary(run: Run, final_eval: dict[str, Any], stats: dict[str, Any], seconds: float
+             ) -> dict[str, Any]:
+    recent = run.recent_losses
+    summary = {
+        "steps": run.step,
+        "final_loss": float(np.mean(recent)) if recent else None,  # last 10 steps
+        "last_loss": recent[-1] if recent else None,
+        "heldout_cosine": final_eval["heldout_cosine"],
+        "heldout_samples": len(run.eval_set.ids),
+        "train_samples": len(run.train_rows),
+        "target_norm": run.raw.config.target_norm,
+        "params_m": round(run.raw.num_parameters() / 1e6, 3),
+        "world_size": run.d.world_size,
+        "global_batch": run.schedule.global_batch * run.cfg.grad_accum,
+        "skipped_samples": stats["skipped_samples"],
+        "nonfinite_steps": stats["nonfinite_steps"],
+        "train_time_s": round(seconds, 2),
+        "resumed_from": run.resumed_from,
+    }
+    if run.overfit_set is not None:
+        summary["overfit_cosine"] = final_eval["overfit_cosine"]
+        summary["overfit_samples"] = len(run.overfit_set.ids)
+        summary["overfit_passed"] = (summary["overfit_cosine"] or 0.0) > OVERFIT_BAR
+    return summary
 
 
 def stop_requested(signals: StopSignals, d: Dist) -> bool:

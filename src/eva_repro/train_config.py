@@ -10,7 +10,8 @@ from typing import Any
 
 from eva_repro import flow
 from eva_repro.errors import UserError
-from eva_repro.shards import TOKEN_MODES
+from eva_repro.layout import TOKEN_MODES, mode_of
+from eva_repro.shards import Manifest
 
 OVERFIT_DEFAULT_STEPS = 300
 # Peak AdamW learning rate per preset when --learning_rate is not given: roughly 1/width, the
@@ -242,3 +243,30 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     values = {k: v for k, v in vars(args).items() if k in known}
     values["model_overrides"] = parse_overrides(values.get("model_overrides") or [])
     return TrainConfig.from_dict(values)
+
+
+def build_model_config(cfg: TrainConfig, manifest: Manifest, target_norm: float) -> Any:
+    """The backbone's config for this run: the preset and overrides, shaped by the data."""
+    from eva_repro.model import model_config
+
+    token_mode = mode_of(manifest.include_cls)
+    if cfg.training_mode == "cls_patch" and token_mode == "patch_only":
+        raise TrainingError(f"{manifest.root}: --training_mode cls_patch needs shards with a "
+                            "CLS token (include_cls) but these have patches only; re-extract with "
+                            "--training_mode cls_patch or train patch_only")
+    if cfg.training_mode == "patch_only":
+        token_mode = "patch_only"  # CLS tokens (if any) are dropped at load time
+    fixed = {"target_dim", "cond_dim", "token_mode", "target_norm", "tokens"}
+    if fixed & set(cfg.model_overrides):
+        raise TrainingError(f"--model_override cannot set {sorted(fixed & set(cfg.model_overrides))}:"
+                            " they follow the data")
+    tokens = manifest.tokens - int(manifest.include_cls and token_mode == "patch_only")
+    try:
+        return model_config(cfg.backbone, cfg.model_size, cfg.model_variant,
+                            target_dim=manifest.eva_dim, cond_dim=manifest.clip_dim, token_mode=token_mode,
+                            grad_checkpointing=cfg.grad_checkpointing, target_norm=target_norm,
+                            tokens=tokens, **cfg.model_overrides)
+    except TypeError as e:  # an override that is no field of the backbone's config
+        raise TrainingError(f"--model_override: {e}") from e
+    except ValueError as e:  # a bad mix of fields, or data the backbone cannot take
+        raise TrainingError(f"{manifest.root}: {e}") from e

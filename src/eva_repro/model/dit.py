@@ -65,7 +65,7 @@ from torch.utils.checkpoint import checkpoint
 from eva_repro import flow
 from eva_repro.errors import UserError
 from eva_repro.files import atomic_save_safetensors, atomic_write_json
-from eva_repro.shards import TOKEN_MODES
+from eva_repro.layout import check_mode, has_cls
 
 ARCHITECTURE = "eva-repro-dit"
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
@@ -110,8 +110,7 @@ class DiTConfig:
     extra: dict = field(default_factory=dict)  # free-form provenance (preset name, encoders...)
 
     def __post_init__(self) -> None:
-        if self.token_mode not in TOKEN_MODES:
-            raise ValueError(f"token_mode must be one of {TOKEN_MODES}, got {self.token_mode!r}")
+        check_mode(self.token_mode)
         if self.hidden % self.n_heads or self.n_heads % self.n_kv_heads:
             raise ValueError(f"hidden ({self.hidden}) must divide by n_heads ({self.n_heads}) and "
                              f"n_heads by n_kv_heads ({self.n_kv_heads})")
@@ -394,7 +393,7 @@ class DiT(nn.Module):
         # inference-mode tensors cannot be saved for backward later: keep them out of the cache
         key = (tokens, grid_tokens, str(device), torch.is_inference_mode_enabled())
         if key not in self._position_cache:
-            cfg, cls = self.config, self.config.token_mode == "cls_patch"
+            cfg, cls = self.config, has_cls(self.config.token_mode)
             g_ref = math.isqrt(grid_tokens - int(cls))
             g = math.isqrt(tokens - int(cls))
             pos = token_positions(tokens, cls, scale=g_ref / max(g, 1))
@@ -458,7 +457,7 @@ class DiT(nn.Module):
         condition is dropped), the input of `cond_align` and `cond_linear`; None without them."""
         if not (self.config.cond_align or self.config.cond_linear):
             return None
-        a = align_condition(cond, tokens, self.config.token_mode == "cls_patch")
+        a = align_condition(cond, tokens, has_cls(self.config.token_mode))
         a = F.rms_norm(a, (a.shape[-1],), eps=self.config.norm_eps)
         if drop_cond is not None:
             a = torch.where(drop_cond.view(-1, 1, 1), 0.0, a)

@@ -1,0 +1,39 @@
+"""The token layout, in one place.
+
+A sample's tokens [T, D] are either the patch grid alone, row-major ("patch_only", T = g*g), or
+the CLS token first and then the grid ("cls_patch", T = 1 + g*g). The same fact goes by the name
+of its context: `--training_mode` on the command line, `include_cls` in a shard manifest,
+`token_mode` in a model config. Shards with a CLS row can still train a patch_only model: the
+trainer then drops the CLS row on load (`drop_cls`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+TOKEN_MODES = ("patch_only", "cls_patch")  # patch tokens only, or CLS first then patches
+
+
+def check_mode(mode: str, what: str = "token_mode") -> str:
+    if mode not in TOKEN_MODES:
+        raise ValueError(f"{what} must be one of {TOKEN_MODES}, got {mode!r}")
+    return mode
+
+
+def has_cls(mode: str) -> bool:
+    return check_mode(mode) == "cls_patch"
+
+
+def mode_of(include_cls: bool) -> str:
+    return "cls_patch" if include_cls else "patch_only"
+
+
+def select_tokens(tokens: torch.Tensor, mode: str) -> torch.Tensor:
+    """[B, 1 + g*g, D] encoder tokens (CLS first) -> the layout's tokens: patch_only drops the
+    CLS token, cls_patch keeps it."""
+    return tokens if check_mode(mode, "training_mode") == "cls_patch" else tokens[:, 1:]
+
+
+def drop_cls(tokens: torch.Tensor) -> torch.Tensor:
+    """[B, 1 + g*g, D] -> [B, g*g, D]: the patch grid of cls_patch tokens."""
+    return tokens[:, 1:]
