@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from eva_repro import cli, encoders, files, shards
+from eva_repro import encoders, files, shards
 from eva_repro.demo_images import PHOTOS, write_demo_images
 from eva_repro.errors import UserError
 from eva_repro.extract import extract
@@ -170,9 +169,16 @@ def _announce_weights(weights: str) -> dict[str, str]:
     return found
 
 
-def _run_cli(argv: list[str]) -> None:
+def _run_command(argv: list[str]) -> None:
+    """Run one pipeline command in this process, as `eva-repro <argv>` would (printed first, so the
+    user can rerun the stage by hand): its own flags parser, its own `run`."""
+    import importlib
+
     print(f"\n$ eva-repro {' '.join(argv)}", flush=True)
-    code = cli.main(argv)
+    module = importlib.import_module(f"eva_repro.{argv[0]}")
+    parser = argparse.ArgumentParser(prog=f"eva-repro {argv[0]}")
+    module.configure_parser(parser)
+    code = module.run(parser.parse_args(argv[1:]))
     if code:
         raise DemoError(f"`eva-repro {argv[0]}` failed (exit code {code}); see its message above")
 
@@ -236,7 +242,7 @@ def _train(out: Path, plan: DemoPlan, num_train: int, device: str | None
             "--num_workers", "0"]
     if device:
         argv += ["--device", device]
-    _run_cli(argv)
+    _run_command(argv)
     summary = _finished_run(run_dir, plan.steps)
     if summary is None:
         raise DemoError(f"{run_dir}: training ended without a summary.json for {plan.steps} "
@@ -258,7 +264,7 @@ def _evaluate(out: Path, plan: DemoPlan, num_heldout: int, device: str | None
         argv += ["--sweep_samples", str(plan.sweep_samples)]
     if device:
         argv += ["--device", device]
-    _run_cli(argv)
+    _run_command(argv)
     return json.loads(report.read_text()), False
 
 
@@ -410,7 +416,3 @@ def run(args: argparse.Namespace) -> int:
     finally:
         torch.set_num_threads(before)  # in-process callers (tests) get their setting back
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(cli.main(["demo", *sys.argv[1:]]))

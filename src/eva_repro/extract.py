@@ -26,7 +26,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -307,8 +307,11 @@ def _batches(chunk_sizes: Sequence[int], batch_size: int) -> tuple[list[list[int
     return batches, owner
 
 
-def _encode(enc: FrozenEncoder, pixels: dict[int, torch.Tensor], settings: Settings,
-            out_dtype: torch.dtype) -> torch.Tensor:
+def encode_batch(enc: FrozenEncoder, pixels: dict[int, torch.Tensor], settings: Settings,
+                 out_dtype: torch.dtype) -> torch.Tensor:
+    """One encoder on one batch of pixels (keyed by input size) -> its tokens in the shards'
+    layout and dtype, on the CPU: normalise, encode (autocast on CUDA), pool to the grid, keep
+    or drop the CLS token."""
     x = enc.normalize(pixels[enc.image_size])
     amp = AUTOCAST[settings.autocast] if x.device.type == "cuda" else None
     ctx = torch.autocast("cuda", dtype=amp) if amp else contextlib.nullcontext()
@@ -375,8 +378,8 @@ def run_pipeline(out_dir: Path, chunks: Sequence[Sequence[InputItem]], todo: Seq
                 it = flat[idx]
                 buf["failures"].append({"path": it.source, "key": it.key, "reason": reason})
             if batch.indices:
-                buf["eva"].append(_encode(eva, batch.pixels, settings, out_dtype))
-                buf["clip"].append(_encode(clip, batch.pixels, settings, out_dtype))
+                buf["eva"].append(encode_batch(eva, batch.pixels, settings, out_dtype))
+                buf["clip"].append(encode_batch(clip, batch.pixels, settings, out_dtype))
                 buf["keys"] += [flat[i].key for i in batch.indices]
                 buf["captions"] += batch.captions
             n = len(batch.indices) + len(batch.failures)
@@ -524,32 +527,20 @@ def run_extraction(inputs: Any, output_dir: str | os.PathLike, settings: Setting
         ctx.close()
 
 
-def extract(inputs: Any, output_dir: str | os.PathLike, *, eva: str = "EVA02-L-14",
-            clip: str = "ViT-L-14", eva_weights: str = "auto", clip_weights: str = "auto",
-            grid: int = 16, training_mode: str = "patch_only", batch_size: int = 32,
-            num_workers: int | None = None, shard_size: int = 512, dtype: str = "float16",
-            encoder_depth: int | None = None, device: str | None = None, seed: int = 0,
-            autocast: str = "bf16", min_size: int = DEFAULT_MIN_SIZE,
-            max_pixels: int = DEFAULT_MAX_PIXELS, limit: int | None = None,
-            progress: bool = True, recipe: str | None = None,
-            eva_image_size: int | None = None, clip_image_size: int | None = None,
-            eva_token_source: str = "final_norm",
-            clip_token_source: str = "final_norm") -> dict[str, Any]:
+def extract(inputs: Any, output_dir: str | os.PathLike, *, recipe: str | None = None,
+            **settings: Any) -> dict[str, Any]:
     """Extract `inputs` (a folder, .tar files, a list file, or image paths) into shards in
     `output_dir`; resumes a partial run. Returns the manifest dict (see `eva_repro.shards`).
-    `recipe` (RECIPES, e.g. "blip3o") fixes the target encoder, its resolution and layer, and
-    the pooling."""
-    values = dict(eva=eva, clip=clip, eva_weights=str(eva_weights),
-                  clip_weights=str(clip_weights), grid=grid, training_mode=training_mode,
-                  dtype=dtype, shard_size=shard_size, encoder_depth=encoder_depth, seed=seed,
-                  min_size=min_size, max_pixels=max_pixels, limit=limit, batch_size=batch_size,
-                  num_workers=num_workers, device=device, autocast=autocast, progress=progress,
-                  eva_image_size=eva_image_size, clip_image_size=clip_image_size,
-                  eva_token_source=eva_token_source, clip_token_source=clip_token_source)
-    if recipe in RECIPES:  # here a default cannot be told from a choice: the recipe's wins
-        values = {k: v for k, v in values.items()
-                  if k not in RECIPES[recipe] or v != getattr(Settings, k)}
-    return run_extraction(inputs, output_dir, Settings.from_recipe(recipe, **values)).manifest
+    Keyword arguments are `Settings` fields (eva, clip, grid, training_mode, ...); `recipe`
+    (RECIPES, e.g. "blip3o") fixes the target encoder, its resolution and layer, and the pooling,
+    and an explicit value that contradicts it is an error."""
+    unknown = sorted(set(settings) - {f.name for f in fields(Settings)})
+    if unknown:
+        raise TypeError(f"extract() got unknown settings {unknown}; see extract.Settings")
+    for key in ("eva_weights", "clip_weights"):  # paths are accepted as well as names
+        if key in settings:
+            settings[key] = str(settings[key])
+    return run_extraction(inputs, output_dir, Settings.from_recipe(recipe, **settings)).manifest
 
 
 # ---------------------------------------------------------------------------------------------
@@ -622,17 +613,10 @@ def run(args: argparse.Namespace) -> int:
     inputs = list(args.inputs) + list(args.input_dir)
     if not inputs:
         raise ExtractError("no inputs: pass image folders / .tar / list files, or --input_dir")
-    fixed = {k: getattr(args, k) for k in ("eva", "grid", "training_mode", "eva_image_size",
-                                            "clip_image_size", "eva_token_source",
-                                            "clip_token_source")}
-    values = {k: v for k, v in fixed.items() if v is not None}  # unset: recipe, else default
-    settings = Settings.from_recipe(
-        args.recipe, **values, clip=args.clip, eva_weights=args.eva_weights,
-        clip_weights=args.clip_weights,
-        dtype=args.dtype, shard_size=args.shard_size, encoder_depth=args.encoder_depth,
-        seed=args.seed, min_size=args.min_size, max_pixels=args.max_pixels, limit=args.limit,
-        batch_size=args.batch_size, num_workers=args.num_workers, device=args.device,
-        autocast=args.autocast, progress=not args.no_progress)
+    # flags left unset (None) take the recipe's value, else the Settings default
+    values = {f.name: getattr(args, f.name) for f in fields(Settings)
+              if getattr(args, f.name, None) is not None}
+    settings = Settings.from_recipe(args.recipe, **values, progress=not args.no_progress)
     result = run_extraction(inputs, args.output_dir, settings)
     st = result.stats
     print(f"[extract] this process: {st.images} inputs in {st.seconds:.1f} s "

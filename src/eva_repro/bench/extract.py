@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from eva_repro.encoders import load_encoder
-from eva_repro.extract import Settings, _encode, run_extraction
+from eva_repro.extract import Settings, encode_batch, run_extraction
 from eva_repro.images import ImageDataset, collate, discover
 
 SHARED_IMAGES = Path(__file__).resolve().parents[4] / "shared" / "data" / "imagenet-sample"
@@ -63,14 +63,14 @@ def _encoder_only(eva, clip, batches: list, settings: Settings) -> float:
     """Images/s of the encode step alone on pre-decoded uint8 batches (one warm-up batch)."""
     with torch.inference_mode():
         for enc in (eva, clip):  # warm-up: allocator, kernels, autotuning
-            _encode(enc, batches[0].pixels, settings, torch.float16)
+            encode_batch(enc, batches[0].pixels, settings, torch.float16)
         sync = torch.cuda.synchronize if next(eva.parameters()).is_cuda else (lambda: None)
         sync()
         start = time.perf_counter()
         n = 0
         for b in batches:
-            _encode(eva, b.pixels, settings, torch.float16)
-            _encode(clip, b.pixels, settings, torch.float16)
+            encode_batch(eva, b.pixels, settings, torch.float16)
+            encode_batch(clip, b.pixels, settings, torch.float16)
             n += len(b.indices)
         sync()
     return n / (time.perf_counter() - start)
