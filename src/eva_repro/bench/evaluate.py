@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from eva_repro import flow
+from eva_repro import flow, optim
 from eva_repro.files import atomic_write_json
 from eva_repro.generate import generate_batch
 from eva_repro.model import DiT, DiTConfig
@@ -27,7 +27,8 @@ def train_synth_model(
     clip: torch.Tensor, eva: torch.Tensor, steps: int = 400, hidden: int = 96, depth: int = 2,
     batch: int = 32, lr: float = 2e-2, seed: int = 0, time_scheme: str = "uniform",
 ) -> DiT:
-    """A small DiT fitted with flow_loss + AdamW (warmup, cosine decay); deterministic in `seed`.
+    """A small DiT fitted in memory with the trainer's objective, optimiser and schedule
+    (`flow.flow_loss`, `optim`), no EMA, no files; deterministic in `seed`.
 
     The high learning rate is what lets a 2-layer model learn the synthetic map in a few hundred
     steps on a CPU (at 3e-3 it needs thousands).
@@ -39,19 +40,17 @@ def train_synth_model(
                     else "patch_only",
                     target_norm=eva.float().norm(dim=-1).mean().item())
     model = DiT(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 30) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    opt = optim.build_optimizer(model, lr, weight_decay=0.0, betas=(0.9, 0.999), fused=False)
     g = torch.Generator().manual_seed(seed)
     flow_cfg = flow.FlowConfig(time_scheme=time_scheme, cfg_dropout=0.1)
-    for _ in range(steps):
+    for step in range(steps):
+        optim.set_lr(opt, lr * optim.lr_multiplier(step, steps, warmup=30, floor=0.0))
         idx = torch.randint(0, clip.shape[0], (batch,), generator=g)
         out = flow.flow_loss(model, eva[idx].float(), clip[idx].float(), flow_cfg, generator=g)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        sched.step()
     return model.eval()
 
 
