@@ -610,14 +610,15 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="images in the sweep (0: 32 for small, 256 for full)")
     p.add_argument("--sweep_shift", type=float, default=d.sweep_shift)
     p.add_argument("--no_plots", action="store_true")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--no_progress", "--quiet", dest="no_progress", action="store_true",
+                   help="no progress bars (the flag train, extract and sample take)")
 
 
 def run(args: argparse.Namespace) -> int:
     resolve_sampler(args)
     names = {f.name for f in fields(EvalOptions)}
     opts = EvalOptions(**{k: v for k, v in vars(args).items() if k in names},
-                       plots=not args.no_plots, progress=not args.quiet)
+                       plots=not args.no_plots, progress=not args.no_progress)
     report = evaluate(args.model_path, args.embeddings_dir, args.output_dir, opts)
     cos = report["cosine"]
     print(f"{report['n_samples']} images: token cosine {cos['token_mean']:.4f}, image cosine "

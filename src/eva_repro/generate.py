@@ -133,6 +133,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     add_sampler_args(p)
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--no_progress", action="store_true", help="no progress bar")
     p.add_argument("--dtype", choices=sorted(shards.DTYPES), default="float16",
                    help="storage dtype of the written tensors")
 
@@ -227,7 +228,7 @@ def _sample_shards(args: argparse.Namespace, model: torch.nn.Module, loaded: Any
                    settings: dict) -> int:
     done = _resume(out, settings)
     start_time, written = time.time(), 0
-    bar = progress_bar(total=len(reader), desc="sample", unit="img")
+    bar = progress_bar(total=len(reader), desc="sample", unit="img", disable=args.no_progress)
     offset = 0
     with StopSignals() as signals:
         for index, entry in enumerate(manifest.shards):
