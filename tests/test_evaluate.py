@@ -4,6 +4,7 @@ import json
 import runpy
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from PIL import Image
 from eva_repro import cli, files, shards
 from eva_repro.bench.evaluate import nfe_within, train_synth_model
 from eva_repro.checkpoint import CheckpointError
-from eva_repro.evaluate import EvalOptions, evaluate
+from eva_repro.evaluate import EvalOptions, evaluate, resolve_split
 from eva_repro.generate import ModelDataMismatch
 from eva_repro.model import DiT, DiTConfig
 from eva_repro.synth import make_pairs, write_synthetic_shards
@@ -224,3 +225,13 @@ def test_cls_token_is_reported_apart_from_the_patch_grid(tmp_path, one_thread):
     assert r["cosine"]["cls_mean"] == pytest.approx(r["cosine"]["per_position"][0], abs=1e-5)
     assert (tmp_path / "out" / "cosine_heatmap.png").read_bytes()[:4] == b"\x89PNG"
     assert "nfe" not in r["plots"]  # no sweep, no curve
+
+
+def test_split_of_another_data_dir_keeps_the_runs_fraction_and_salt(tmp_path):
+    keys = [f"img-{i}" for i in range(200)]
+    loaded = SimpleNamespace(split={"data_dir": str(tmp_path / "elsewhere"), "eval_fraction": 0.3,
+                                    "salt": "other"}, source="run dir", run_dir=tmp_path)
+    heldout, train, info = resolve_split(loaded, SimpleNamespace(root=tmp_path), keys, 0.1)
+    assert (train, heldout) == shards.split_indices(keys, 0.3, "other")
+    assert heldout != shards.split_indices(keys, 0.3)[1]  # the default salt splits otherwise
+    assert not info["known"] and "salt 'other'" in info["source"]

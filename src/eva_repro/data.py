@@ -30,9 +30,7 @@ import torch
 
 from eva_repro import shards
 from eva_repro.preemption import ignore_stop_signals
-from eva_repro.shards import Manifest, ShardError, ShardReader
-
-SPLIT_SALT = "eva-repro"
+from eva_repro.shards import SPLIT_SALT, Manifest, ShardError, ShardReader
 
 
 class DataError(ShardError):

@@ -133,13 +133,14 @@ def resolve_split(
     else:
         reason = f"{loaded.source} at the model path carries no split.json"
     fraction = float(split.get("eval_fraction", eval_fraction)) if split else eval_fraction
-    train, heldout = shards.split_indices(keys, fraction)
+    salt = split.get("salt", shards.SPLIT_SALT) if split else shards.SPLIT_SALT
+    train, heldout = shards.split_indices(keys, fraction, salt)
     if not heldout:
         raise shards.ShardError(f"{manifest.root}: none of its {len(keys)} samples falls in the "
                                 f"held-out fraction {fraction}; raise --eval_fraction or use more data")
     return heldout, train, {
         "known": False,
-        "source": f"key-hash split of the given shards (eval_fraction={fraction}, salt 'eva-repro')",
+        "source": f"key-hash split of the given shards (eval_fraction={fraction}, salt {salt!r})",
         "note": f"no training split known ({reason}): the model may have been trained on the "
         "evaluated samples",
         "model_trained_on": "unknown",

@@ -351,7 +351,10 @@ def finite_samples(rows: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.stack([torch.isfinite(rows[k]).flatten(1).all(1) for k in TENSOR_KEYS]).all(0)
 
 
-def heldout_score(key: str, salt: str = "eva-repro") -> float:
+SPLIT_SALT = "eva-repro"  # the default salt of the key hash; a run records its own in split.json
+
+
+def heldout_score(key: str, salt: str = SPLIT_SALT) -> float:
     """A stable uniform number in [0, 1) per key: the split depends on the key only, not order."""
     digest = hashlib.sha256(f"{salt}:{key}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
@@ -361,7 +364,7 @@ MIN_HELDOUT = 8  # held-out floor when eval_fraction > 0, at most a fifth of the
 
 
 def split_indices(
-    keys: Sequence[str], eval_fraction: float, salt: str = "eva-repro"
+    keys: Sequence[str], eval_fraction: float, salt: str = SPLIT_SALT
 ) -> tuple[list[int], list[int]]:
     """Deterministic (train, heldout) row indices by key hash.
 
