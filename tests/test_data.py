@@ -12,6 +12,7 @@ from eva_repro.data import (
     BatchReader,
     BatchSchedule,
     DataPosition,
+    condition_whitening,
     load_rows,
     open_training_data,
     read_batch,
@@ -167,3 +168,32 @@ def test_manifest_with_wrong_sample_count_is_rejected(tmp_path):
     m["num_samples"] = 9
     (tmp_path / "manifest.json").write_text(json.dumps(m))
     _one_line_error(lambda: open_training_data(tmp_path, verify_checksums=False), "shape")
+
+
+def test_condition_whitening_whitens_the_training_conditions_only(tmp_path):
+    """Anisotropic conditions (one direction 30x the others): with a tiny shrinkage the whitened,
+    RMS-normalised training tokens have identity covariance; the default shrinkage amplifies no
+    direction more than sqrt(2); held-out rows do not move the statistics."""
+    g = torch.Generator().manual_seed(0)
+    clip = torch.randn(64, 4, 6, generator=g) * torch.tensor([30.0, 1, 1, 1, 0.5, 0.1]) + 2.0
+    shards.write_shard(tmp_path, 0, clip, torch.randn(64, 4, 3, generator=g),
+                       [f"k{i}" for i in range(64)], dtype="float32")
+    shards.write_manifest(tmp_path, {"grid": 2, "include_cls": False})
+    reader = shards.ShardReader(tmp_path)
+    train = list(range(48))
+    mean, matrix = condition_whitening(reader, train, shrink=1e-6)
+    x = clip[:48].double()
+    x = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)).reshape(-1, 6)
+    z = (x - mean.double()) @ matrix.double()
+    torch.testing.assert_close(torch.cov(z.T), torch.eye(6, dtype=torch.float64), atol=2e-3,
+                               rtol=0)
+    _, shrunk = condition_whitening(reader, train, shrink=1.0)
+    gains = torch.linalg.svdvals(shrunk.double()) * torch.linalg.svdvals(torch.cov(x.T)).sqrt().flip(0)
+    assert gains.max() <= 2 ** 0.5 + 1e-3
+    held_out_changed = clip.clone()
+    held_out_changed[48:] *= -5
+    shards.write_shard(tmp_path, 0, held_out_changed, torch.randn(64, 4, 3, generator=g),
+                       [f"k{i}" for i in range(64)], dtype="float32")
+    again = condition_whitening(shards.ShardReader(tmp_path), train, shrink=1e-6)
+    assert torch.equal(again[0], mean) and torch.equal(again[1], matrix)
+

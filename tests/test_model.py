@@ -305,7 +305,10 @@ def test_estimate_flops_matches_linear_layer_count():
                  if isinstance(m, torch.nn.Linear) and ("ada" not in name and "t_embed" not in name
                                                         and "cond_pool" not in name))
     attention = 4 * T * T * cfg.hidden + 4 * T * Tc * cfg.hidden
+    whitening = 2 * T * cfg.cond_dim * cfg.cond_dim  # a matmul by a buffer, not a Linear
     # wkv_cond and cond_proj act on Tc tokens; here Tc == T so the count is the same
+    assert estimate_flops(cfg, T, Tc) == pytest.approx(linear + attention + whitening, rel=1e-9)
+    cfg = _cfg(depth=1, cond_whiten=None)
     assert estimate_flops(cfg, T, Tc) == pytest.approx(linear + attention, rel=1e-9)
 
 
@@ -316,3 +319,32 @@ def test_training_after_an_inference_mode_forward():
         model(x, t, c)
     model(x, t, c).square().sum().backward()  # RoPE tables cached above must not leak in
     assert model.out.weight.grad is not None
+
+
+def test_whitening_is_the_identity_until_set_then_carries_the_linear_path_over(tmp_path):
+    """An unfitted whitening leaves the model as it was; once set, the aligned condition is
+    (RMSNorm(c) - mean) @ matrix, a ridge-style map given in RMS-feature space still samples
+    exactly (init_linear_path converts it), and the statistics are saved with the weights."""
+    torch.manual_seed(0)
+    model = DiT(_cfg(tokens=16, cond_whiten=1.0)).eval()
+    plain = DiT(_cfg(tokens=16, cond_whiten=None)).eval()
+    plain.load_state_dict(model.state_dict(), strict=False)
+    x, t, c = torch.randn(3, 16, 32), torch.rand(3), 3 * torch.randn(3, 16, 24)
+    torch.testing.assert_close(model(x, t, c), plain(x, t, c))
+    mean, q = 0.1 * torch.randn(24), torch.linalg.qr(torch.randn(24, 24))[0]
+    matrix = q * torch.linspace(0.5, 2.0, 24)  # an invertible, anisotropic map
+    model.init_whitening(mean, matrix)
+    a = F.rms_norm(c, (24,), eps=model.config.norm_eps)
+    torch.testing.assert_close(model.aligned_condition(c, 16), (a - mean) @ matrix)
+    w, b = torch.randn(24, 32), torch.randn(16, 32)
+    model.init_linear_path(w, b)
+    x1, _ = flow.sample(model, c, steps=3, method="euler", generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(x1, a @ w + b, atol=1e-4, rtol=1e-4)
+    model.save_pretrained(tmp_path / "m")
+    loaded = DiT.from_pretrained(tmp_path / "m")
+    assert torch.equal(loaded.cond_white, matrix) and torch.equal(loaded.cond_mean, mean)
+    with pytest.raises(ValueError, match="init_whitening needs"):
+        plain.init_whitening(mean, matrix)
+    with pytest.raises(ValueError, match="shrinkage"):
+        _cfg(cond_whiten=0.0)
+    assert _cfg(cond_align=False, cond_linear=False, prediction="v").cond_whiten is None

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -350,3 +351,37 @@ def target_norm(reader: ShardReader, rows: list[int], max_rows: int = 256,
         raise DataError(f"{reader.manifest.root}: every sampled training target holds NaN/Inf; "
                         "re-extract the shards")
     return total / count
+
+
+WHITEN_SAMPLES = 1024  # 64k+ tokens for a D x D covariance; a bounded read on huge datasets
+
+
+def condition_whitening(reader: ShardReader, rows: list[int], shrink: float,
+                        drop_cls: bool = False, eps: float = 1e-6,
+                        max_rows: int = WHITEN_SAMPLES) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean [Dc], matrix [Dc, Dc]) that whiten the RMS-normalised condition tokens of (up to
+    `max_rows` evenly spaced) training rows: with covariance U S U^T,
+    matrix = U diag(1 / sqrt(S + shrink * mean(S))) * sqrt(1 + shrink), so a direction of
+    average variance keeps it and none is amplified more than sqrt(1 + 1 / shrink) times.
+    Float64 sums over the same rows: every rank computes the same matrix."""
+    step = max(1, len(rows) // max_rows)
+    dim = reader.manifest.clip_dim
+    total, outer, count = torch.zeros(dim, dtype=torch.float64), torch.zeros(
+        dim, dim, dtype=torch.float64), 0
+    for r in rows[::step][:max_rows]:
+        clip = reader.read(r)["clip"][int(drop_cls):].double()
+        if not torch.isfinite(clip).all():
+            continue  # the trainer skips such samples too
+        x = clip * torch.rsqrt(clip.pow(2).mean(-1, keepdim=True) + eps)
+        total += x.sum(0)
+        outer += x.T @ x
+        count += x.shape[0]
+    if count < 2:
+        raise DataError(f"{reader.manifest.root}: no finite training condition to whiten with; "
+                        "re-extract the shards or train with --model_override cond_whiten=null")
+    mean = total / count
+    cov = (outer - count * torch.outer(mean, mean)) / (count - 1)
+    values, vectors = torch.linalg.eigh(cov)
+    values = values.clamp_min(0)
+    matrix = vectors / (values + shrink * values.mean()).sqrt() * math.sqrt(1 + shrink)
+    return mean.float(), matrix.float()

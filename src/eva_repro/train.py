@@ -230,6 +230,11 @@ def setup(cfg: TrainConfig) -> Run:
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     raw = build_model(model_cfg).to(d.device)
+    shrink = getattr(model_cfg, "cond_whiten", None)
+    if shrink is not None and resume_path is None:  # a resumed run loads its own statistics
+        raw.init_whitening(*data_mod.condition_whitening(data.reader, rows, shrink, drop_cls))
+        log(d, f"aligned condition whitened with the statistics of up to "
+               f"{data_mod.WHITEN_SAMPLES} training samples (shrinkage {shrink:g})")
     if cfg.linear_init == "ridge" and model_cfg.cond_linear and resume_path is None:
         weight, bias, ridge, n = ridge_linear_path(data.reader, rows, drop_cls)
         raw.init_linear_path(weight, bias)

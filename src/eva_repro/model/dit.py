@@ -2,7 +2,8 @@
 
     x_t [B, T, D_target], t [B], c [B, Tc, D_cond]  ->  velocity [B, T, D_target]
 
-    a_c = RMSNorm(c) resampled onto the target grid  the aligned condition [B, T, D_cond]
+    a_c = (RMSNorm(c) - mu_c) W_c  on the target grid  the aligned condition [B, T, D_cond],
+                                                     whitened (mu_c, W_c: training-set statistics)
     h   = W_in x_t + W_a a_c + P(pos_x)              input projection (+ aligned condition,
                                                      + absolute position)
     c'  = W_c RMSNorm(c) + P(pos_c)                  condition projected once (or the learned
@@ -41,6 +42,14 @@ aligned condition to the input):
   starts at zero and is trained with the rest: initialised by least squares instead, the run
   starts at the ridge baseline but then gains less than one that learns both together.
 
+- `cond_whiten`: the aligned condition is whitened with statistics of the training set,
+  W_c = U diag(1 / sqrt(S + s * mean(S))) * sqrt(1 + s) for its covariance U S U^T and shrinkage s,
+  set once before training (`init_whitening`; identity until then, so an unfitted model is the
+  plain one). Real encoder features are far from isotropic (a few directions carry most of the
+  variance), and AdamW learns a linear map on such inputs slowly; whitened, the linear path and
+  the input projection see well-conditioned features. The shrinkage keeps the low-variance
+  directions, mostly noise, from being amplified more than sqrt(1 + 1/s) times.
+
 P is a fixed sin-cos embedding of the same (slot, row, col) positions RoPE uses, condition
 positions mapped onto the target grid (DiT adds one too; Lumina-Next relies on RoPE alone). At
 t ~ 0 the patch tokens are pure noise, so without it every query is noise and cross-attention
@@ -72,10 +81,13 @@ CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 
 # The head's conditioning and prediction: the default, and the pure Lumina-Next (BLIP3-o) block.
 VARIANTS = {
-    "eva-repro": dict(abs_pos_embed=True, prediction="x", cond_align=True, cond_linear=True),
-    "lumina-next": dict(abs_pos_embed=False, prediction="v", cond_align=False, cond_linear=False),
+    "eva-repro": dict(abs_pos_embed=True, prediction="x", cond_align=True, cond_linear=True,
+                      cond_whiten=1.0),
+    "lumina-next": dict(abs_pos_embed=False, prediction="v", cond_align=False, cond_linear=False,
+                        cond_whiten=None),
 }
-LEGACY = {"abs_pos_embed": False, "prediction": "v", "cond_align": False, "cond_linear": False}
+LEGACY = {"abs_pos_embed": False, "prediction": "v", "cond_align": False, "cond_linear": False,
+          "cond_whiten": None}
 
 # width, depth, heads, kv heads: the public reference's sizes, so results compare.
 PRESETS = {
@@ -103,6 +115,7 @@ class DiTConfig:
     cond_align: bool = True  # add the condition token at the same grid position to the input
     cond_linear: bool = True  # full-width linear path from the aligned condition to x1 (needs "x")
     cond_mlp: int = 0  # > 0: hidden width of a per-token MLP beside the linear path (needs it)
+    cond_whiten: float | None = 1.0  # shrinkage s of the aligned condition's whitening; None: off
     tokens: int | None = None  # target tokens per sample: sizes the linear path's position bias
     norm_eps: float = 1e-6
     grad_checkpointing: bool = False
@@ -120,6 +133,10 @@ class DiTConfig:
             raise ValueError("cond_linear predicts the clean target: it needs prediction='x'")
         if self.cond_mlp and not self.cond_linear:
             raise ValueError("cond_mlp extends the linear path: it needs cond_linear=True")
+        if not (self.cond_align or self.cond_linear):
+            self.cond_whiten = None  # it whitens the aligned condition, which nothing reads then
+        if self.cond_whiten is not None and self.cond_whiten <= 0:
+            raise ValueError(f"cond_whiten (the shrinkage) must be > 0 or None, got {self.cond_whiten}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim {self.head_dim} must be even for RoPE")
         if self.rope_axes is None:
@@ -178,6 +195,7 @@ def estimate_flops(cfg: DiTConfig, tokens: int, cond_tokens: int) -> float:
     io = 2 * T * cfg.target_dim * h * 2 + 2 * Tc * cfg.cond_dim * h
     io += 2 * T * cfg.cond_dim * h * cfg.cond_align + 2 * T * cfg.cond_dim * cfg.target_dim * cfg.cond_linear
     io += 2 * T * (cfg.cond_dim + cfg.target_dim) * cfg.cond_mlp
+    io += 2 * T * cfg.cond_dim * cfg.cond_dim * (cfg.cond_whiten is not None)
     return float(cfg.depth * per_block + io)
 
 
@@ -345,6 +363,9 @@ class DiT(nn.Module):
         if cfg.cond_mlp:
             self.cond_mlp = nn.Sequential(nn.Linear(cfg.cond_dim, cfg.cond_mlp), nn.GELU(),
                                           nn.Linear(cfg.cond_mlp, cfg.target_dim))
+        if cfg.cond_whiten is not None:  # statistics, not parameters: saved, never trained
+            self.register_buffer("cond_mean", torch.zeros(cfg.cond_dim))
+            self.register_buffer("cond_white", torch.eye(cfg.cond_dim))
         self.cond_norm = nn.RMSNorm(cfg.cond_dim, eps=cfg.norm_eps)
         self.cond_proj = nn.Linear(cfg.cond_dim, cfg.hidden)
         self.null_cond = nn.Parameter(torch.randn(cfg.hidden) * 0.02)  # CFG "no condition"
@@ -440,25 +461,42 @@ class DiT(nn.Module):
         return flow.velocity_from_data(y, x, t) if cfg.prediction == "x" else y
 
     @torch.no_grad()
+    def init_whitening(self, mean: torch.Tensor, matrix: torch.Tensor) -> None:
+        """Set the aligned condition's whitening a_c = (RMSNorm(c) - mean) @ matrix
+        (mean [D_cond], matrix [D_cond, D_cond]; e.g. `data.condition_whitening`)."""
+        if self.config.cond_whiten is None:
+            raise ValueError("init_whitening needs a model with cond_whiten set")
+        self.cond_mean.copy_(mean)
+        self.cond_white.copy_(matrix)
+
+    @torch.no_grad()
     def init_linear_path(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
-        """Start the linear path at a fitted map x1 ~ a_c @ weight + bias, in the sampler's
+        """Start the linear path at a fitted map x1 ~ RMSNorm(c) @ weight + bias, in the sampler's
         normalised target space (weight [D_cond, D_target], bias [tokens or 1, D_target]), e.g.
         the ridge baseline: the untrained model then samples exactly that map and the network
-        starts from its residual."""
+        starts from its residual. With whitening, the map is carried over to the whitened
+        features (set the whitening first)."""
         if not self.config.cond_linear:
             raise ValueError("init_linear_path needs a model with cond_linear=True")
+        weight, bias = weight.double(), bias.double()
+        if self.config.cond_whiten is not None:  # x W + b = ((x - mu) A) (A^-1 W) + (mu W + b)
+            bias = bias + self.cond_mean.double() @ weight
+            weight = torch.linalg.solve(self.cond_white.double(), weight)
         self.linear_cond.weight.copy_(weight.T)
         self.linear_cond.bias.zero_()
         self.linear_bias.copy_(bias.to(self.linear_bias).expand_as(self.linear_bias))
 
     def aligned_condition(self, cond: torch.Tensor, tokens: int,
                           drop_cond: torch.Tensor | None = None) -> torch.Tensor | None:
-        """RMS-normalised condition tokens on the target grid [B, T, D_cond] (zero where the
-        condition is dropped), the input of `cond_align` and `cond_linear`; None without them."""
+        """RMS-normalised (and whitened) condition tokens on the target grid [B, T, D_cond]
+        (zero where the condition is dropped), the input of `cond_align` and `cond_linear`;
+        None without them."""
         if not (self.config.cond_align or self.config.cond_linear):
             return None
         a = align_condition(cond, tokens, has_cls(self.config.token_mode))
         a = F.rms_norm(a, (a.shape[-1],), eps=self.config.norm_eps)
+        if self.config.cond_whiten is not None:
+            a = (a - self.cond_mean.to(a.dtype)) @ self.cond_white.to(a.dtype)
         if drop_cond is not None:
             a = torch.where(drop_cond.view(-1, 1, 1), 0.0, a)
         return a
