@@ -205,6 +205,21 @@ def _total_steps(cfg: TrainConfig, schedule: BatchSchedule) -> int:
     return max(1, int(cfg.num_epochs * schedule.batches_per_epoch) // cfg.grad_accum)
 
 
+def fit_to_training_data(model: nn.Module, linear_init: str, data: TrainData, rows: list[int],
+                         drop_cls: bool, d: Dist) -> None:
+    """What a new model takes from its training rows (never the held-out ones) before step 1:
+    the condition whitening, and with --linear_init ridge the ridge map on its linear path."""
+    shrink = getattr(model.config, "cond_whiten", None)
+    if shrink is not None:
+        model.init_whitening(*data_mod.condition_whitening(data.reader, rows, shrink, drop_cls))
+        log(d, f"aligned condition whitened with the statistics of up to "
+               f"{data_mod.WHITEN_SAMPLES} training samples (shrinkage {shrink:g})")
+    if linear_init == "ridge" and getattr(model.config, "cond_linear", False):
+        weight, bias, ridge, n = ridge_linear_path(data.reader, rows, drop_cls)
+        model.init_linear_path(weight, bias)
+        log(d, f"linear path initialised by ridge on {n} training samples (alpha {ridge.alpha:g})")
+
+
 def setup(cfg: TrainConfig) -> Run:
     validate_config(cfg)
     if cfg.learning_rate is None:
@@ -230,15 +245,8 @@ def setup(cfg: TrainConfig) -> Run:
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     raw = build_model(model_cfg).to(d.device)
-    shrink = getattr(model_cfg, "cond_whiten", None)
-    if shrink is not None and resume_path is None:  # a resumed run loads its own statistics
-        raw.init_whitening(*data_mod.condition_whitening(data.reader, rows, shrink, drop_cls))
-        log(d, f"aligned condition whitened with the statistics of up to "
-               f"{data_mod.WHITEN_SAMPLES} training samples (shrinkage {shrink:g})")
-    if cfg.linear_init == "ridge" and model_cfg.cond_linear and resume_path is None:
-        weight, bias, ridge, n = ridge_linear_path(data.reader, rows, drop_cls)
-        raw.init_linear_path(weight, bias)
-        log(d, f"linear path initialised by ridge on {n} training samples (alpha {ridge.alpha:g})")
+    if resume_path is None:  # a resumed run loads its own statistics and weights
+        fit_to_training_data(raw, cfg.linear_init, data, rows, drop_cls, d)
     ema = build_model(model_cfg).to(d.device)
     ema.load_state_dict(raw.state_dict())
     ema.requires_grad_(False)
