@@ -18,6 +18,7 @@ from eva_repro import checkpoint as ckpt
 from eva_repro import flow
 from eva_repro import train as train_mod
 from eva_repro.baselines import fit_baselines
+from eva_repro.data import condition_whitening, open_training_data
 from eva_repro.evaluate import evaluate
 from eva_repro.model import VARIANTS
 from eva_repro.preemption import EXIT_PREEMPTED, Preempted
@@ -458,3 +459,16 @@ def test_the_runs_held_out_cosine_is_the_evaluators(tmp_path, small_data):
                  progress=False, plots=False, control_samples=0)
     assert r["n_samples"] == summary["heldout_samples"] > 8
     assert r["cosine"]["token_mean"] == pytest.approx(summary["heldout_cosine"], rel=1e-5)
+
+
+def test_whitening_is_fitted_on_the_training_split_and_can_be_turned_off(tmp_path, small_data):
+    train_mod.train(_cfg(small_data, tmp_path / "w", max_steps=1, eval_fraction=0.2))
+    weights = load_file(str(tmp_path / "w" / "model" / "model.safetensors"))
+    rows = open_training_data(small_data, eval_fraction=0.2).train_rows
+    mean, matrix = condition_whitening(ShardReader(small_data), rows, shrink=1.0)
+    assert torch.equal(weights["cond_mean"], mean) and torch.equal(weights["cond_white"], matrix)
+    off = dict(SMALL, cond_whiten=None)
+    train_mod.train(_cfg(small_data, tmp_path / "off", max_steps=1, model_overrides=off))
+    config = json.loads((tmp_path / "off" / "model" / "config.json").read_text())
+    assert config["cond_whiten"] is None
+    assert "cond_white" not in load_file(str(tmp_path / "off" / "model" / "model.safetensors"))
