@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from eva_repro import shards
 from eva_repro.preemption import ignore_stop_signals
@@ -332,6 +333,11 @@ def load_rows(reader: ShardReader, rows: list[int], keys: list[str]
     return kept, batch.clip[batch.valid].float(), batch.eva[batch.valid].float()
 
 
+def evenly_spaced(rows: list[int], n: int) -> list[int]:
+    """At most n of `rows`, evenly spaced: a bounded read of statistics on huge datasets."""
+    return rows[::max(1, len(rows) // n)][:n]
+
+
 def target_norm(reader: ShardReader, rows: list[int], max_rows: int = 256,
                 drop_cls: bool = False) -> float:
     """Mean L2 norm of the raw target tokens over (up to `max_rows` evenly spaced) training rows.
@@ -339,9 +345,8 @@ def target_norm(reader: ShardReader, rows: list[int], max_rows: int = 256,
     256 rows of 256 tokens already pin the mean to well under 1%; reading more real-size rows
     (2 MB each) would only slow the start.
     """
-    step = max(1, len(rows) // max_rows)
     total, count = 0.0, 0
-    for r in rows[::step][:max_rows]:
+    for r in evenly_spaced(rows, max_rows):
         eva = reader.read(r)["eva"][int(drop_cls):].float()
         norms = eva.norm(dim=-1)
         if torch.isfinite(norms).all():
@@ -364,15 +369,14 @@ def condition_whitening(reader: ShardReader, rows: list[int], shrink: float,
     matrix = U diag(1 / sqrt(S + shrink * mean(S))) * sqrt(1 + shrink), so a direction of
     average variance keeps it and none is amplified more than sqrt(1 + 1 / shrink) times.
     Float64 sums over the same rows: every rank computes the same matrix."""
-    step = max(1, len(rows) // max_rows)
     dim = reader.manifest.clip_dim
     total, outer, count = torch.zeros(dim, dtype=torch.float64), torch.zeros(
         dim, dim, dtype=torch.float64), 0
-    for r in rows[::step][:max_rows]:
+    for r in evenly_spaced(rows, max_rows):
         clip = reader.read(r)["clip"][int(drop_cls):].double()
         if not torch.isfinite(clip).all():
             continue  # the trainer skips such samples too
-        x = clip * torch.rsqrt(clip.pow(2).mean(-1, keepdim=True) + eps)
+        x = F.rms_norm(clip, (dim,), eps=eps)  # the model's own normalisation of the condition
         total += x.sum(0)
         outer += x.T @ x
         count += x.shape[0]

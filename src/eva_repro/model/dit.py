@@ -2,8 +2,8 @@
 
     x_t [B, T, D_target], t [B], c [B, Tc, D_cond]  ->  velocity [B, T, D_target]
 
-    a_c = (RMSNorm(c) - mu_c) W_c  on the target grid  the aligned condition [B, T, D_cond],
-                                                     whitened (mu_c, W_c: training-set statistics)
+    a_c = (RMSNorm(c) - mu_c) A_c  on the target grid  the aligned condition [B, T, D_cond],
+                                                     whitened (mu_c, A_c: training-set statistics)
     h   = W_in x_t + W_a a_c + P(pos_x)              input projection (+ aligned condition,
                                                      + absolute position)
     c'  = W_c RMSNorm(c) + P(pos_c)                  condition projected once (or the learned
@@ -43,7 +43,7 @@ aligned condition to the input):
   starts at the ridge baseline but then gains less than one that learns both together.
 
 - `cond_whiten`: the aligned condition is whitened with statistics of the training set,
-  W_c = U diag(1 / sqrt(S + s * mean(S))) * sqrt(1 + s) for its covariance U S U^T and shrinkage s,
+  A_c = U diag(1 / sqrt(S + s * mean(S))) * sqrt(1 + s) for its covariance U S U^T and shrinkage s,
   set once before training (`init_whitening`; identity until then, so an unfitted model is the
   plain one). Real encoder features are far from isotropic (a few directions carry most of the
   variance), and AdamW learns a linear map on such inputs slowly; whitened, the linear path and
