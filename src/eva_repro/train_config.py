@@ -1,15 +1,17 @@
 """What `eva-repro train` takes: TrainConfig (with flow.FlowConfig inside), its checks that need no
-data, the per-preset defaults, and the command-line flags derived from it."""
+data, the per-preset defaults, and the command-line flags derived from it (`flags`)."""
 
 from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from eva_repro import flow
 from eva_repro.errors import UserError
+from eva_repro.flags import add_flags, option, values
+from eva_repro.flow import METHODS
 from eva_repro.layout import TOKEN_MODES, mode_of
 from eva_repro.shards import Manifest
 
@@ -34,55 +36,76 @@ LINEAR_INITS = ("zero", "ridge")  # how the head's linear path starts
 
 @dataclass
 class TrainConfig:
-    data_dir: str = ""
-    output_dir: str = ""
-    backbone: str = "next-dit"  # next-dit (model/dit.py) | lumina-next (diffusers, BLIP3-o's head)
-    model_size: str = "base"
-    model_variant: str = "eva-repro"  # next-dit: eva-repro | lumina-next (pure BLIP3-o block)
-    model_overrides: dict[str, Any] = field(default_factory=dict)  # config fields over the preset
-    linear_init: str = "zero"  # zero | ridge: how the head's linear path starts (measured)
-    training_mode: str = "auto"  # auto (from the manifest) | patch_only | cls_patch
-    # batches and length
-    batch_size: int = 8  # per rank and micro-batch
-    grad_accum: int = 1
-    num_epochs: float = 10.0
-    max_steps: int | None = None  # overrides num_epochs
-    # optimiser and schedule
-    learning_rate: float | None = None  # None: DEFAULT_LR of the preset
-    min_lr_ratio: float = 0.1  # cosine decays to learning_rate * min_lr_ratio
-    warmup_steps: int | None = None  # None: 5% of the steps, at most 1000
-    weight_decay: float = 0.01  # matrices only; norms, biases, gates and the null condition: 0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    grad_clip: float = 1.0
-    ema_decay: float = 0.999  # ramped in as min(decay, (1 + step) / (10 + step))
-    flow: flow.FlowConfig = field(default_factory=flow.FlowConfig)  # time draws, CFG dropout
-    # data
-    eval_fraction: float = 0.05
-    max_samples: int | None = None
-    overfit_test_size: int = 0
-    num_workers: int = 2
-    verify_checksums: bool = True
-    # evaluation
-    eval_every: int = 1000
-    eval_samples: int = 64  # held-out samples drawn by the sampler at each evaluation
-    eval_sampler_steps: int = 20
-    eval_method: str = "heun"
-    # checkpoints and logging
-    save_every: int = 1000
-    keep_checkpoints: int = 3
-    log_every: int = 10
-    resume: str | None = None  # None | "auto" | path
-    tensorboard: bool = True
-    progress: bool = True
-    # system
-    seed: int = 0
-    device: str = "auto"
-    compile: bool = False
-    grad_checkpointing: bool = False
-    fsdp: bool = False
-    debug_mode: bool = False
-    max_nonfinite_steps: int = 10  # consecutive non-finite steps before the run stops
+    """Every option of a training run; `eva-repro train --FIELD` sets it (`flags`: the flags,
+    their types, defaults and `--help` sections are derived from the fields below)."""
+
+    data_dir: str = option("", "shard directory (eva-repro extract / synth output)", group="run",
+                           aliases=["--chunked_embeddings_dir"], required=True)
+    output_dir: str = option("", "run directory: checkpoints, logs, model/, summary.json",
+                             required=True)
+    backbone: str = option("next-dit", "next-dit: eva-repro's Next-DiT (model/dit.py); "
+                           "lumina-next: diffusers' LuminaNextDiT2DModel, BLIP3-o's head (needs "
+                           "the diffusers extra)")
+    model_size: str = option("base", "preset: tiny, small, base, large (both backbones); blip3o "
+                             "(lumina-next: 1792 wide, 24 layers, 28 heads)")
+    model_variant: str = option("eva-repro", "the head's conditioning and prediction: eva-repro "
+                                "(aligned condition, x-prediction, linear path) or lumina-next "
+                                "(the pure BLIP3-o head: cross-attention, v-prediction)")
+    model_overrides: dict[str, Any] = option(
+        factory=dict, flag="--model_override", repeat=True, metavar="KEY=VALUE",
+        help="override a config field of the preset, e.g. depth=2 (repeatable; JSON values)")
+    linear_init: str = option("zero", "eva-repro head: start its linear path at zero (best on "
+                              "the synthetic sets) or at the ridge fit of the training "
+                              "split (starts at ridge; see README Learning)", choices=LINEAR_INITS)
+    training_mode: str = option("auto", "token layout; auto follows the shards (patch_only on CLS "
+                                "shards drops the CLS token)", choices=["auto", *TOKEN_MODES])
+    batch_size: int = option(8, "per rank and micro-batch", group="batches and length")
+    grad_accum: int = option(1, "micro-batches per optimiser step",
+                             aliases=["--gradient_accumulation_steps"])
+    num_epochs: float = option(10.0, "passes over the training split")
+    max_steps: int | None = option(None, "optimiser steps (overrides --num_epochs)")
+    learning_rate: float | None = option(None, f"peak learning rate (default per preset: "
+                                         f"{DEFAULT_LR})", group="optimiser and schedule",
+                                         aliases=["--lr"])
+    min_lr_ratio: float = option(0.1, "the cosine decays to learning_rate * min_lr_ratio")
+    warmup_steps: int | None = option(None, "default: 5%% of the steps, at most 1000")
+    weight_decay: float = option(0.01, "matrices only; norms, biases, gates and the null "
+                                 "condition: 0")
+    adam_beta1: float = option(0.9)
+    adam_beta2: float = option(0.95)
+    grad_clip: float = option(1.0, "global gradient norm clip")
+    ema_decay: float = option(0.999, "ramped in as min(decay, (1 + step) / (10 + step))")
+    flow: flow.FlowConfig = option(factory=flow.FlowConfig, group="flow (flow.FlowConfig: time "
+                                   "draws, loss weight, CFG dropout)")
+    eval_fraction: float = option(0.05, "held-out fraction of the samples (by key hash)",
+                                  group="data")
+    max_samples: int | None = option(None, "use only the first N samples (quick runs)")
+    overfit_test_size: int = option(0, "train on N fixed samples (default 300 steps); summary "
+                                    "overfit_cosine (sampled, on those samples, at most "
+                                    "--eval_samples of them) should be > 0.8")
+    num_workers: int = option(2, "data loader worker processes")
+    verify_checksums: bool = option(True, "skip the sha256 check of every shard at start-up")
+    eval_every: int = option(1000, "optimiser steps between held-out evaluations",
+                             group="evaluation")
+    eval_samples: int = option(64, "held-out samples drawn by the sampler at each evaluation")
+    eval_sampler_steps: int = option(20)
+    eval_method: str = option("heun", "the sampler of those evaluations", choices=METHODS)
+    save_every: int = option(1000, group="checkpoints and logging")
+    keep_checkpoints: int = option(3)
+    log_every: int = option(10)
+    resume: str | None = option(None, "'auto' (newest complete checkpoint in --output_dir, if "
+                                "any) or a checkpoint / run directory")
+    tensorboard: bool = option(True, "no TensorBoard events (metrics.jsonl is always written)")
+    progress: bool = option(True, "no progress bar (a line every few seconds instead)")
+    seed: int = option(0, group="system")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    compile: bool = option(False, "torch.compile the model")
+    grad_checkpointing: bool = option(False, "recompute block activations in the backward pass",
+                                      aliases=["--gradient_checkpointing"])
+    fsdp: bool = option(False, "shard parameters/gradients/optimiser with FSDP2")
+    debug_mode: bool = option(False, "per-layer gradient norms, zero/exploding gradient "
+                              "warnings, activation statistics")
+    max_nonfinite_steps: int = option(10, "consecutive non-finite steps before the run stops")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
@@ -145,76 +168,11 @@ def validate_config(cfg: TrainConfig) -> None:
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
-    c = TrainConfig()
-    a = p.add_argument
-    a("--data_dir", "--chunked_embeddings_dir", dest="data_dir", required=True,
-      help="shard directory (eva-repro extract / synth output)")
-    a("--output_dir", required=True, help="run directory: checkpoints, logs, model/, summary.json")
     from eva_repro.model import BACKBONES, VARIANTS
 
-    a("--backbone", default=c.backbone, choices=list(BACKBONES),
-      help="next-dit: eva-repro's Next-DiT (model/dit.py); lumina-next: diffusers' "
-           "LuminaNextDiT2DModel, BLIP3-o's head (needs the diffusers extra)")
-    a("--model_size", default=c.model_size,
-      help="preset: tiny, small, base, large (both backbones); blip3o (lumina-next: 1792 wide, "
-           "24 layers, 28 heads)")
-
-    a("--model_variant", default=c.model_variant, choices=list(VARIANTS),
-      help="the head's conditioning and prediction: eva-repro (aligned condition, x-prediction, "
-           "linear path) or lumina-next (the pure BLIP3-o head: cross-attention, v-prediction)")
-    a("--model_override", dest="model_overrides", action="append", default=[], metavar="KEY=VALUE",
-      help="override a config field of the preset, e.g. depth=2 (repeatable; JSON values)")
-    a("--linear_init", default=c.linear_init, choices=list(LINEAR_INITS),
-      help="eva-repro head: start its linear path at zero (default: best on the synthetic "
-           "sets) or at the ridge fit of the training split (starts at ridge; better on small "
-           "real-photo sets, see README Learning)")
-    a("--training_mode", default=c.training_mode, choices=["auto", *TOKEN_MODES],
-      help="token layout; auto follows the shards (patch_only on CLS shards drops the CLS token)")
-    a("--batch_size", type=int, default=c.batch_size, help="per rank and micro-batch")
-    a("--grad_accum", "--gradient_accumulation_steps", dest="grad_accum", type=int,
-      default=c.grad_accum)
-    a("--num_epochs", type=float, default=c.num_epochs)
-    a("--max_steps", type=int, default=None, help="optimiser steps (overrides --num_epochs)")
-    a("--learning_rate", "--lr", dest="learning_rate", type=float, default=None,
-      help=f"peak learning rate (default per preset: {DEFAULT_LR})")
-    a("--min_lr_ratio", type=float, default=c.min_lr_ratio, help="cosine floor / learning rate")
-    a("--warmup_steps", type=int, default=None, help="default: 5%% of the steps, at most 1000")
-    a("--weight_decay", type=float, default=c.weight_decay)
-    a("--adam_beta1", type=float, default=c.adam_beta1)
-    a("--adam_beta2", type=float, default=c.adam_beta2)
-    a("--grad_clip", type=float, default=c.grad_clip)
-    a("--ema_decay", type=float, default=c.ema_decay)
-    add_dataclass_flags(p.add_argument_group("flow (flow.FlowConfig)"), c.flow,
-                        choices={"time_scheme": flow.TIME_SCHEMES,
-                                 "loss_weight": flow.LOSS_WEIGHTS})
-    a("--eval_fraction", type=float, default=c.eval_fraction)
-    a("--max_samples", type=int, default=None, help="use only the first N samples (quick runs)")
-    a("--overfit_test_size", type=int, default=0,
-      help="train on N fixed samples (default 300 steps); summary overfit_cosine (sampled, on "
-           "those samples, at most --eval_samples of them) should be > 0.8")
-    a("--num_workers", type=int, default=c.num_workers, help="data loader worker processes")
-    a("--no_verify_checksums", dest="verify_checksums", action="store_false",
-      help="skip the sha256 check of every shard at start-up")
-    a("--eval_every", type=int, default=c.eval_every)
-    a("--eval_samples", type=int, default=c.eval_samples)
-    a("--eval_sampler_steps", type=int, default=c.eval_sampler_steps)
-    a("--eval_method", default=c.eval_method, choices=list(flow.METHODS))
-    a("--save_every", type=int, default=c.save_every)
-    a("--keep_checkpoints", type=int, default=c.keep_checkpoints)
-    a("--log_every", type=int, default=c.log_every)
-    a("--resume", default=None, help="'auto' (newest complete checkpoint in --output_dir, if any) "
-                                     "or a checkpoint / run directory")
-    a("--no_tensorboard", dest="tensorboard", action="store_false")
-    a("--no_progress", dest="progress", action="store_false")
-    a("--seed", type=int, default=c.seed)
-    a("--device", default=c.device, help="auto, cpu, cuda or cuda:N")
-    a("--compile", action="store_true", help="torch.compile the model")
-    a("--grad_checkpointing", "--gradient_checkpointing", dest="grad_checkpointing",
-      action="store_true")
-    a("--fsdp", action="store_true", help="shard parameters/gradients/optimiser with FSDP2")
-    a("--debug_mode", action="store_true",
-      help="per-layer gradient norms, zero/exploding gradient warnings, activation statistics")
-    a("--max_nonfinite_steps", type=int, default=c.max_nonfinite_steps)
+    add_flags(p, TrainConfig(), choices={"backbone": BACKBONES, "model_variant": sorted(VARIANTS),
+                                         "time_scheme": flow.TIME_SCHEMES,
+                                         "loss_weight": flow.LOSS_WEIGHTS})
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -230,19 +188,10 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def add_dataclass_flags(group, config: Any, choices: dict[str, Any] | None = None) -> None:
-    """One --FIELD flag per field of a dataclass instance, typed and defaulted by it."""
-    for f in fields(config):
-        value = getattr(config, f.name)
-        group.add_argument(f"--{f.name}", type=type(value), default=value,
-                           choices=(choices or {}).get(f.name), help=f"default {value}")
-
-
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    known = {f.name for f in fields(TrainConfig)} | {f.name for f in fields(flow.FlowConfig)}
-    values = {k: v for k, v in vars(args).items() if k in known}
-    values["model_overrides"] = parse_overrides(values.get("model_overrides") or [])
-    return TrainConfig.from_dict(values)
+    given = values(args, TrainConfig)
+    given["model_overrides"] = parse_overrides(given.get("model_overrides") or [])
+    return TrainConfig.from_dict(given)
 
 
 def build_model_config(cfg: TrainConfig, manifest: Manifest, target_norm: float) -> Any:

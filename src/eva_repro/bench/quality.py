@@ -21,6 +21,7 @@ import torch
 
 from eva_repro import train as train_mod
 from eva_repro.evaluate import evaluate
+from eva_repro.files import atomic_write_json
 from eva_repro.synth import write_synthetic_shards
 
 # name: (synth arguments, optimiser steps); the wide ones put 1024-d and 4096-d targets (EVA02-L,
@@ -115,6 +116,14 @@ def run(output_dir: Path, quick: bool, data_dirs: list[str] | None = None) -> di
             results[name] = [run_problem(data, steps, label, Path(tmp) / name, **options)
                              for label, options in CONFIGS.items()]
             print(summary_line("quality", name, results[name]), flush=True)
+            # the finished problems survive a crash or a kill in a later one
+            atomic_write_json(output_dir / "quality.json",
+                              {"suite": "quality", "complete": False, **_header(quick),
+                               "problems": results})
     plot(results, output_dir / "quality.png")
-    return {"quick": quick, "preset": "tiny", "batch_size": 16, "sampler": "heun, 20 steps",
-            "problems": results, "plot": str(output_dir / "quality.png")}
+    return {"complete": True, **_header(quick), "problems": results,
+            "plot": str(output_dir / "quality.png")}
+
+
+def _header(quick: bool) -> dict[str, Any]:
+    return {"quick": quick, "preset": "tiny", "batch_size": 16, "sampler": "heun, 20 steps"}

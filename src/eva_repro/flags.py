@@ -1,0 +1,112 @@
+"""Command-line flags derived from a config dataclass, so each option is declared once.
+
+    @dataclass
+    class Config:
+        batch_size: int = option(8, "per rank and micro-batch", group="batches")
+        resume: str | None = option(None, "a checkpoint or run directory")
+
+    add_flags(parser, Config())   # --batch_size INT (default 8), --resume RESUME, grouped
+
+One flag per field: `--FIELD`, typed by the annotation (`X | None` takes X) and defaulted by the
+instance. A boolean that defaults to False becomes a switch `--FIELD`, one that defaults to True
+the switch `--no_FIELD`. A field's `group` opens an argument group that the following fields join
+until the next one names another (the sections of `--help`, as in SiT's train.py). A field whose
+value is itself a dataclass contributes its own fields, flat (`--time_mean`, not `--flow.time_mean`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from collections.abc import Callable, Sequence
+from typing import Any
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", *,
+           factory: Callable[[], Any] | None = None, aliases: Sequence[str] = (),
+           choices: Sequence[Any] | None = None, group: str | None = None,
+           required: bool = False, metavar: str | None = None, repeat: bool = False,
+           flag: str | None = None) -> Any:
+    """A dataclass field with what its command-line flag needs (see the module docstring).
+    `repeat`: the flag may be given several times and collects strings (the field parses them);
+    `flag`: the flag's name where it is not the field's (`--model_override` for a dict of them)."""
+    meta = dict(help=help, aliases=tuple(aliases), choices=choices, group=group,
+                required=required, metavar=metavar, repeat=repeat, flag=flag)
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def add_flags(parser: argparse.ArgumentParser, config: Any,
+              choices: dict[str, Sequence[Any]] | None = None) -> None:
+    """Add one flag per field of the dataclass instance `config` (and of nested dataclasses).
+    `choices` supplies choices known only at run time, by field name."""
+    groups: dict[str, Any] = {}
+    current: list[Any] = [parser]
+
+    def add(cfg: Any, section: str | None = None) -> None:
+        hints = typing.get_type_hints(type(cfg))
+        for f in dataclasses.fields(cfg):
+            meta = f.metadata
+            title = meta.get("group") or section
+            if title:
+                if title not in groups:
+                    groups[title] = parser.add_argument_group(title)
+                current[0] = groups[title]
+            value = getattr(cfg, f.name)
+            if dataclasses.is_dataclass(value):
+                add(value, title)
+                continue
+            _add_flag(current[0], f.name, _flag_type(hints[f.name]), value, meta,
+                      (choices or {}).get(f.name, meta.get("choices")))
+
+    add(config)
+
+
+def values(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The parsed flags that are fields of dataclass `cls` or of its nested dataclasses, flat."""
+    names: set[str] = set()
+
+    def collect(c: type) -> None:
+        hints = typing.get_type_hints(c)
+        for f in dataclasses.fields(c):
+            nested = hints[f.name]
+            if dataclasses.is_dataclass(nested):
+                collect(nested)
+            else:
+                names.add(f.name)
+
+    collect(cls)
+    return {k: v for k, v in vars(args).items() if k in names}
+
+
+def _flag_type(hint: Any) -> Any:
+    """The type a flag parses to: `X | None` and `Optional[X]` give X."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return args[0]
+    return typing.get_origin(hint) or hint
+
+
+def _add_flag(target: Any, name: str, kind: Any, default: Any, meta: Any, choices: Any) -> None:
+    help_text = meta.get("help") or ""
+    names = [meta.get("flag") or f"--{name}", *meta.get("aliases", ())]
+    if kind is bool:
+        negate = default is True
+        names[0] = meta.get("flag") or (f"--no_{name}" if negate else f"--{name}")
+        target.add_argument(*names, dest=name, action="store_false" if negate else "store_true",
+                            help=help_text or None)
+        return
+    if meta.get("repeat"):
+        target.add_argument(*names, dest=name, action="append", default=[],
+                            metavar=meta.get("metavar"), help=help_text or None)
+        return
+    if default is not None and not meta.get("required"):
+        help_text = f"{help_text} (default: %(default)s)" if help_text else "default: %(default)s"
+    target.add_argument(*names, dest=name, type=kind,
+                        default=None if meta.get("required") else default,
+                        required=bool(meta.get("required")),
+                        choices=list(choices) if choices is not None else None,
+                        metavar=meta.get("metavar"), help=help_text or None)

@@ -1,0 +1,77 @@
+"""Flags derived from config dataclasses: one declaration per option."""
+
+import argparse
+from dataclasses import asdict, dataclass, fields
+
+import pytest
+
+from eva_repro import flow
+from eva_repro.flags import add_flags, option, values
+from eva_repro.train_config import TrainConfig, config_from_args, configure_parser
+
+
+@dataclass
+class Inner:
+    shift: float = option(1.0, "inner help")
+
+
+@dataclass
+class Example:
+    path: str = option("", "where", group="io", aliases=["--old_path"], required=True)
+    steps: int | None = option(None, "how many")
+    rate: float = option(0.5, group="numbers")
+    mode: str = option("a", choices=["a", "b"])
+    checks: bool = option(True, "skip the checks")
+    fast: bool = option(False, "go fast")
+    tags: dict = option(factory=dict, flag="--tag", repeat=True, metavar="K=V")
+    inner: Inner = option(factory=Inner, group="nested")
+
+
+def parser_for(config) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser()
+    add_flags(p, config)
+    return p
+
+
+def test_flags_take_type_default_alias_choices_and_negated_switches_from_the_fields():
+    p = parser_for(Example())
+    args = p.parse_args(["--old_path", "x", "--steps", "3", "--no_checks", "--fast", "--tag", "a=1",
+                         "--tag", "b=2", "--shift", "2.5"])
+    assert vars(args) == {"path": "x", "steps": 3, "rate": 0.5, "mode": "a", "checks": False,
+                          "fast": True, "tags": ["a=1", "b=2"], "shift": 2.5}
+    defaults = p.parse_args(["--path", "y"])
+    assert defaults.steps is None and defaults.checks is True and defaults.fast is False
+    assert values(defaults, Example) == {k: v for k, v in vars(defaults).items()}
+    with pytest.raises(SystemExit):
+        p.parse_args(["--path", "y", "--mode", "c"])  # not a choice
+    with pytest.raises(SystemExit):
+        p.parse_args([])  # --path is required
+
+
+def test_a_group_holds_until_the_next_field_names_another():
+    p = parser_for(Example())
+    titles = {g.title: [a.dest for a in g._group_actions] for g in p._action_groups}
+    assert titles["io"] == ["path", "steps"]
+    assert titles["numbers"] == ["rate", "mode", "checks", "fast", "tags"]
+    assert titles["nested"] == ["shift"]
+
+
+def flag_names(config) -> set[str]:
+    names = set()
+    for f in fields(config):
+        value = getattr(config, f.name)
+        names |= flag_names(value) if hasattr(value, "__dataclass_fields__") else {f.name}
+    return names
+
+
+def test_every_training_option_is_a_flag_and_the_defaults_round_trip():
+    p = argparse.ArgumentParser()
+    configure_parser(p)
+    assert {a.dest for a in p._actions} - {"help"} == flag_names(TrainConfig())
+    cfg = config_from_args(p.parse_args(["--data_dir", "d", "--output_dir", "o"]))
+    assert asdict(cfg) == asdict(TrainConfig(data_dir="d", output_dir="o"))
+    cfg = config_from_args(p.parse_args([
+        "--chunked_embeddings_dir", "d", "--output_dir", "o", "--lr", "2e-3", "--no_progress",
+        "--time_mean", "-1", "--model_override", "depth=2", "--gradient_accumulation_steps", "4"]))
+    assert (cfg.data_dir, cfg.learning_rate, cfg.progress, cfg.grad_accum) == ("d", 2e-3, False, 4)
+    assert cfg.flow == flow.FlowConfig(time_mean=-1.0) and cfg.model_overrides == {"depth": 2}
