@@ -27,7 +27,7 @@ import math
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +39,10 @@ from eva_repro import files, flow, metrics, shards
 from eva_repro.baselines import fit_baselines, iter_batches
 from eva_repro.checkpoint import load_model
 from eva_repro.errors import UserError
+from eva_repro.flags import add_flags, option, values
 from eva_repro.generate import (
     METHODS,
+    SAMPLER_DEFAULTS,
     SAMPLERS,
     ModelDataMismatch,
     add_sampler_args,
@@ -80,25 +82,31 @@ def check_model_fits_data(model: torch.nn.Module, manifest: shards.Manifest, mod
 
 @dataclass
 class EvalOptions:
-    num_samples: int = 1000
+    """How `evaluate` scores a model; `eva-repro evaluate --FIELD` sets each (the sampler's
+    fields through `generate.add_sampler_args`, shared with `sample`)."""
+
+    num_samples: int = option(1000, "held-out images to evaluate (all if fewer)")
     sampler: str | None = None  # a named sampler (generate.SAMPLERS) that set the four below
     method: str = "heun"
     steps: int = 20
     shift: float = 1.0
     cfg_scale: float = 1.0
     seed: int = 0
-    batch_size: int = 64
-    device: str | None = None
-    eval_fraction: float = 0.1  # only when no run split is known
-    baseline_samples: int = 2000  # training samples the baselines are fitted on (at most)
-    control_samples: int = 256  # images for the shuffled control and diversity (at most)
-    retrieval_pool: int = 1000  # images per retrieval pool
-    t_values: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
-    sweep: str = "auto"  # auto (full on CUDA, small on CPU) | none | small | full
-    sweep_samples: int = 0  # 0: 32 (small) or 256 (full)
-    sweep_shift: float = 3.0  # the shifted schedule the sweep compares to shift 1
-    plots: bool = True
-    progress: bool = True
+    batch_size: int = option(64, "samples per sampler batch")
+    device: str | None = option(None, "default: cuda if available, else cpu")
+    eval_fraction: float = option(0.1, "held-out fraction when the model path carries no split "
+                                  "for this data")
+    baseline_samples: int = option(2000, "training samples to fit the baselines on (at most)")
+    control_samples: int = option(256, "images for the shuffled-condition control and diversity")
+    retrieval_pool: int = option(1000, "images per retrieval pool")
+    t_values: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)  # times of the velocity metric
+    sweep: str = option("auto", "sampler sweep size (cosine vs NFE); auto: full on CUDA, small "
+                        "on CPU", choices=SWEEP_SIZES)
+    sweep_samples: int = option(0, "images in the sweep (0: 32 for small, 256 for full)")
+    sweep_shift: float = option(3.0, "the shifted schedule the sweep compares to shift 1")
+    plots: bool = option(True, "no PNG plots")
+    progress: bool = option(True, "no progress bars (the flag train, extract and sample take)",
+                            aliases=["--quiet"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -589,37 +597,16 @@ def _row(label: str, m: dict, beat: str) -> str:
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
-    d = EvalOptions()
     p.add_argument("--model_path", required=True, help="training run dir, model dir or checkpoint")
     p.add_argument("--embeddings_dir", required=True, help="shard directory to evaluate on")
     p.add_argument("--output_dir", required=True, help="where report.json/.md and plots go")
-    p.add_argument("--num_samples", type=int, default=d.num_samples,
-                   help="held-out images to evaluate (all if fewer)")
     add_sampler_args(p)
-    p.add_argument("--batch_size", type=int, default=d.batch_size)
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--eval_fraction", type=float, default=d.eval_fraction,
-                   help="held-out fraction when the model path carries no split for this data")
-    p.add_argument("--baseline_samples", type=int, default=d.baseline_samples,
-                   help="training samples to fit the baselines on (at most)")
-    p.add_argument("--control_samples", type=int, default=d.control_samples,
-                   help="images for the shuffled-condition control and diversity")
-    p.add_argument("--retrieval_pool", type=int, default=d.retrieval_pool)
-    p.add_argument("--sweep", choices=SWEEP_SIZES, default=d.sweep,
-                   help="sampler sweep size (cosine vs NFE); auto: full on CUDA, small on CPU")
-    p.add_argument("--sweep_samples", type=int, default=d.sweep_samples,
-                   help="images in the sweep (0: 32 for small, 256 for full)")
-    p.add_argument("--sweep_shift", type=float, default=d.sweep_shift)
-    p.add_argument("--no_plots", action="store_true")
-    p.add_argument("--no_progress", "--quiet", dest="no_progress", action="store_true",
-                   help="no progress bars (the flag train, extract and sample take)")
+    add_flags(p, EvalOptions(), exclude=[*SAMPLER_DEFAULTS, "sampler", "seed", "t_values"])
 
 
 def run(args: argparse.Namespace) -> int:
     resolve_sampler(args)
-    names = {f.name for f in fields(EvalOptions)}
-    opts = EvalOptions(**{k: v for k, v in vars(args).items() if k in names},
-                       plots=not args.no_plots, progress=not args.no_progress)
+    opts = EvalOptions(**values(args, EvalOptions))
     report = evaluate(args.model_path, args.embeddings_dir, args.output_dir, opts)
     cos = report["cosine"]
     print(f"{report['n_samples']} images: token cosine {cos['token_mean']:.4f}, image cosine "

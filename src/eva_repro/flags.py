@@ -40,9 +40,11 @@ def option(default: Any = dataclasses.MISSING, help: str = "", *,
 
 
 def add_flags(parser: argparse.ArgumentParser, config: Any,
-              choices: dict[str, Sequence[Any]] | None = None) -> None:
+              choices: dict[str, Sequence[Any]] | None = None,
+              exclude: Sequence[str] = ()) -> None:
     """Add one flag per field of the dataclass instance `config` (and of nested dataclasses).
-    `choices` supplies choices known only at run time, by field name."""
+    `choices` supplies choices known only at run time, by field name; `exclude` names fields
+    that get no flag here (another function adds them, or they are not for the command line)."""
     groups: dict[str, Any] = {}
     current: list[Any] = [parser]
 
@@ -56,6 +58,8 @@ def add_flags(parser: argparse.ArgumentParser, config: Any,
                     groups[title] = parser.add_argument_group(title)
                 current[0] = groups[title]
             value = getattr(cfg, f.name)
+            if f.name in exclude:
+                continue
             if dataclasses.is_dataclass(value):
                 add(value, title)
                 continue
