@@ -75,3 +75,11 @@ def test_every_training_option_is_a_flag_and_the_defaults_round_trip():
         "--time_mean", "-1", "--model_override", "depth=2", "--gradient_accumulation_steps", "4"]))
     assert (cfg.data_dir, cfg.learning_rate, cfg.progress, cfg.grad_accum) == ("d", 2e-3, False, 4)
     assert cfg.flow == flow.FlowConfig(time_mean=-1.0) and cfg.model_overrides == {"depth": 2}
+
+
+def test_unset_flags_parse_to_none_so_a_recipe_can_fill_them_and_help_names_the_default():
+    p = argparse.ArgumentParser()
+    add_flags(p, Example(), unset=True, exclude=["path"])
+    args = p.parse_args(["--mode", "b"])
+    assert (args.rate, args.mode, args.checks, args.shift) == (None, "b", True, None)
+    assert "(default: 0.5)" in p.format_help()

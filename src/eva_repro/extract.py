@@ -36,11 +36,11 @@ from eva_repro import __version__, files, shards
 from eva_repro.encoders import (
     TOKEN_SOURCES,
     FrozenEncoder,
-    list_encoders,
     load_encoder,
     pool_grid,
 )
 from eva_repro.errors import UserError
+from eva_repro.flags import add_flags, option, values
 from eva_repro.images import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_MIN_SIZE,
@@ -78,29 +78,38 @@ class ExtractError(UserError):
 class Settings:
     """Everything an extraction depends on. `fingerprint()` is what the bytes depend on."""
 
-    eva: str = "EVA02-L-14"
-    clip: str = "ViT-L-14"
-    eva_weights: str = "auto"
-    clip_weights: str = "auto"
-    grid: int = 16
-    training_mode: str = "patch_only"
-    dtype: str = "float16"
-    shard_size: int = 512
-    encoder_depth: int | None = None
-    seed: int = 0
-    min_size: int = DEFAULT_MIN_SIZE
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    limit: int | None = None
-    eva_image_size: int | None = None  # None: the encoder's own resolution
-    clip_image_size: int | None = None
-    eva_token_source: str = "final_norm"  # encoders.TOKEN_SOURCES
-    clip_token_source: str = "final_norm"
+    eva: str = option("EVA02-L-14", "target encoder (the names: --list_encoders)",
+                      group="encoders")
+    clip: str = option("ViT-L-14", "condition encoder (same choices)")
+    eva_weights: str = option("auto", "auto | pretrained | random | PATH (file or snapshot dir)")
+    clip_weights: str = option("auto", "as --eva_weights")
+    grid: int = option(16, "patch grid per side: 16 native at 224 px, 8 = avg-pooled (BLIP3-o)",
+                       group="tokens and shards")
+    training_mode: str = option("patch_only", "patch_only drops the CLS token, cls_patch keeps it "
+                                "first", choices=TOKEN_MODES)
+    dtype: str = option("float16", "stored dtype", choices=list(shards.DTYPES))
+    shard_size: int = option(512, "inputs per shard")
+    encoder_depth: int | None = option(None, "keep only the first N blocks of both encoders "
+                                       "(smoke runs)")
+    seed: int = option(0, "seed of random-init encoders")
+    min_size: int = option(DEFAULT_MIN_SIZE, "skip images smaller than this many px per side")
+    max_pixels: int = option(DEFAULT_MAX_PIXELS, "skip images with more pixels (decompression "
+                             "bombs)")
+    limit: int | None = option(None, "use only the first N inputs")
+    eva_image_size: int | None = option(None, "input resolution (default: the encoder's own; "
+                                        "position embeddings are resampled)")
+    clip_image_size: int | None = option(None, "as --eva_image_size")
+    eva_token_source: str = option("final_norm", "final_norm: after the final norm; last_block: "
+                                   "the last block's output before it", choices=TOKEN_SOURCES)
+    clip_token_source: str = option("final_norm", "as --eva_token_source", choices=TOKEN_SOURCES)
     # not in the fingerprint: they change speed, not results
-    batch_size: int = 32
-    num_workers: int | None = None
-    device: str | None = None
-    autocast: str = "bf16"
-    progress: bool = True
+    batch_size: int = option(32, "images per encoder batch", group="speed")
+    num_workers: int | None = option(None, "decode workers (default: up to 8 per GPU, fewer on "
+                                     "CPU)")
+    device: str | None = option(None, "default: cuda:LOCAL_RANK if available")
+    autocast: str = option("bf16", "autocast dtype on CUDA (CPU always runs fp32)",
+                           choices=list(AUTOCAST))
+    progress: bool = option(True, "no progress bar (a line every few seconds instead)")
 
     def fingerprint(self) -> dict[str, Any]:
         keys = ("eva", "clip", "grid", "training_mode", "dtype", "shard_size", "encoder_depth",
@@ -548,7 +557,6 @@ def extract(inputs: Any, output_dir: str | os.PathLike, *, recipe: str | None = 
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
-    d = Settings()
     p.add_argument("inputs", nargs="*", help="image folders, webdataset .tar files, list files "
                    "(one path per line, optional TAB caption) or image files")
     p.add_argument("--input_dir", action="append", default=[], help="image folder (repeatable)")
@@ -556,44 +564,11 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", choices=sorted(RECIPES), default=None,
                    help="a named target: blip3o = EVA02-E-14-plus at 448 px, last block before "
                         "the final norm, no CLS, 32x32 pooled 4x4 to 8x8 (BLIP3-o's tokens)")
-    p.add_argument("--eva", default=None, help=f"target encoder, one of {list_encoders()} "
-                                                 f"(default {d.eva})")
-    p.add_argument("--clip", default=d.clip, help="condition encoder (same choices)")
-    p.add_argument("--eva_weights", default=d.eva_weights,
-                   help="auto | pretrained | random | PATH (file or snapshot dir)")
-    p.add_argument("--clip_weights", default=d.clip_weights, help="as --eva_weights")
-    p.add_argument("--grid", type=int, default=None,
-                   help=f"patch grid per side (default {d.grid}): 16 native at 224 px, 8 = "
-                        "avg-pooled (BLIP3-o)")
-    p.add_argument("--training_mode", choices=TOKEN_MODES, default=None,
-                   help="patch_only (default) drops the CLS token, cls_patch keeps it first")
-    for enc in ("eva", "clip"):
-        p.add_argument(f"--{enc}_image_size", type=int, default=None,
-                       help="input resolution (default: the encoder's own; position embeddings "
-                            "are resampled)")
-        p.add_argument(f"--{enc}_token_source", choices=TOKEN_SOURCES, default=None,
-                       help="final_norm (default): after the final norm; last_block: the last "
-                            "block's output before it")
-    p.add_argument("--dtype", choices=list(shards.DTYPES), default=d.dtype)
-    p.add_argument("--batch_size", type=int, default=d.batch_size)
-    p.add_argument("--num_workers", type=int, default=None, help="decode workers (default: "
-                   "up to 8 per GPU, fewer on CPU)")
-    p.add_argument("--shard_size", type=int, default=d.shard_size, help="inputs per shard")
-    p.add_argument("--encoder_depth", type=int, default=None,
-                   help="keep only the first N blocks of both encoders (smoke runs)")
-    p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available")
-    p.add_argument("--autocast", choices=list(AUTOCAST), default=d.autocast,
-                   help="autocast dtype on CUDA (CPU always runs fp32)")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of random-init encoders")
-    p.add_argument("--min_size", type=int, default=d.min_size,
-                   help="skip images smaller than this many px per side")
-    p.add_argument("--max_pixels", type=int, default=d.max_pixels,
-                   help="skip images with more pixels (decompression bombs)")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N inputs")
     p.add_argument("--merge", action="store_true",
                    help="only write manifest.json + failures.jsonl from finished shards")
-    p.add_argument("--no_progress", action="store_true")
     p.add_argument("--list_encoders", action="store_true", help="print the registry and exit")
+    # unset flags stay None, so a --recipe can fill them (Settings.from_recipe)
+    add_flags(p, Settings(), unset=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -614,9 +589,8 @@ def run(args: argparse.Namespace) -> int:
     if not inputs:
         raise ExtractError("no inputs: pass image folders / .tar / list files, or --input_dir")
     # flags left unset (None) take the recipe's value, else the Settings default
-    values = {f.name: getattr(args, f.name) for f in fields(Settings)
-              if getattr(args, f.name, None) is not None}
-    settings = Settings.from_recipe(args.recipe, **values, progress=not args.no_progress)
+    given = {k: v for k, v in values(args, Settings).items() if v is not None}
+    settings = Settings.from_recipe(args.recipe, **given)
     result = run_extraction(inputs, args.output_dir, settings)
     st = result.stats
     print(f"[extract] this process: {st.images} inputs in {st.seconds:.1f} s "

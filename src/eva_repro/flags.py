@@ -41,10 +41,12 @@ def option(default: Any = dataclasses.MISSING, help: str = "", *,
 
 def add_flags(parser: argparse.ArgumentParser, config: Any,
               choices: dict[str, Sequence[Any]] | None = None,
-              exclude: Sequence[str] = ()) -> None:
+              exclude: Sequence[str] = (), unset: bool = False) -> None:
     """Add one flag per field of the dataclass instance `config` (and of nested dataclasses).
     `choices` supplies choices known only at run time, by field name; `exclude` names fields
-    that get no flag here (another function adds them, or they are not for the command line)."""
+    that get no flag here (another function adds them, or they are not for the command line);
+    `unset`: a flag not given parses to None (its help still names the field's default), for
+    commands where something else (a named recipe) may fill it."""
     groups: dict[str, Any] = {}
     current: list[Any] = [parser]
 
@@ -64,7 +66,7 @@ def add_flags(parser: argparse.ArgumentParser, config: Any,
                 add(value, title)
                 continue
             _add_flag(current[0], f.name, _flag_type(hints[f.name]), value, meta,
-                      (choices or {}).get(f.name, meta.get("choices")))
+                      (choices or {}).get(f.name, meta.get("choices")), unset)
 
     add(config)
 
@@ -94,7 +96,8 @@ def _flag_type(hint: Any) -> Any:
     return typing.get_origin(hint) or hint
 
 
-def _add_flag(target: Any, name: str, kind: Any, default: Any, meta: Any, choices: Any) -> None:
+def _add_flag(target: Any, name: str, kind: Any, default: Any, meta: Any, choices: Any,
+              unset: bool = False) -> None:
     help_text = meta.get("help") or ""
     names = [meta.get("flag") or f"--{name}", *meta.get("aliases", ())]
     if kind is bool:
@@ -108,9 +111,10 @@ def _add_flag(target: Any, name: str, kind: Any, default: Any, meta: Any, choice
                             metavar=meta.get("metavar"), help=help_text or None)
         return
     if default is not None and not meta.get("required"):
-        help_text = f"{help_text} (default: %(default)s)" if help_text else "default: %(default)s"
+        shown = f"{default}".replace("%", "%%")
+        help_text = f"{help_text} (default: {shown})" if help_text else f"default: {shown}"
     target.add_argument(*names, dest=name, type=kind,
-                        default=None if meta.get("required") else default,
+                        default=None if meta.get("required") or unset else default,
                         required=bool(meta.get("required")),
                         choices=list(choices) if choices is not None else None,
                         metavar=meta.get("metavar"), help=help_text or None)
