@@ -82,4 +82,4 @@ def test_unset_flags_parse_to_none_so_a_recipe_can_fill_them_and_help_names_the_
     add_flags(p, Example(), unset=True, exclude=["path"])
     args = p.parse_args(["--mode", "b"])
     assert (args.rate, args.mode, args.checks, args.shift) == (None, "b", True, None)
-    assert "(default: 0.5)" in p.format_help()
+    assert "default: 0.5" in p.format_help() and "inner help (default: 1.0)" in p.format_help()
