@@ -19,5 +19,8 @@ def test_select_and_drop_keep_the_grid_in_order():
     assert torch.equal(layout.select_tokens(tokens, "cls_patch"), tokens)
     assert torch.equal(layout.select_tokens(tokens, "patch_only"), tokens[:, 1:])
     assert torch.equal(layout.drop_cls(tokens), tokens[:, 1:])
+    clip, eva = layout.pairs_for_model(tokens, tokens + 1, dropping_cls=True)
+    assert torch.equal(clip, tokens[:, 1:]) and torch.equal(eva, tokens[:, 1:] + 1)
+    assert layout.pairs_for_model(tokens, eva, dropping_cls=False)[0] is tokens
     with pytest.raises(ValueError, match="training_mode must be one of"):
         layout.select_tokens(tokens, "patches")

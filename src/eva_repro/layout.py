@@ -37,3 +37,10 @@ def select_tokens(tokens: torch.Tensor, mode: str) -> torch.Tensor:
 def drop_cls(tokens: torch.Tensor) -> torch.Tensor:
     """[B, 1 + g*g, D] -> [B, g*g, D]: the patch grid of cls_patch tokens."""
     return tokens[:, 1:]
+
+
+def pairs_for_model(clip: torch.Tensor, eva: torch.Tensor,
+                    dropping_cls: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (condition, target) pair as loaded from shards -> as the model takes it: the CLS rows
+    dropped when a patch_only model trains on shards that have them."""
+    return (drop_cls(clip), drop_cls(eva)) if dropping_cls else (clip, eva)

@@ -261,7 +261,7 @@ def setup(cfg: TrainConfig) -> Run:
 
     def load(rows_: list[int]) -> EvalSet:
         kept, clip, eva = data_mod.load_rows(data.reader, rows_, data.keys)
-        return EvalSet(kept, *((layout.drop_cls(clip), layout.drop_cls(eva)) if drop_cls else (clip, eva)))
+        return EvalSet(kept, *layout.pairs_for_model(clip, eva, drop_cls))
 
     eval_rows = data.heldout_rows[:cfg.eval_samples]
     run = Run(cfg, d, run_dir, data, schedule, model, raw, ema, optimizer,
@@ -396,7 +396,7 @@ def train_step(run: Run, batches: Iterator[data_mod.Batch], stats: dict[str, Any
             log(d, f"skipping sample {bad}")
         run.position = run.schedule.advance(batch.position)
         b = batch.to(d.device)
-        clip, eva = (layout.drop_cls(b.clip), layout.drop_cls(b.eva)) if run.drop_cls else (b.clip, b.eva)
+        clip, eva = layout.pairs_for_model(b.clip, b.eva, run.drop_cls)
         x0, t, drop = draw_noise(b, tuple(eva.shape), cfg.flow, cfg.seed,
                                  run.schedule.global_batch, d.device)
         last = micro == cfg.grad_accum - 1
