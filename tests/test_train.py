@@ -242,6 +242,14 @@ def test_ddp_two_processes_equal_one_process_on_the_same_global_batch(tmp_path, 
     # a checkpoint written by 2 ranks resumes in 1 process
     resumed = train_mod.train(_cfg(small_data, ddp, batch_size=4, max_steps=3, resume="auto"))
     assert resumed["steps"] == 3 and resumed["resumed_from"].endswith("step-00000002")
+    # 2 ranks resume past a damaged newest checkpoint: rank 0 alone hashes it and warns once
+    damaged = ckpt.latest_checkpoint(ddp) / "ema.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    proc = _torchrun(_cli_args(_cfg(small_data, ddp, batch_size=2, max_steps=4))
+                     + ["--resume", "auto"], tmp_path)
+    assert proc.stderr.count("skipping a damaged checkpoint") == 1, proc.stderr[-2000:]
+    summary = json.loads((ddp / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["resumed_from"].endswith("step-00000002")
 
 
 def test_fsdp2_two_processes_on_cpu(tmp_path, small_data):

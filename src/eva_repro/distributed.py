@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from eva_repro.errors import UserError
+
+T = TypeVar("T")
 
 
 class DeviceError(UserError):
@@ -65,6 +69,27 @@ def all_reduce_sum(values: list[float], d: Dist) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=d.device)
     dist.all_reduce(t)
     return t.tolist()
+
+
+def run_on_main(fn: Callable[[], T], d: Dist) -> T:
+    """fn() on rank 0 alone, its result on every rank: for work every rank needs the answer of
+    but only one should do, like hashing a checkpoint's files. What rank 0 raises, it re-raises;
+    the other ranks raise the same message (a UserError stays one)."""
+    if not d.enabled:
+        return fn()
+    box: list[Any] = [None, None, False]  # result, error message, was it a UserError
+    error: Exception | None = None
+    if d.is_main:
+        try:
+            box[0] = fn()
+        except Exception as e:  # the other ranks wait on the broadcast: tell them, then raise
+            error, box[1], box[2] = e, str(e), isinstance(e, UserError)
+    dist.broadcast_object_list(box, src=0)
+    if error is not None:
+        raise error
+    if box[1] is not None:
+        raise UserError(box[1]) if box[2] else RuntimeError(f"rank 0 failed: {box[1]}")
+    return box[0]
 
 
 def barrier(d: Dist) -> None:

@@ -39,7 +39,14 @@ from eva_repro import data as data_mod
 from eva_repro import flow, layout, optim
 from eva_repro.baselines import ridge_linear_path
 from eva_repro.data import BatchSchedule, DataPosition, TrainData
-from eva_repro.distributed import Dist, all_reduce_sum, barrier, setup_distributed, wrap_model
+from eva_repro.distributed import (
+    Dist,
+    all_reduce_sum,
+    barrier,
+    run_on_main,
+    setup_distributed,
+    wrap_model,
+)
 from eva_repro.files import atomic_write_json
 from eva_repro.lockfile import DirectoryLock
 from eva_repro.monitoring import DebugMonitor, MetricsLog, log
@@ -226,7 +233,7 @@ def setup(cfg: TrainConfig) -> Run:
         cfg = replace(cfg, learning_rate=DEFAULT_LR.get(cfg.model_size, 3e-4))
     d = setup_distributed(cfg.device, need_group=cfg.fsdp)
     run_dir = Path(cfg.output_dir)
-    resume_path = ckpt.resolve_resume(run_dir, cfg.resume)
+    resume_path = run_on_main(lambda: ckpt.resolve_resume(run_dir, cfg.resume), d)
     seed_everything(cfg.seed)
 
     data = data_mod.open_training_data(cfg.data_dir, cfg.eval_fraction, cfg.max_samples,
