@@ -348,3 +348,25 @@ def test_whitening_is_the_identity_until_set_then_carries_the_linear_path_over(t
     with pytest.raises(ValueError, match="shrinkage"):
         _cfg(cond_whiten=0.0)
     assert _cfg(cond_align=False, cond_linear=False, prediction="v").cond_whiten is None
+
+
+def test_dropout_acts_in_training_only_and_is_off_by_default():
+    assert DiTConfig().dropout == 0.0
+    x, t, c = torch.randn(2, 16, 32), torch.rand(2), torch.randn(2, 16, 24)
+
+    def two_training_draws(dropout):
+        torch.manual_seed(0)
+        model = DiT(_cfg(dropout=dropout))
+        for p in model.parameters():  # open the zero-init gates so the blocks' branches count
+            if p.dim() >= 2:
+                torch.nn.init.normal_(p, std=0.05)
+        model.eval()
+        assert torch.equal(model(x, t, c), model(x, t, c))
+        model.train()
+        torch.manual_seed(1)
+        a = model(x, t, c)
+        torch.manual_seed(2)
+        return a, model(x, t, c)
+
+    assert not torch.allclose(*two_training_draws(0.5))
+    assert torch.equal(*two_training_draws(0.0))

@@ -13,6 +13,8 @@
         s1, g1, s2, g2 = W_ada SiLU(a)               (zero init: every block starts as identity)
         h += tanh(g1) * RMSNorm(Attn(RMSNorm(h) * (1 + s1), c'))
         h += tanh(g2) * RMSNorm(SwiGLU(RMSNorm(h) * (1 + s2)))
+                                                     (`dropout` on both branches in training;
+                                                     off by default: measured, no gain)
     Attn = self-attention over h + tanh(gate_head) * cross-attention to c', QK-norm, GQA,
            3D RoPE on (slot, row, col) for both the patch tokens and the condition tokens
     y   = W_out (RMSNorm(h) * (1 + s_f)) + W_l a_c + b_pos [+ MLP(a_c)]
@@ -117,6 +119,7 @@ class DiTConfig:
     cond_mlp: int = 0  # > 0: hidden width of a per-token MLP beside the linear path (needs it)
     cond_whiten: float | None = 1.0  # shrinkage s of the aligned condition's whitening; None: off
     tokens: int | None = None  # target tokens per sample: sizes the linear path's position bias
+    dropout: float = 0.0  # on each block's attention and FFN branch output, in training only
     norm_eps: float = 1e-6
     grad_checkpointing: bool = False
     target_norm: float = 1.0  # mean L2 norm of raw target tokens; maps samples back to EVA scale
@@ -322,13 +325,14 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.ffn = SwiGLU(cfg.hidden, cfg.ffn_dim)
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(cfg.ada_dim, 4 * cfg.hidden))
+        self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x, c, ada, rope_x, rope_c):
         scale_attn, gate_attn, scale_ffn, gate_ffn = self.ada(ada).unsqueeze(1).chunk(4, dim=-1)
         h = self.attn(self.attn_norm1(x) * (1 + scale_attn), c, rope_x, rope_c)
-        x = x + torch.tanh(gate_attn) * self.attn_norm2(h)
+        x = x + torch.tanh(gate_attn) * self.dropout(self.attn_norm2(h))
         h = self.ffn(self.ffn_norm1(x) * (1 + scale_ffn))
-        return x + torch.tanh(gate_ffn) * self.ffn_norm2(h)
+        return x + torch.tanh(gate_ffn) * self.dropout(self.ffn_norm2(h))
 
 
 class TimestepEmbedder(nn.Module):
