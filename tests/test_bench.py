@@ -15,3 +15,35 @@ def test_model_suite_quick_writes_its_json_with_a_measured_peak(tmp_path, capsys
     assert tiny["preset"] == "tiny" and tiny["shape"] == "256x4096" and not tiny["compiled"]
     assert tiny["samples_per_s"] > 0 and 0 < tiny["fraction_of_peak"] < 2
     assert '"suite": "model"' in capsys.readouterr().out
+
+
+def test_quality_suite_scores_against_both_baselines_and_keeps_finished_problems(tmp_path,
+                                                                                 monkeypatch):
+    from eva_repro.bench import quality
+
+    problem = dict(num_samples=40, grid=2, clip_dim=8, eva_dim=8, seed=0)
+    monkeypatch.setattr(quality, "PROBLEMS", {"a": (problem, 3), "b": ({**problem, "seed": 1}, 3)})
+    monkeypatch.setattr(quality, "QUICK", {"a": 3, "b": 3})
+    monkeypatch.setattr(quality, "CONFIGS", {"eva-repro": {}})
+    real = quality.run_problem
+
+    def second_problem_dies(data, steps, label, work, **options):
+        if work.name == "b":
+            raise RuntimeError("killed")
+        return real(data, steps, label, work, model_overrides={"depth": 1}, **options)
+
+    monkeypatch.setattr(quality, "run_problem", second_problem_dies)
+    try:
+        quality.run(tmp_path, quick=True)
+    except RuntimeError:
+        pass
+    saved = json.loads((tmp_path / "quality.json").read_text())
+    assert saved["complete"] is False and list(saved["problems"]) == ["a"]
+    run = saved["problems"]["a"][0]
+    assert run["variant"] == "eva-repro" and [p["step"] for p in run["curve"]] == [0, 1, 2, 3]
+    assert 0 < run["mean"] < 1 and 0 < run["ridge"] <= 1 and -1 <= run["dit"] <= 1
+    assert run["heldout_samples"] >= 8 and run["train_s"] > 0
+    monkeypatch.setattr(quality, "PROBLEMS", {"a": (problem, 3)})
+    monkeypatch.setattr(quality, "QUICK", {"a": 3})
+    result = quality.run(tmp_path, quick=True)
+    assert result["complete"] is True and (tmp_path / "quality.png").stat().st_size > 0
