@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from eva_repro import cli
 
 
@@ -33,10 +35,8 @@ def test_quality_suite_scores_against_both_baselines_and_keeps_finished_problems
         return real(data, steps, label, work, model_overrides={"depth": 1}, **options)
 
     monkeypatch.setattr(quality, "run_problem", second_problem_dies)
-    try:
+    with pytest.raises(RuntimeError, match="killed"):
         quality.run(tmp_path, quick=True)
-    except RuntimeError:
-        pass
     saved = json.loads((tmp_path / "quality.json").read_text())
     assert saved["complete"] is False and list(saved["problems"]) == ["a"]
     run = saved["problems"]["a"][0]
