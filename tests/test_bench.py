@@ -24,7 +24,7 @@ def test_quality_suite_scores_against_both_baselines_and_keeps_finished_problems
     from eva_repro.bench import quality
 
     problem = dict(num_samples=40, grid=2, clip_dim=8, eva_dim=8, seed=0)
-    monkeypatch.setattr(quality, "PROBLEMS", {"a": (problem, 3), "b": ({**problem, "seed": 1}, 3)})
+    monkeypatch.setattr(quality, "PROBLEMS", {"a": problem, "b": {**problem, "seed": 1}})
     monkeypatch.setattr(quality, "QUICK", {"a": 3, "b": 3})
     monkeypatch.setattr(quality, "CONFIGS", {"eva-repro": {}})
     real = quality.run_problem
@@ -43,7 +43,7 @@ def test_quality_suite_scores_against_both_baselines_and_keeps_finished_problems
     assert run["variant"] == "eva-repro" and [p["step"] for p in run["curve"]] == [0, 1, 2, 3]
     assert 0 < run["mean"] < 1 and 0 < run["ridge"] <= 1 and -1 <= run["dit"] <= 1
     assert run["heldout_samples"] >= 8 and run["train_s"] > 0
-    monkeypatch.setattr(quality, "PROBLEMS", {"a": (problem, 3)})
+    monkeypatch.setattr(quality, "PROBLEMS", {"a": problem})
     monkeypatch.setattr(quality, "QUICK", {"a": 3})
     result = quality.run(tmp_path, quick=True)
     assert result["complete"] is True and (tmp_path / "quality.png").stat().st_size > 0

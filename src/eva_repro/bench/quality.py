@@ -2,10 +2,11 @@
 
 For each problem (synthetic sets of several shapes, plus any shard directories given with
 `--data`, e.g. real photos through `eva-repro extract`) and each configuration in `CONFIGS` (the
-defaults, and the pure BLIP3-o one: its head and its objective), one `eva_repro.train` run (tiny
-preset, batch 16) evaluates its EMA model on every held-out sample every `eval_every`
-steps. The baselines are fitted on the same run's training split and scored on the same held-out
-samples (`eva_repro.evaluate`). Reported: the curve of held-out cosine against optimiser steps
+defaults, and the pure BLIP3-o one: its head and its objective), one `eva_repro.train` run with
+the trainer's own defaults (batch 8, 10 epochs; tiny preset, 20% held out; `--quick`: 200 steps)
+evaluates its EMA model on every held-out sample six times along the run. The baselines are
+fitted on the same run's training split and scored on the same held-out samples
+(`eva_repro.evaluate`). Reported: the curve of held-out cosine against optimiser steps
 and training seconds, and the first evaluated step at which the DiT passes the mean baseline and
 the ridge baseline (time-to-quality). A PNG of the curves goes beside the JSON.
 """
@@ -13,26 +14,29 @@ the ridge baseline (time-to-quality). A PNG of the curves goes beside the JSON.
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from eva_repro import shards
 from eva_repro import train as train_mod
 from eva_repro.evaluate import evaluate
 from eva_repro.files import atomic_write_json
 from eva_repro.synth import write_synthetic_shards
 
-# name: (synth arguments, optimiser steps); the wide ones put 1024-d and 4096-d targets (EVA02-L,
-# EVA-CLIP-8B widths) into the 384-wide tiny preset
+# name: synth arguments; the wide ones put 1024-d and 4096-d targets (EVA02-L, EVA-CLIP-8B widths)
+# into the 384-wide tiny preset
 PROBLEMS = {
-    "synth-64-128": (dict(num_samples=600, grid=4, clip_dim=64, eva_dim=128, seed=5), 600),
-    "synth-nonlinear": (dict(num_samples=400, grid=4, clip_dim=32, eva_dim=64, seed=3, gain=4.0), 600),
-    "synth-1024-1024": (dict(num_samples=600, grid=8, clip_dim=1024, eva_dim=1024, seed=1), 600),
-    "synth-1024-4096": (dict(num_samples=400, grid=4, clip_dim=1024, eva_dim=4096, seed=2), 400),
+    "synth-64-128": dict(num_samples=600, grid=4, clip_dim=64, eva_dim=128, seed=5),
+    "synth-nonlinear": dict(num_samples=400, grid=4, clip_dim=32, eva_dim=64, seed=3, gain=4.0),
+    "synth-1024-1024": dict(num_samples=600, grid=8, clip_dim=1024, eva_dim=1024, seed=1),
+    "synth-1024-4096": dict(num_samples=400, grid=4, clip_dim=1024, eva_dim=4096, seed=2),
 }
-QUICK = {"synth-64-128": 200}
+QUICK = {"synth-64-128": 200}  # --quick: these problems only, at this many optimiser steps
+BATCH, EPOCHS, HELDOUT = 8, 10, 0.2  # the trainer's defaults (TrainConfig), 20% held out
 # label: train options over the defaults. "blip3o" is BLIP3-o's own recipe: the Lumina-Next head
 # (cross-attention only, v-prediction), the plain velocity loss, logit-normal(0, 1) times.
 CONFIGS = {
@@ -48,15 +52,18 @@ def first_step_above(curve: list[dict], level: float) -> dict | None:
                  if p["heldout_cosine"] > level), None)
 
 
-def run_problem(data: Path, steps: int, label: str, work: Path, **train_options) -> dict[str, Any]:
-    """One default-settings run (tiny, batch 16, `train_options` over them) scored on held-out
-    data against the baselines."""
+def run_problem(data: Path, steps: int | None, label: str, work: Path,
+                **train_options) -> dict[str, Any]:
+    """One default-settings run (tiny; `steps` optimiser steps or the default 10 epochs;
+    `train_options` over the defaults) scored on held-out data against the baselines."""
     out = work / f"run-{label}"
+    samples = shards.read_manifest(data).num_samples
+    expected = steps or EPOCHS * math.ceil((1 - HELDOUT) * samples / BATCH)
     summary = train_mod.train(dict(
-        data_dir=str(data), output_dir=str(out), model_size="tiny", batch_size=16,
-        max_steps=steps, eval_fraction=0.2, eval_every=max(1, steps // 6), eval_samples=100_000,
-        save_every=100_000, num_workers=0, progress=False, tensorboard=False, log_every=50,
-        **train_options))
+        data_dir=str(data), output_dir=str(out), model_size="tiny", batch_size=BATCH,
+        num_epochs=EPOCHS, max_steps=steps, eval_fraction=HELDOUT,
+        eval_every=max(1, expected // 6), eval_samples=100_000, save_every=100_000,
+        num_workers=0, progress=False, tensorboard=False, log_every=50, **train_options))
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     curve = [{"step": r["step"], "train_s": r.get("train_s", 0.0),
               "heldout_cosine": round(r["heldout_cosine"], 4)}
@@ -66,7 +73,7 @@ def run_problem(data: Path, steps: int, label: str, work: Path, **train_options)
     mean = report["baselines"]["mean"]["token_mean"]
     ridge = report["baselines"]["ridge"]["token_mean"]
     return {
-        "variant": label, "steps": steps, "params_m": summary["params_m"],
+        "variant": label, "steps": summary["steps"], "params_m": summary["params_m"],
         "train_s": summary["train_time_s"], "curve": curve,
         "dit": round(report["cosine"]["token_mean"], 4), "mean": round(mean, 4),
         "ridge": round(ridge, 4), "heldout_samples": report["n_samples"],
@@ -103,15 +110,15 @@ def plot(results: dict[str, list[dict]], path: Path) -> None:
 
 def run(output_dir: Path, quick: bool, data_dirs: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(1)  # the tiny DiT's small ops: one thread is fastest on a shared CPU
-    problems = {k: (v[0], QUICK[k]) for k, v in PROBLEMS.items() if k in QUICK} if quick else PROBLEMS
+    problems = {k: v for k, v in PROBLEMS.items() if k in QUICK} if quick else PROBLEMS
     results: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="eva-quality-") as tmp:
         jobs = []
-        for name, (synth, steps) in problems.items():
+        for name, synth in problems.items():
             data = Path(tmp) / name / "shards"
             write_synthetic_shards(data, dtype="float32", **synth)
-            jobs.append((name, data, steps))
-        jobs += [(Path(d).name, Path(d), 150 if quick else 600) for d in data_dirs or []]
+            jobs.append((name, data, QUICK[name] if quick else None))
+        jobs += [(Path(d).name, Path(d), 150 if quick else None) for d in data_dirs or []]
         for name, data, steps in jobs:
             results[name] = [run_problem(data, steps, label, Path(tmp) / name, **options)
                              for label, options in CONFIGS.items()]
@@ -126,4 +133,6 @@ def run(output_dir: Path, quick: bool, data_dirs: list[str] | None = None) -> di
 
 
 def _header(quick: bool) -> dict[str, Any]:
-    return {"quick": quick, "preset": "tiny", "batch_size": 16, "sampler": "heun, 20 steps"}
+    return {"quick": quick, "preset": "tiny", "batch_size": BATCH,
+            "length": "200 steps" if quick else f"{EPOCHS} epochs", "heldout_fraction": HELDOUT,
+            "sampler": "heun, 20 steps"}
