@@ -13,13 +13,10 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
+from eva_repro.devices import pick_device
 from eva_repro.errors import UserError
 
 T = TypeVar("T")
-
-
-class DeviceError(UserError):
-    """A device that this machine does not have."""
 
 
 
@@ -46,13 +43,10 @@ def setup_distributed(device: str, need_group: bool = False) -> Dist:
     `need_group` (FSDP2) makes a one-process group when not launched by torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = pick_device(device, local)
     if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise DeviceError("--device cuda but CUDA is not available; use --device cpu")
-        dev = torch.device("cuda", local if world > 1 else (dev.index or 0))
+        if world > 1:  # one GPU per rank, whatever index was asked for
+            dev = torch.device("cuda", local)
         torch.cuda.set_device(dev)
     backend = "nccl" if dev.type == "cuda" else "gloo"
     owns = (world > 1 or need_group) and not dist.is_initialized()

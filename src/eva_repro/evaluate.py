@@ -38,6 +38,7 @@ from eva_repro import __version__ as _version
 from eva_repro import files, flow, metrics, shards
 from eva_repro.baselines import fit_baselines, iter_batches
 from eva_repro.checkpoint import load_model
+from eva_repro.devices import autocast, pick_device
 from eva_repro.errors import UserError
 from eva_repro.flags import add_flags, option, values
 from eva_repro.generate import (
@@ -47,7 +48,6 @@ from eva_repro.generate import (
     ModelDataMismatch,
     add_sampler_args,
     generate_batch,
-    resolve_device,
     resolve_sampler,
 )
 from eva_repro.layout import has_cls
@@ -220,8 +220,7 @@ def main_pass(model, reader, eval_idx, baselines, opts: EvalOptions, device) -> 
                                        opts.shift, opts.seed + 1, ids=batch[:k])
             c.diversity.append(flow.token_cosine(gen[:k], second.cpu()))
         velocity_fn = flow.guided_velocity(model, clip.to(device))
-        # bf16 autocast on CUDA only: on CPU bf16 is ~100x slower than fp32
-        with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
+        with autocast(device):
             v = metrics.velocity_cosine(velocity_fn, eva.to(device), opts.t_values,
                                         flow.sample_noise(batch, *eva.shape[1:], opts.seed))
         for t, value in v.items():
@@ -302,7 +301,7 @@ def _evaluate(model_path: str | Path, embeddings_dir: str | Path, output_dir: st
               opts: EvalOptions) -> dict:
     torch.manual_seed(opts.seed)
     start_time = time.time()
-    device = resolve_device(opts.device)
+    device = pick_device(opts.device)
     manifest = shards.read_manifest(embeddings_dir)
     loaded = load_model(model_path)
     check_model_fits_data(loaded.model, manifest, model_path)

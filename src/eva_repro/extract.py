@@ -18,7 +18,6 @@ grid, mode, dtype, shard size, the input list); resuming with different settings
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import math
@@ -33,6 +32,7 @@ from typing import Any
 import torch
 
 from eva_repro import __version__, files, shards
+from eva_repro.devices import autocast, pick_device
 from eva_repro.encoders import (
     TOKEN_SOURCES,
     FrozenEncoder,
@@ -202,14 +202,6 @@ def _dist_context() -> DistContext:
     return ctx
 
 
-def _device(requested: str | None, ctx: DistContext) -> torch.device:
-    if requested:
-        return torch.device(requested)
-    if torch.cuda.is_available():
-        return torch.device("cuda", ctx.local_rank % torch.cuda.device_count())
-    return torch.device("cpu")
-
-
 # ---------------------------------------------------------------------------------------------
 # plan: chunks, config, resume state
 
@@ -322,9 +314,7 @@ def encode_batch(enc: FrozenEncoder, pixels: dict[int, torch.Tensor], settings: 
     layout and dtype, on the CPU: normalise, encode (autocast on CUDA), pool to the grid, keep
     or drop the CLS token."""
     x = enc.normalize(pixels[enc.image_size])
-    amp = AUTOCAST[settings.autocast] if x.device.type == "cuda" else None
-    ctx = torch.autocast("cuda", dtype=amp) if amp else contextlib.nullcontext()
-    with ctx:
+    with autocast(x.device, AUTOCAST[settings.autocast]):
         tokens = enc(x)
     tokens = select_tokens(pool_grid(tokens.float(), settings.grid), settings.training_mode)
     return tokens.to(out_dtype).cpu()  # cast on the device: half the bytes to copy back
@@ -485,7 +475,7 @@ def run_extraction(inputs: Any, output_dir: str | os.PathLike, settings: Setting
     ctx = _dist_context()
     lock = None
     try:
-        device = _device(settings.device, ctx)
+        device = pick_device(settings.device, ctx.local_rank)
         if encoders is None:
             eva = load_encoder(settings.eva, settings.eva_weights, depth=settings.encoder_depth,
                                seed=settings.seed, device=device, flag="--eva",

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from eva_repro import files, flow, shards
+from eva_repro.devices import autocast, device_of, pick_device
 from eva_repro.errors import UserError
 from eva_repro.layout import has_cls
 from eva_repro.lockfile import DirectoryLock
@@ -59,10 +60,6 @@ def check_condition(config, clip_tokens: torch.Tensor, where: str = "clip tokens
                                 "embeddings extracted with the same --grid")
 
 
-def model_device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 @torch.no_grad()
 def generate_batch(
     model: torch.nn.Module,
@@ -83,12 +80,11 @@ def generate_batch(
     atol = rtol; raw_scale=False returns the sampler's normalised space (token norm sqrt(De)).
     """
     config = model.config
-    device = model_device(model)
+    device = device_of(model)
     cond = clip_tokens.to(device=device, dtype=torch.float32)
     ids = range(offset, offset + cond.shape[0]) if ids is None else ids
     x0 = flow.sample_noise(ids, cond.shape[1], config.target_dim, seed).to(device)
-    autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
-    with autocast:  # bf16 only on CUDA: on CPU it is ~100x slower than fp32
+    with autocast(device):
         x1, nfe = flow.sample_ode(flow.guided_velocity(model, cond, cfg_scale), x0, steps, method,
                                   shift, atol=tol, rtol=tol)
     x1 = x1.float()
@@ -173,10 +169,6 @@ def resolve_sampler(args: argparse.Namespace) -> None:
         setattr(args, key, given if given is not None else named.get(key, default))
 
 
-def resolve_device(name: str | None) -> torch.device:
-    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
 SETTINGS_FILE = "sample_settings.json"
 
 
@@ -204,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
 
     resolve_sampler(args)
     loaded = load_model(args.model_path)
-    model = loaded.model.to(resolve_device(args.device)).eval()
+    model = loaded.model.to(pick_device(args.device)).eval()
     manifest = shards.read_manifest(args.input_dir)
     if manifest.clip_dim != model.config.cond_dim:
         raise ModelDataMismatch(

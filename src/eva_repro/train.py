@@ -39,6 +39,7 @@ from eva_repro import data as data_mod
 from eva_repro import flow, layout, optim
 from eva_repro.baselines import ridge_linear_path
 from eva_repro.data import BatchSchedule, DataPosition, TrainData
+from eva_repro.devices import autocast
 from eva_repro.distributed import (
     Dist,
     all_reduce_sum,
@@ -109,7 +110,6 @@ class EvalSet:
 @torch.no_grad()
 def sampled_cosine(
     model: nn.Module, samples: EvalSet, cfg: TrainConfig, device: torch.device,
-    autocast: Callable[[], contextlib.AbstractContextManager],
 ) -> float | None:
     """Sample targets for the set's conditions with the (EMA) model from flow.sample_noise (keyed
     by row id, as `eva-repro evaluate` does); mean token cosine to its targets (None for an empty
@@ -123,7 +123,7 @@ def sampled_cosine(
         c = samples.clip[start:start + cfg.batch_size].to(device).float()
         e = samples.eva[start:start + cfg.batch_size].to(device).float()
         x0 = flow.sample_noise(samples.ids[start:start + cfg.batch_size], e.shape[1], e.shape[2])
-        with autocast():
+        with autocast(device):
             x, _ = flow.sample_ode(flow.guided_velocity(model, c), x0.to(device),
                                    cfg.eval_sampler_steps, cfg.eval_method, cfg.flow.time_shift)
         cos = flow.token_cosine(x.float(), e)
@@ -139,12 +139,11 @@ def evaluate(run: Run) -> dict[str, Any]:
     """Held-out (and, in overfit mode, training-set) sampled cosine of the EMA model."""
     cfg, d = run.cfg, run.d
     record: dict[str, Any] = {"step": run.step, "heldout_cosine": sampled_cosine(
-        run.ema, run.eval_set, cfg, d.device, run.autocast)}
+        run.ema, run.eval_set, cfg, d.device)}
     fmt = lambda x: "n/a" if x is None else f"{x:.4f}"  # noqa: E731
     message = f"step {run.step}: sampled cosine (EMA) held-out {fmt(record['heldout_cosine'])}"
     if run.overfit_set is not None:
-        record["overfit_cosine"] = sampled_cosine(run.ema, run.overfit_set, cfg, d.device,
-                                                  run.autocast)
+        record["overfit_cosine"] = sampled_cosine(run.ema, run.overfit_set, cfg, d.device)
         message += f", overfit set {fmt(record['overfit_cosine'])}"
     log(d, message)
     return record
@@ -170,7 +169,6 @@ class Run:
     total_steps: int
     warmup: int
     drop_cls: bool
-    autocast: Callable[[], contextlib.AbstractContextManager]
     train_rows: list[int]
     eval_set: EvalSet
     overfit_set: EvalSet | None
@@ -261,18 +259,13 @@ def setup(cfg: TrainConfig) -> Run:
     optimizer = optim.build_optimizer(raw, cfg.learning_rate, cfg.weight_decay,
                                       (cfg.adam_beta1, cfg.adam_beta2), d.device.type == "cuda")
 
-    cuda = d.device.type == "cuda"
-
-    def autocast() -> contextlib.AbstractContextManager:
-        return torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
-
     def load(rows_: list[int]) -> EvalSet:
         kept, clip, eva = data_mod.load_rows(data.reader, rows_, data.keys)
         return EvalSet(kept, *layout.pairs_for_model(clip, eva, drop_cls))
 
     eval_rows = data.heldout_rows[:cfg.eval_samples]
     run = Run(cfg, d, run_dir, data, schedule, model, raw, ema, optimizer,
-              total, warmup, drop_cls, autocast, rows, load(eval_rows),
+              total, warmup, drop_cls, rows, load(eval_rows),
               load(rows[:max(cfg.eval_samples, 1)]) if cfg.overfit_test_size else None)
     if resume_path is not None:
         restore(run, resume_path)
@@ -413,7 +406,7 @@ def train_step(run: Run, batches: Iterator[data_mod.Batch], stats: dict[str, Any
         elif hasattr(run.model, "set_requires_gradient_sync"):  # FSDP2
             run.model.set_requires_gradient_sync(last)
         with sync:
-            with run.autocast():
+            with autocast(run.d.device):
                 out = flow.velocity_loss(run.model, eva, clip, x0, t, drop, cfg.flow.loss_weight,
                                          mask=b.valid)
             (out.loss / cfg.grad_accum).backward()

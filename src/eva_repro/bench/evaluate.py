@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from eva_repro import flow, optim
+from eva_repro.devices import pick_device
 from eva_repro.files import atomic_write_json
 from eva_repro.generate import generate_batch
 from eva_repro.model import DiT, DiTConfig
@@ -110,7 +111,7 @@ def nfe_to_converge(model: DiT, clip: torch.Tensor, eva: torch.Tensor, quick: bo
 def run(output_dir: Path, quick: bool) -> dict:
     from eva_repro.evaluate import evaluate
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = pick_device().type
     if device == "cpu":  # a shared small CPU: more intra-op threads than free cores thrash
         torch.set_num_threads(1)
     work = Path(output_dir) / "evaluate_bench"

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from eva_repro.devices import pick_device
 from eva_repro.encoders import load_encoder
 from eva_repro.extract import Settings, encode_batch, run_extraction
 from eva_repro.images import ImageDataset, collate, discover
@@ -77,8 +78,8 @@ def _encoder_only(eva, clip, batches: list, settings: Settings) -> float:
 
 
 def run(output_dir: Path, quick: bool) -> dict[str, Any]:
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
+    device = pick_device()
+    cuda = device.type == "cuda"
     n = (64 if quick else 512) if cuda else (16 if quick else 48)
     depth = None if cuda and not quick else (2 if quick else 4)
     settings = Settings(eva_weights="random", clip_weights="random", encoder_depth=depth,

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from eva_repro import flow
+from eva_repro.devices import autocast, pick_device
 from eva_repro.model import DiT, DiTConfig, estimate_flops
 
 
@@ -48,10 +49,8 @@ def train_step_throughput(
         model = torch.compile(model)
     target = torch.randn(batch, tokens, target_dim, device=device)
     cond = torch.randn(batch, tokens, cond_dim, device=device)
-    autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
-
     def step() -> None:
-        with autocast:
+        with autocast(device):
             loss = flow.flow_loss(model, target, cond).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -84,7 +83,7 @@ TOKENS_PER_BATCH = 8192  # CUDA batch: enough rows per matmul to fill a GPU at e
 
 
 def run(output_dir: Path, quick: bool) -> dict:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device()
     cuda = device.type == "cuda"
     peak_dtype = torch.bfloat16 if cuda else torch.float32
     peak = matmul_peak(device, peak_dtype, n=8192 if cuda else 2048)

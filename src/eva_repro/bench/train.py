@@ -24,6 +24,7 @@ import torch
 
 from eva_repro import data as data_mod
 from eva_repro import shards
+from eva_repro.devices import pick_device
 
 TOKENS, EVA_DIM, CLIP_DIM = 256, 4096, 1024
 SAMPLE_BYTES = TOKENS * (EVA_DIM + CLIP_DIM) * 2
@@ -180,7 +181,7 @@ def train_run(data_dir: Path, out: Path, steps: int, workers: int, device: str) 
 
 
 def run(output_dir: Path, quick: bool) -> dict:
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = pick_device().type
     budget_samples = int(RSS_BUDGET_GB * 1024**3 / SAMPLE_BYTES)
     num_samples = 96 if quick else 4 * budget_samples + 256  # >= 4x the RSS budget on disk
     steps = 4 if quick else (200 if device == "cuda" else 8)  # CPU: ~10-20 s per real-size step
