@@ -56,6 +56,34 @@ def test_a_group_holds_until_the_next_field_names_another():
     assert titles["nested"] == ["shift"]
 
 
+def test_an_excluded_field_gets_no_flag_and_opens_no_group():
+    p = argparse.ArgumentParser()
+    add_flags(p, Example(), exclude=["path", "rate"])
+    titles = {g.title: [a.dest for a in g._group_actions] for g in p._action_groups}
+    assert "numbers" not in titles and "io" not in titles
+    assert {"steps", "mode", "checks", "fast", "tags"} <= set(titles["options"])
+    assert "path" not in vars(p.parse_args([]))
+
+
+def test_evaluate_and_sample_share_the_sampler_flags_and_their_named_settings():
+    from eva_repro import evaluate, generate
+
+    for configure in (evaluate.configure_parser, generate.configure_parser):
+        p = argparse.ArgumentParser()
+        configure(p)
+        titles = {g.title: [a.dest for a in g._group_actions] for g in p._action_groups}
+        assert titles["sampler"] == ["sampler", "method", "steps", "shift", "cfg_scale", "seed"]
+    args = p.parse_args(["--model_path", "m", "--input_dir", "i", "--output_dir", "o",
+                         "--sampler", "blip3o", "--seed", "3", "--no_progress"])
+    generate.resolve_sampler(args)
+    assert (args.method, args.steps, args.cfg_scale, args.seed, args.progress) == (
+        "euler", 30, 3.0, 3, False)
+    args = p.parse_args(["--model_path", "m", "--input_dir", "i", "--output_dir", "o"])
+    generate.resolve_sampler(args)
+    assert {k: getattr(args, k) for k in generate.SAMPLER_DEFAULTS} == {
+        "method": "heun", "steps": 20, "shift": 1.0, "cfg_scale": 1.0, "seed": 0}
+
+
 def flag_names(config) -> set[str]:
     names = set()
     for f in fields(config):

@@ -27,7 +27,7 @@ import math
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +43,9 @@ from eva_repro.errors import UserError
 from eva_repro.flags import add_flags, option, values
 from eva_repro.generate import (
     METHODS,
-    SAMPLER_DEFAULTS,
     SAMPLERS,
     ModelDataMismatch,
+    SamplerOptions,
     add_sampler_args,
     generate_batch,
     resolve_sampler,
@@ -81,17 +81,12 @@ def check_model_fits_data(model: torch.nn.Module, manifest: shards.Manifest, mod
 
 
 @dataclass
-class EvalOptions:
-    """How `evaluate` scores a model; `eva-repro evaluate --FIELD` sets each (the sampler's
-    fields through `generate.add_sampler_args`, shared with `sample`)."""
+class EvalOptions(SamplerOptions):
+    """How `evaluate` scores a model: the sampler's settings (their flags come from
+    `generate.add_sampler_args`, shared with `sample`) and these; `eva-repro evaluate --FIELD`
+    sets each."""
 
     num_samples: int = option(1000, "held-out images to evaluate (all if fewer)")
-    sampler: str | None = None  # a named sampler (generate.SAMPLERS) that set the four below
-    method: str = "heun"
-    steps: int = 20
-    shift: float = 1.0
-    cfg_scale: float = 1.0
-    seed: int = 0
     batch_size: int = option(64, "samples per sampler batch")
     device: str | None = option(None, "default: cuda if available, else cpu")
     eval_fraction: float = option(0.1, "held-out fraction when the model path carries no split "
@@ -600,7 +595,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--embeddings_dir", required=True, help="shard directory to evaluate on")
     p.add_argument("--output_dir", required=True, help="where report.json/.md and plots go")
     add_sampler_args(p)
-    add_flags(p, EvalOptions(), exclude=[*SAMPLER_DEFAULTS, "sampler", "seed", "t_values"])
+    add_flags(p, EvalOptions(), exclude=[f.name for f in fields(SamplerOptions)] + ["t_values"])
 
 
 def run(args: argparse.Namespace) -> int:

@@ -53,6 +53,8 @@ def add_flags(parser: argparse.ArgumentParser, config: Any,
     def add(cfg: Any, section: str | None = None) -> None:
         hints = typing.get_type_hints(type(cfg))
         for f in dataclasses.fields(cfg):
+            if f.name in exclude:  # nor does it open its group
+                continue
             meta = f.metadata
             title = meta.get("group") or section
             if title:
@@ -60,8 +62,6 @@ def add_flags(parser: argparse.ArgumentParser, config: Any,
                     groups[title] = parser.add_argument_group(title)
                 current[0] = groups[title]
             value = getattr(cfg, f.name)
-            if f.name in exclude:
-                continue
             if dataclasses.is_dataclass(value):
                 add(value, title)
                 continue

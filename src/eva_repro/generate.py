@@ -20,6 +20,7 @@ import json
 import math
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ import torch
 from eva_repro import files, flow, shards
 from eva_repro.devices import autocast, device_of, pick_device
 from eva_repro.errors import UserError
+from eva_repro.flags import add_flags, option
 from eva_repro.layout import has_cls
 from eva_repro.lockfile import DirectoryLock
 from eva_repro.preemption import Preempted, StopSignals
@@ -122,44 +124,56 @@ def generate(
 # `eva-repro sample`: shards in, shards out
 
 
+@dataclass
+class SampleOptions:
+    """`eva-repro sample`'s own flags, beside the sampler's (`SamplerOptions`)."""
+
+    batch_size: int = option(64, "samples per sampler batch")
+    device: str | None = option(None, "default: cuda if available, else cpu")
+    progress: bool = option(True, "no progress bar")
+    dtype: str = option("float16", "storage dtype of the written tensors",
+                        choices=sorted(shards.DTYPES))
+
+
 def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model_path", required=True, help="run dir, model dir or checkpoint dir")
     p.add_argument("--input_dir", required=True, help="shard directory with `clip` tokens")
     p.add_argument("--output_dir", required=True, help="where generated shards go")
     add_sampler_args(p)
-    p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--no_progress", action="store_true", help="no progress bar")
-    p.add_argument("--dtype", choices=sorted(shards.DTYPES), default="float16",
-                   help="storage dtype of the written tensors")
+    add_flags(p, SampleOptions())
 
 
-SAMPLER_DEFAULTS = {"method": "heun", "steps": 20, "shift": 1.0, "cfg_scale": 1.0}
 # Named sampler settings. blip3o: BLIP3-o's inference, 30 Euler steps with classifier-free
 # guidance 3.0 against the null condition (BLIP3-o zeroes the condition; this model zeroes its
 # aligned condition and gives cross-attention its learned null token, as in training).
 SAMPLERS = {"blip3o": {"method": "euler", "steps": 30, "shift": 1.0, "cfg_scale": 3.0}}
 
 
+@dataclass
+class SamplerOptions:
+    """The sampler's flags, shared by `evaluate` and `sample`; `--sampler NAME` sets several."""
+
+    sampler: str | None = option(None, "named settings for --method/--steps/--shift/--cfg_scale "
+                                 "(blip3o: euler, 30 steps, CFG 3.0)", choices=sorted(SAMPLERS),
+                                 group="sampler")
+    method: str = option("heun", "ODE sampler", choices=METHODS)
+    steps: int = option(20, "sampler steps, ignored by dopri5")
+    shift: float = option(1.0, "time shift (>1 spends more steps near noise)")
+    cfg_scale: float = option(1.0, "classifier-free guidance (1 = off)")
+    seed: int = option(0, "noise seed: sample i's noise is drawn from (seed, i)")
+
+
+SAMPLER_DEFAULTS = {f.name: f.default for f in fields(SamplerOptions) if f.name != "sampler"}
+
+
 def add_sampler_args(p: argparse.ArgumentParser) -> None:
-    d = SAMPLER_DEFAULTS
-    p.add_argument("--sampler", choices=sorted(SAMPLERS), default=None,
-                   help="named settings for --method/--steps/--shift/--cfg_scale (blip3o: euler, "
-                        "30 steps, CFG 3.0)")
-    p.add_argument("--method", choices=METHODS, default=None,
-                   help=f"ODE sampler (default {d['method']})")
-    p.add_argument("--steps", type=int, default=None,
-                   help=f"sampler steps, ignored by dopri5 (default {d['steps']})")
-    p.add_argument("--shift", type=float, default=None,
-                   help="time shift (>1 spends more steps near noise; default 1)")
-    p.add_argument("--cfg_scale", type=float, default=None,
-                   help="classifier-free guidance (default 1 = off)")
-    p.add_argument("--seed", type=int, default=0)
+    """The `SamplerOptions` flags, unset (None) unless given: `resolve_sampler` fills them."""
+    add_flags(p, SamplerOptions(), unset=True)
 
 
 def resolve_sampler(args: argparse.Namespace) -> None:
-    """Fill --method/--steps/--shift/--cfg_scale from --sampler, else the defaults; an explicit
-    value that contradicts the named sampler is a one-line error."""
+    """Fill --method/--steps/--shift/--cfg_scale/--seed from --sampler, else the defaults; an
+    explicit value that contradicts the named sampler is a one-line error."""
     named = SAMPLERS.get(getattr(args, "sampler", None) or "", {})
     for key, default in SAMPLER_DEFAULTS.items():
         given = getattr(args, key)
@@ -220,7 +234,7 @@ def _sample_shards(args: argparse.Namespace, model: torch.nn.Module, loaded: Any
                    settings: dict) -> int:
     done = _resume(out, settings)
     start_time, written = time.time(), 0
-    bar = progress_bar(total=len(reader), desc="sample", unit="img", disable=args.no_progress)
+    bar = progress_bar(total=len(reader), desc="sample", unit="img", disable=not args.progress)
     offset = 0
     with StopSignals() as signals:
         for index, entry in enumerate(manifest.shards):
