@@ -84,6 +84,8 @@ def test_report_has_the_documented_keys(cli_report, trained_run):
         ("euler", 30, 3.0, 30.0)]
     md = (out / "report.md").read_text()
     assert f"**Quality: {r['cosine']['band']}**" in md and "ridge baseline" in md
+    low, high = r["baselines"]["ridge"]["dit_minus_baseline_ci"]
+    assert f"{r['baselines']['ridge']['dit_minus_baseline']:+.3f} [{low:+.3f}, {high:+.3f}]" in md
 
 
 def test_trained_model_beats_mean_baseline_and_uses_its_condition(cli_report, trained_run):
@@ -96,6 +98,8 @@ def test_trained_model_beats_mean_baseline_and_uses_its_condition(cli_report, tr
     assert r["baselines"]["ridge"]["token_mean"] > mean
     assert r["retrieval"]["recall_at_1"] > 5 * r["retrieval"]["chance_at_1"]
     assert r["velocity_cosine"]["0.5"] > 0.5
+    low, high = r["baselines"]["mean"]["dit_minus_baseline_ci"]  # the gap, with its interval
+    assert 0.05 < low < r["baselines"]["mean"]["dit_minus_baseline"] < high
     # samples differ across seeds (a stochastic generator), but are correlated
     assert 0.2 < r["controls"]["diversity"]["token_mean"] < 0.999
 

@@ -85,3 +85,16 @@ def test_velocity_cosine_of_the_exact_field_is_one():
     assert out == pytest.approx({"0.1": 1.0, "0.5": 1.0, "0.9": 1.0}, abs=1e-5)
     flipped = metrics.velocity_cosine(lambda x, t: -exact(x, t), target, (0.5,), noise)
     assert flipped["0.5"] == pytest.approx(-1.0, abs=1e-5)
+
+
+def test_paired_difference_interval_is_exact_for_a_constant_gap_and_right_sized_for_noise():
+    a = torch.rand(50)
+    gap = metrics.paired_difference(a + 0.01, a)
+    assert gap["mean"] == pytest.approx(0.01) and gap["n"] == 50
+    assert gap["low"] == pytest.approx(0.01) and gap["high"] == pytest.approx(0.01)
+    noise = torch.randn(400, generator=torch.Generator().manual_seed(1)) * 0.02
+    gap = metrics.paired_difference(noise, torch.zeros(400))
+    half_width = 1.96 * 0.02 / math.sqrt(400)  # the normal-theory 95% half width
+    assert gap["high"] - gap["low"] == pytest.approx(2 * half_width, rel=0.15)
+    assert gap["low"] < gap["mean"] < gap["high"]
+    assert metrics.paired_difference(noise, torch.zeros(400)) == gap  # seeded: the same twice

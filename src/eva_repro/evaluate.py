@@ -359,8 +359,10 @@ def build_report(c: Collected, sweep, baselines, opts, manifest, loaded, model_p
         "ridge": {**metrics.cosine_summary(c.cat("ridge"), pooled_cos("ridge")),
                   "fit": ridge_b.info},
     }
-    for b in base.values():
+    for name, b in base.items():
         b["dit_minus_baseline"] = cosine["token_mean"] - b["token_mean"]
+        gap = metrics.paired_difference(dit_cos.mean(1), c.cat(name).mean(1), seed=opts.seed)
+        b["dit_minus_baseline_ci"] = [gap["low"], gap["high"]]  # 95%, bootstrap over images
         b["error_reduction"] = 1 - (1 - cosine["token_mean"]) / max(1 - b["token_mean"], 1e-9)
     controls: dict[str, Any] = {}
     if c.shuffled:
@@ -530,16 +532,13 @@ def markdown(r: dict) -> str:
         f"{r['n_samples']} held-out images ({s['method']}, {s['steps']} steps, "
         f"{s['nfe']:.0f} NFE, shift {s['shift']:g}, CFG {s['cfg_scale']:g}, seed {r['seed']}).",
         "",
-        "| | token cos (mean) | median | p10 | image cos | global cos | DiT beats it by |",
+        "| | token cos (mean) | median | p10 | image cos | global cos | DiT beats it by [95% CI] |",
         "|---|---|---|---|---|---|---|",
         _row("**DiT**", cos, ""),
     ]
     for name, label in (("mean", "mean-token baseline"), ("ridge", "ridge baseline")):
         b = r["baselines"][name]
-        delta = b["dit_minus_baseline"]
-        verdict = (f"{delta:+.3f} ({_pct(b['error_reduction'])} less error)" if delta > 0 else
-                   f"{delta:+.3f}: the baseline is better")
-        lines.append(_row(label, b, verdict))
+        lines.append(_row(label, b, _verdict(b)))
     if r["controls"]:
         sh = r["controls"]["shuffled"]
         verdict = "falls: the condition is used" if sh["drop"] > 0.02 else \
@@ -578,6 +577,17 @@ def markdown(r: dict) -> str:
     lines += [f"**Warning:** {w}." for w in r["warnings"]]
     lines.append("")
     return "\n".join(lines)
+
+
+def _verdict(b: dict) -> str:
+    """The gap to a baseline with its 95% interval; "level" when the interval holds 0."""
+    delta, (low, high) = b["dit_minus_baseline"], b["dit_minus_baseline_ci"]
+    gap = f"{delta:+.3f} [{low:+.3f}, {high:+.3f}]"
+    if low > 0:
+        return f"{gap} ({_pct(b['error_reduction'])} less error)"
+    if high < 0:
+        return f"{gap}: the baseline is better"
+    return f"{gap}: level (within what these images resolve)"
 
 
 def _row(label: str, m: dict, beat: str) -> str:

@@ -90,6 +90,23 @@ def cosine_summary(token_cos: torch.Tensor, pooled_cos: torch.Tensor | None = No
     return out
 
 
+def paired_difference(a: torch.Tensor, b: torch.Tensor, level: float = 0.95,
+                      resamples: int = 2000, seed: int = 0) -> dict[str, float]:
+    """Mean of a - b over paired per-image scores [N], with a percentile bootstrap interval
+    (images resampled with replacement, `resamples` times, a fixed seed): does the gap between two
+    predictors exceed what these N images resolve? It covers the choice of images and of their
+    noise, not the training seed."""
+    diff = (a.double() - b.double()).flatten()
+    n = diff.numel()
+    g = torch.Generator().manual_seed(seed)
+    chunk = max(1, 2**22 // n)  # bounded memory for large evaluations
+    means = torch.cat([diff[torch.randint(n, (min(chunk, resamples - i), n), generator=g)].mean(1)
+                       for i in range(0, resamples, chunk)])
+    tail = (1 - level) / 2
+    return {"mean": diff.mean().item(), "low": quantile(means, tail),
+            "high": quantile(means, 1 - tail), "level": level, "n": n}
+
+
 def retrieval_recall(
     queries: torch.Tensor, targets: torch.Tensor, ks: Sequence[int] = (1, 5), pool_size: int | None = None,
 ) -> dict[str, float]:

@@ -77,6 +77,9 @@ def run_problem(data: Path, steps: int | None, label: str, work: Path,
         "train_s": summary["train_time_s"], "curve": curve,
         "dit": round(report["cosine"]["token_mean"], 4), "mean": round(mean, 4),
         "ridge": round(ridge, 4), "heldout_samples": report["n_samples"],
+        # 95% bootstrap interval of DiT - ridge over the held-out images: is the gap resolved?
+        "dit_minus_ridge_ci": [round(x, 4) for x in
+                               report["baselines"]["ridge"]["dit_minus_baseline_ci"]],
         "first_above_mean": first_step_above(curve, mean),
         "first_above_ridge": first_step_above(curve, ridge),
     }
