@@ -10,7 +10,6 @@ from eva_repro.baselines import (
     MeanAccumulator,
     RidgeAccumulator,
     fit_baselines,
-    iter_batches,
     rms_normalize,
 )
 from eva_repro.shards import ShardReader, split_indices
@@ -72,19 +71,6 @@ def test_ridge_recovers_an_exactly_linear_map():
     pred = rms_normalize(clip) @ coef[:6] + coef[6:]
     assert flow.token_cosine(pred, target).min().item() > 0.9999
     assert coef[6:].abs().max().item() < 1e-4  # no offsets in this map
-
-
-def test_iter_batches_returns_requested_rows_in_order_across_shards(synth_dir):
-    reader = ShardReader(synth_dir)
-    wanted = [5, 6, 7, 130, 2, 299, 128, 127]
-    got, seen = [], []
-    for batch, rows in iter_batches(reader, wanted, batch_size=3):
-        seen += batch
-        got.append(rows["clip"])
-        assert rows["eva"].dtype == torch.float32 and rows["eva"].shape[0] == len(batch)
-    assert seen == wanted
-    expected = torch.stack([reader.read(i)["clip"].float() for i in wanted])
-    assert torch.equal(torch.cat(got), expected)
 
 
 def test_fit_baselines_on_training_rows_only_and_ridge_beats_mean(synth_dir):

@@ -163,3 +163,24 @@ def test_truncated_shard_is_a_one_line_error_naming_the_file(tmp_path):
     path.write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00{bad}")
     with pytest.raises(shards.ShardError, match="unreadable safetensors shard"):
         shards.ShardReader(tmp_path).read(0)
+
+
+def test_gather_and_batches_return_the_rows_asked_for_in_order_across_shards(tmp_path):
+    from eva_repro.synth import write_synthetic_shards
+
+    write_synthetic_shards(tmp_path, 300, grid=2, clip_dim=8, eva_dim=12, shard_size=128,
+                           dtype="float16")
+    reader = shards.ShardReader(tmp_path)
+    # runs inside a shard, a run across the 127 | 128 shard boundary, repeats, back and forth
+    wanted = [5, 6, 7, 126, 127, 128, 129, 2, 299, 7, 255, 256]
+    one_by_one = {k: torch.stack([reader.read(i)[k] for i in wanted]) for k in shards.TENSOR_KEYS}
+    gathered = reader.gather(wanted)
+    for k in shards.TENSOR_KEYS:
+        assert gathered[k].dtype == torch.float16 and torch.equal(gathered[k], one_by_one[k])
+    seen, got = [], []
+    for batch, rows in reader.batches(wanted, batch_size=5):
+        seen += batch
+        got.append(rows["clip"])
+        assert rows["eva"].dtype == torch.float32 and rows["eva"].shape[0] == len(batch)
+    assert seen == wanted and torch.equal(torch.cat(got), one_by_one["clip"].float())
+    assert reader.gather([])["eva"].shape == (0, 4, 12)

@@ -16,7 +16,7 @@ samples by closed-form validation error (no second pass over the data), then ref
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -31,28 +31,6 @@ ALPHAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 
 # ---------------------------------------------------------------------------------------------
 # streaming rows out of shards
-
-
-def iter_batches(
-    reader: ShardReader, indices: Sequence[int], batch_size: int
-) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
-    """Yield (indices, {'clip', 'eva'} float32) for `indices` in the given order, `batch_size` at a
-    time, reading each run of consecutive rows of a shard with one read."""
-    for start in range(0, len(indices), batch_size):
-        batch = list(indices[start:start + batch_size])
-        parts: dict[str, list[torch.Tensor]] = {"clip": [], "eva": []}
-        run_shard, run_start, run_stop = None, 0, 0
-        for index in [*batch, None]:
-            shard, row = reader.locate(index) if index is not None else (None, 0)
-            if shard == run_shard and row == run_stop:
-                run_stop += 1
-                continue
-            if run_shard is not None:
-                rows = reader.read_rows(run_shard, run_start, run_stop)
-                for k in parts:
-                    parts[k].append(rows[k].float())
-            run_shard, run_start, run_stop = shard, row, row + 1
-        yield batch, {k: torch.cat(v) for k, v in parts.items()}
 
 
 def rms_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -190,7 +168,7 @@ def fit_baselines(
     bar = progress_bar(total=len(train_indices), desc="fit baselines", unit="img", disable=not progress,
                leave=False)
     skipped = 0
-    for batch, rows in iter_batches(reader, train_indices, batch_size):
+    for batch, rows in reader.batches(train_indices, batch_size):
         finite = finite_samples(rows)
         if not finite.all():  # NaN/Inf samples: the trainer skips them, and so do the fits
             skipped += int((~finite).sum())

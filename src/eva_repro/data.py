@@ -302,13 +302,7 @@ def read_batch(
     position: DataPosition = DataPosition(), offset: int = 0,
 ) -> Batch:
     """Rows -> batch (stored dtype); a sample with a non-finite value is zeroed, masked, reported."""
-    batch = {}
-    for key in shards.TENSOR_KEYS:
-        dtype, shape = reader.spec(key)
-        batch[key] = torch.empty(len(rows), *shape[1:], dtype=dtype)
-    for i, r in enumerate(rows):  # each row read straight into its slot of the batch
-        shard, row = reader.locate(r)
-        reader.read_into(shard, row, {k: v[i:i + 1] for k, v in batch.items()})
+    batch = reader.gather(rows)
     clip, eva = batch["clip"], batch["eva"]
     valid = shards.finite_samples(batch)
     bad = []

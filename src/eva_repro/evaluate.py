@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from eva_repro import __version__ as _version
 from eva_repro import files, flow, metrics, shards
-from eva_repro.baselines import fit_baselines, iter_batches
+from eva_repro.baselines import fit_baselines
 from eva_repro.checkpoint import load_model
 from eva_repro.devices import autocast, pick_device
 from eva_repro.errors import UserError
@@ -189,8 +189,8 @@ def main_pass(model, reader, eval_idx, baselines, opts: EvalOptions, device) -> 
     n_control = min(opts.control_samples, len(eval_idx)) if len(eval_idx) > 1 else 0
     bar = progress_bar(total=len(eval_idx), desc="evaluate", unit="img", disable=not opts.progress)
     start_time, done = time.perf_counter(), 0
-    for (batch, rows), (_, other) in zip(iter_batches(reader, eval_idx, opts.batch_size),
-                                         iter_batches(reader, rolled, opts.batch_size), strict=True):
+    for (batch, rows), (_, other) in zip(reader.batches(eval_idx, opts.batch_size),
+                                         reader.batches(rolled, opts.batch_size), strict=True):
         clip, eva = rows["clip"], rows["eva"]
         # noise is keyed by the global row, so an image gets the same noise whatever --num_samples
         gen, nfe = generate_batch(model, clip, opts.steps, opts.method, opts.cfg_scale, opts.shift,
@@ -234,7 +234,7 @@ def sampler_sweep(model, reader, eval_idx, opts: EvalOptions, device: torch.devi
     full = size == "full"
     n = opts.sweep_samples or (256 if full else 32)
     subset = eval_idx[:n]
-    _, rows = next(iter_batches(reader, subset, len(subset)))
+    rows = {k: v.float() for k, v in reader.gather(subset).items()}
     shifts = (1.0, opts.sweep_shift)
     configs = []
     for shift in shifts:

@@ -20,7 +20,7 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -328,6 +328,32 @@ class ShardReader:
             out[key] = torch.empty(stop - start, *shape[1:], dtype=dtype)
         self.read_into(shard, start, out)
         return out
+
+    def gather(self, rows: Sequence[int]) -> dict[str, torch.Tensor]:
+        """Global rows, in the order given, as {'clip': ..., 'eva': ...} in the stored dtype: the
+        one row reader. Each run of consecutive rows of one shard is one read, straight into its
+        slice of the result."""
+        out = {}
+        for key in TENSOR_KEYS:
+            dtype, shape = self.spec(key)
+            out[key] = torch.empty(len(rows), *shape[1:], dtype=dtype)
+        start = 0
+        while start < len(rows):
+            shard, row = self.locate(rows[start])
+            stop = start + 1
+            last = min(len(rows), start + self.offsets[shard + 1] - rows[start])  # shard's end
+            while stop < last and rows[stop] == rows[stop - 1] + 1:
+                stop += 1
+            self.read_into(shard, row, {k: v[start:stop] for k, v in out.items()})
+            start = stop
+        return out
+
+    def batches(self, rows: Sequence[int], batch_size: int
+                ) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
+        """(rows, {'clip', 'eva'} float32) for `rows` in the given order, `batch_size` at a time."""
+        for start in range(0, len(rows), batch_size):
+            batch = list(rows[start:start + batch_size])
+            yield batch, {k: v.float() for k, v in self.gather(batch).items()}
 
     def read(self, index: int) -> dict[str, torch.Tensor]:
         shard, row = self.locate(index)
