@@ -80,8 +80,9 @@ def test_position_reaches_the_output_of_a_translation_invariant_input(abs_pos):
     positions, so each token computes the same thing; the absolute embedding breaks the tie, which
     is what lets cross-attention at t ~ 0 read the condition patch at the same place."""
     torch.manual_seed(0)
+    # (cond_local off: its zero padding would tell border tokens apart)
     model = DiT(DiTConfig(hidden=64, depth=2, n_heads=2, n_kv_heads=1, target_dim=8, cond_dim=8,
-                          abs_pos_embed=abs_pos)).eval()
+                          abs_pos_embed=abs_pos, cond_local=False)).eval()
     for p in model.parameters():  # leave zero init so the blocks and the output do something
         torch.nn.init.normal_(p, std=0.3)
     x = torch.randn(1, 1, 8).expand(1, 16, 8)
@@ -127,6 +128,52 @@ def test_cond_mlp_starts_at_zero_then_fits_what_the_linear_path_cannot():
     assert loss.item() < 0.3 * linear_best.item(), (loss.item(), linear_best.item())
     with pytest.raises(ValueError, match="needs cond_linear=True"):
         DiTConfig(**{**small, "cond_linear": False}, cond_mlp=16)
+
+
+def _neighbour_mean(a: torch.Tensor, g: int) -> torch.Tensor:
+    """Mean of the 4 grid neighbours of each token (zero padded), written out by hand."""
+    grid = F.pad(a.unflatten(1, (g, g)), (0, 0, 1, 1, 1, 1))
+    return ((grid[:, :-2, 1:-1] + grid[:, 2:, 1:-1] + grid[:, 1:-1, :-2] + grid[:, 1:-1, 2:]) / 4
+            ).flatten(1, 2)
+
+
+def test_cond_local_starts_as_the_plain_model_then_reads_the_neighbours():
+    torch.manual_seed(0)
+    small = dict(target_dim=8, cond_dim=6, hidden=32, depth=1, n_heads=2, n_kv_heads=1,
+                 tokens=16, cond_whiten=None)
+    model = DiT(DiTConfig(**small, cond_local=True))
+    plain = DiT(DiTConfig(**small))
+    plain.load_state_dict(model.state_dict(), strict=False)
+    x, c, t = torch.randn(2, 16, 8), torch.randn(2, 16, 6), torch.rand(2)
+    torch.testing.assert_close(model(x, t, c), plain(x, t, c))  # zero-init mix
+    # the mix is a depthwise 3x3 convolution on the grid: set it to 0.5 x the neighbour mean
+    with torch.no_grad():
+        model.local_mix.copy_(torch.tensor([[0, 1, 0], [1, 0, 1], [0, 1, 0.0]]) / 8)
+    a = F.rms_norm(c, (6,), eps=model.config.norm_eps)
+    torch.testing.assert_close(model.aligned_condition(c, 16), a + 0.5 * _neighbour_mean(a, 4))
+    cls = DiT(DiTConfig(**{**small, "tokens": 17}, cond_local=True, token_mode="cls_patch"))
+    cls.local_mix.data.copy_(model.local_mix)
+    c17 = torch.randn(2, 17, 6)
+    a17 = F.rms_norm(c17, (6,), eps=model.config.norm_eps)
+    torch.testing.assert_close(cls.aligned_condition(c17, 17)[:, 0], a17[:, 0])  # CLS unchanged
+    # x1 = (a + 0.5 * neighbour mean(a)) W: linear, but not in the token alone. Trained at t = 0
+    # from x_t = 0 (the output is the linear path while the network's output layer is zero),
+    # the mixed path fits it far better than the best same-token linear map can.
+    model = DiT(DiTConfig(**small, cond_local=True))
+    cond = torch.randn(128, 16, 6)
+    a = F.rms_norm(cond, (6,))
+    target = (a + 0.5 * _neighbour_mean(a, 4)) @ torch.randn(6, 8)
+    flat = torch.cat([a, torch.ones(128, 16, 1)], -1).reshape(-1, 7)
+    same_token_best = (flat @ torch.linalg.lstsq(flat, target.reshape(-1, 8)).solution
+                       - target.reshape(-1, 8)).square().mean()
+    opt = torch.optim.Adam([model.local_mix, *model.linear_cond.parameters()], lr=1e-2)
+    zeros, t0 = torch.zeros(128, 16, 8), torch.zeros(128)
+    for _ in range(400):
+        loss = (model(zeros, t0, cond) - target).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.1 * same_token_best.item(), (loss.item(), same_token_best.item())
 
 
 def test_linear_path_needs_x_prediction():
@@ -306,9 +353,11 @@ def test_estimate_flops_matches_linear_layer_count():
                                                         and "cond_pool" not in name))
     attention = 4 * T * T * cfg.hidden + 4 * T * Tc * cfg.hidden
     whitening = 2 * T * cfg.cond_dim * cfg.cond_dim  # a matmul by a buffer, not a Linear
+    local = 2 * T * cfg.cond_dim * 9 * cfg.cond_local  # the depthwise 3x3 mix, a Conv2d
     # wkv_cond and cond_proj act on Tc tokens; here Tc == T so the count is the same
-    assert estimate_flops(cfg, T, Tc) == pytest.approx(linear + attention + whitening, rel=1e-9)
-    cfg = _cfg(depth=1, cond_whiten=None)
+    assert estimate_flops(cfg, T, Tc) == pytest.approx(linear + attention + whitening + local,
+                                                       rel=1e-9)
+    cfg = _cfg(depth=1, cond_whiten=None, cond_local=False)
     assert estimate_flops(cfg, T, Tc) == pytest.approx(linear + attention, rel=1e-9)
 
 

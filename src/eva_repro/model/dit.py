@@ -4,6 +4,8 @@
 
     a_c = (RMSNorm(c) - mu_c) A_c  on the target grid  the aligned condition [B, T, D_cond],
                                                      whitened (mu_c, A_c: training-set statistics)
+    a_c += K * a_c                                   `cond_local`: a 3x3 kernel K convolved over
+                                                     the grid, one for all channels (zero init)
     h   = W_in x_t + W_a a_c + P(pos_x)              input projection (+ aligned condition,
                                                      + absolute position)
     c'  = W_c RMSNorm(c) + P(pos_c)                  condition projected once (or the learned
@@ -27,7 +29,7 @@
 
 The pure Lumina-Next / BLIP3-o head is `VARIANTS["lumina-next"]`: v-prediction, condition through
 cross-attention (and the pooled adaLN input) only, RoPE as the only position signal. The default
-adds three things, each a config field, because the target tokens sit on the same grid as the
+adds these, each a config field, because the target tokens sit on the same grid as the
 condition tokens (the image-to-image setting of SR3, Palette or Marigold, which concatenate the
 aligned condition to the input):
 - `cond_align`: the condition token at the same grid position enters the residual stream
@@ -51,6 +53,12 @@ aligned condition to the input):
   variance), and AdamW learns a linear map on such inputs slowly; whitened, the linear path and
   the input projection see well-conditioned features. The shrinkage keeps the low-variance
   directions, mostly noise, from being amplified more than sqrt(1 + 1/s) times.
+- `cond_local`: after the whitening, a 3x3 kernel convolved over the grid adds each token's
+  neighbours to the aligned condition, so the linear path and the input see the condition around
+  a target token, not only the token at its place (the target at one place depends on its
+  surroundings, which the network otherwise reaches only through attention that must learn where
+  to look). One kernel for all channels, zero init: it starts as the plain aligned condition, and
+  with 9 parameters it cannot fit per-channel noise (a depthwise kernel did, on real photos).
 
 P is a fixed sin-cos embedding of the same (slot, row, col) positions RoPE uses, condition
 positions mapped onto the target grid (DiT adds one too; Lumina-Next relies on RoPE alone). At
@@ -84,12 +92,12 @@ CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 # The head's conditioning and prediction: the default, and the pure Lumina-Next (BLIP3-o) block.
 VARIANTS = {
     "eva-repro": dict(abs_pos_embed=True, prediction="x", cond_align=True, cond_linear=True,
-                      cond_whiten=1.0),
+                      cond_whiten=1.0, cond_local=True),
     "lumina-next": dict(abs_pos_embed=False, prediction="v", cond_align=False, cond_linear=False,
-                        cond_whiten=None),
+                        cond_whiten=None, cond_local=False),
 }
 LEGACY = {"abs_pos_embed": False, "prediction": "v", "cond_align": False, "cond_linear": False,
-          "cond_whiten": None}
+          "cond_whiten": None, "cond_local": False}
 
 # width, depth, heads, kv heads: the public reference's sizes, so results compare.
 PRESETS = {
@@ -118,6 +126,7 @@ class DiTConfig:
     cond_linear: bool = True  # full-width linear path from the aligned condition to x1 (needs "x")
     cond_mlp: int = 0  # > 0: hidden width of a per-token MLP beside the linear path (needs it)
     cond_whiten: float | None = 1.0  # shrinkage s of the aligned condition's whitening; None: off
+    cond_local: bool = True  # add a 3x3 mix of its grid neighbours to the aligned condition
     tokens: int | None = None  # target tokens per sample: sizes the linear path's position bias
     dropout: float = 0.0  # on each block's attention and FFN branch output, in training only
     norm_eps: float = 1e-6
@@ -198,6 +207,7 @@ def estimate_flops(cfg: DiTConfig, tokens: int, cond_tokens: int) -> float:
     io = 2 * T * cfg.target_dim * h * 2 + 2 * Tc * cfg.cond_dim * h
     io += 2 * T * cfg.cond_dim * h * cfg.cond_align + 2 * T * cfg.cond_dim * cfg.target_dim * cfg.cond_linear
     io += 2 * T * (cfg.cond_dim + cfg.target_dim) * cfg.cond_mlp
+    io += 2 * T * cfg.cond_dim * 9 * cfg.cond_local
     io += 2 * T * cfg.cond_dim * cfg.cond_dim * (cfg.cond_whiten is not None)
     return float(cfg.depth * per_block + io)
 
@@ -251,6 +261,18 @@ def align_condition(cond: torch.Tensor, tokens: int, cls_first: bool) -> torch.T
         grid = F.interpolate(grid, size=(g, g), mode="bilinear", align_corners=False)
     patches = grid.flatten(2).transpose(1, 2)
     return torch.cat([cond[:, :1], patches], dim=1) if n else patches
+
+
+def add_neighbours(a: torch.Tensor, kernel: torch.Tensor, cls_first: bool) -> torch.Tensor:
+    """a [B, T, D] + the 3x3 `kernel` convolved over the patch grid, the same kernel for every
+    channel (zero padded); a CLS token passes unchanged."""
+    n = int(cls_first)
+    patches = a[:, n:]
+    b, t, d = patches.shape
+    g = math.isqrt(t)
+    grid = patches.transpose(1, 2).reshape(b * d, 1, g, g)
+    mixed = F.conv2d(grid, kernel.to(a.dtype).view(1, 1, 3, 3), padding=1)
+    return torch.cat([a[:, :n], patches + mixed.view(b, d, t).transpose(1, 2)], dim=1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -367,6 +389,8 @@ class DiT(nn.Module):
         if cfg.cond_mlp:
             self.cond_mlp = nn.Sequential(nn.Linear(cfg.cond_dim, cfg.cond_mlp), nn.GELU(),
                                           nn.Linear(cfg.cond_mlp, cfg.target_dim))
+        if cfg.cond_local:
+            self.local_mix = nn.Parameter(torch.zeros(3, 3))  # one kernel for every channel
         if cfg.cond_whiten is not None:  # statistics, not parameters: saved, never trained
             self.register_buffer("cond_mean", torch.zeros(cfg.cond_dim))
             self.register_buffer("cond_white", torch.eye(cfg.cond_dim))
@@ -396,6 +420,8 @@ class DiT(nn.Module):
         zero = [b.ada[-1] for b in self.blocks] + [self.final_ada[-1], self.out]
         if self.config.cond_mlp:
             zero.append(self.cond_mlp[-1])
+        if self.config.cond_local:
+            nn.init.zeros_(self.local_mix)
         if self.config.cond_linear:
             zero.append(self.linear_cond)
             nn.init.zeros_(self.linear_bias)
@@ -501,6 +527,8 @@ class DiT(nn.Module):
         a = F.rms_norm(a, (a.shape[-1],), eps=self.config.norm_eps)
         if self.config.cond_whiten is not None:
             a = (a - self.cond_mean.to(a.dtype)) @ self.cond_white.to(a.dtype)
+        if self.config.cond_local:
+            a = add_neighbours(a, self.local_mix, has_cls(self.config.token_mode))
         if drop_cond is not None:
             a = torch.where(drop_cond.view(-1, 1, 1), 0.0, a)
         return a
