@@ -160,7 +160,7 @@ def test_cond_local_starts_as_the_plain_model_then_reads_the_neighbours():
     plain.load_state_dict(model.state_dict(), strict=False)
     x, c, t = torch.randn(2, 16, 8), torch.randn(2, 16, 6), torch.rand(2)
     torch.testing.assert_close(model(x, t, c), plain(x, t, c))  # zero-init mix
-    # the mix is a depthwise 3x3 convolution on the grid: set it to 0.5 x the neighbour mean
+    # the mix is one 3x3 kernel convolved over the grid: set it to 0.5 x the neighbour mean
     with torch.no_grad():
         model.local_mix.copy_(torch.tensor([[0, 1, 0], [1, 0, 1], [0, 1, 0.0]]) / 8)
     a = F.rms_norm(c, (6,), eps=model.config.norm_eps)
@@ -360,7 +360,7 @@ def test_estimate_flops_matches_linear_layer_count():
                                                         and "cond_pool" not in name))
     attention = 4 * T * T * cfg.hidden + 4 * T * Tc * cfg.hidden
     whitening = 2 * T * cfg.cond_dim * cfg.cond_dim  # a matmul by a buffer, not a Linear
-    local = 2 * T * cfg.cond_dim * 9 * cfg.cond_local  # the depthwise 3x3 mix, a Conv2d
+    local = 2 * T * cfg.cond_dim * 9 * cfg.cond_local  # the 3x3 mix, a convolution by a Parameter
     # wkv_cond and cond_proj act on Tc tokens; here Tc == T so the count is the same
     assert estimate_flops(cfg, T, Tc) == pytest.approx(linear + attention + whitening + local,
                                                        rel=1e-9)
