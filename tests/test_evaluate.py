@@ -8,7 +8,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from PIL import Image
 
 from eva_repro import cli, files, shards
 from eva_repro.bench.evaluate import nfe_within, train_synth_model
@@ -82,6 +81,8 @@ def test_report_has_the_documented_keys(cli_report, trained_run):
     blip3o = [e for e in r["sweep"] if e.get("named") == "blip3o"]  # BLIP3-o's own settings
     assert [(e["method"], e["steps"], e["cfg_scale"], e["nfe"]) for e in blip3o] == [
         ("euler", 30, 3.0, 30.0)]
+    assert set(r["plots"]) == {"histogram", "heatmap", "nfe"}  # their pixels: tests/test_report.py
+    assert all((out / name).read_bytes()[:4] == b"\x89PNG" for name in r["plots"].values())
     md = (out / "report.md").read_text()
     assert f"**Quality: {r['cosine']['band']}**" in md and "ridge baseline" in md
     low, high = r["baselines"]["ridge"]["dit_minus_baseline_ci"]
@@ -102,18 +103,6 @@ def test_trained_model_beats_mean_baseline_and_uses_its_condition(cli_report, tr
     assert 0.05 < low < r["baselines"]["mean"]["dit_minus_baseline"] < high
     # samples differ across seeds (a stochastic generator), but are correlated
     assert 0.2 < r["controls"]["diversity"]["token_mean"] < 0.999
-
-
-def test_plots_are_valid_pngs(cli_report):
-    out, r = cli_report
-    assert set(r["plots"]) == {"histogram", "heatmap", "nfe"}
-    for name in r["plots"].values():
-        path = out / name
-        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-        with Image.open(path) as im:
-            im.verify()
-        with Image.open(path) as im:
-            assert im.format == "PNG" and im.size[0] >= 300 and im.size[1] >= 200
 
 
 def test_evaluation_is_deterministic_and_warns_on_too_many_samples(trained_run, capsys):

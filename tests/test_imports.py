@@ -21,10 +21,15 @@ def test_the_cycle_finder_finds_cycles():
 def test_imports_point_down_the_pipeline():
     graph = runpy.run_path(str(TOOL))["graph"]()
     later = {"eva_repro.shards", "eva_repro.data", "eva_repro.train", "eva_repro.checkpoint",
-             "eva_repro.evaluate", "eva_repro.generate", "eva_repro.cli", "eva_repro.demo"}
+             "eva_repro.evaluate", "eva_repro.report", "eva_repro.generate", "eva_repro.cli",
+             "eva_repro.demo"}
     for module in ("eva_repro.model.dit", "eva_repro.model.lumina_next", "eva_repro.flow"):
         assert not graph[module] & later, f"{module} reaches up the pipeline: {graph[module] & later}"
     assert "eva_repro.cli" not in graph["eva_repro.demo"]  # cli dispatches to demo, not back
+    # evaluate measures and report renders: evaluate imports report; report imports no stage
+    # (shards only for the manifest it is handed)
+    assert "eva_repro.report" in graph["eva_repro.evaluate"]
+    assert not graph["eva_repro.report"] & (later - {"eva_repro.shards"}), graph["eva_repro.report"]
     for module, deps in graph.items():
         if not module.startswith(("eva_repro.cli", "eva_repro.__main__", "eva_repro.bench")):
             assert "eva_repro.bench" not in deps and "eva_repro.cli" not in deps, module

@@ -15,8 +15,8 @@ What (all cosines after per-token L2 normalisation, see `eva_repro.metrics`):
   velocity     cos(predicted v, true v) at fixed t on held-out pairs
   sweep        cosine vs network evaluations for euler / heun / dopri5, time shift, CFG scales
 
-Writes report.json, report.md and PNG plots (per-image histogram with the bands, per-position
-heatmap, cosine vs NFE). Deterministic for a given --seed (noise per sample, seeded subsets).
+`build_report` puts the numbers in one dict; `eva_repro.report` writes it out (report.json,
+report.md, the plots). Deterministic for a given --seed (noise per sample, seeded subsets).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from eva_repro import __version__ as _version
-from eva_repro import files, flow, metrics, shards
+from eva_repro import flow, metrics, shards
 from eva_repro.baselines import fit_baselines
 from eva_repro.checkpoint import load_model
 from eva_repro.devices import autocast, pick_device
@@ -53,8 +53,8 @@ from eva_repro.generate import (
 from eva_repro.layout import has_cls
 from eva_repro.lockfile import DirectoryLock
 from eva_repro.progress import progress_bar
+from eva_repro.report import write_outputs
 
-PLOTS = {"histogram": "cosine_hist.png", "heatmap": "cosine_heatmap.png", "nfe": "cosine_vs_nfe.png"}
 SWEEP_SIZES = ("auto", "none", "small", "full")  # auto: full on CUDA, small on CPU
 
 
@@ -323,7 +323,7 @@ def _evaluate(model_path: str | Path, embeddings_dir: str | Path, output_dir: st
     report["timing"] = {"seconds": round(time.time() - start_time, 2),
                         "main_pass_images_per_s": round(images_per_s, 2), "device": str(device)}
     if output_dir is not None:
-        write_outputs(report, collected, sweep, Path(output_dir), manifest, opts.plots)
+        write_outputs(report, collected.cat("dit"), Path(output_dir), manifest, opts.plots)
     return report
 
 
@@ -402,198 +402,6 @@ def build_report(c: Collected, sweep, baselines, opts, manifest, loaded, model_p
         "versions": {"eva_repro": _version, "torch": torch.__version__,
                      "python": platform.python_version()},
     }
-
-
-# ---------------------------------------------------------------------------------------------
-# outputs
-
-
-def write_outputs(report: dict, c: Collected, sweep: list[dict], out: Path,
-                  manifest: shards.Manifest, plots: bool) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    if plots:
-        report["plots"] = write_plots(out, c.cat("dit").mean(dim=1), report, manifest)
-    files.atomic_write_json(out / "report.json", report)
-    files.atomic_write_bytes(out / "report.md", markdown(report).encode())
-
-
-def write_plots(out: Path, per_image: torch.Tensor, report: dict, manifest: shards.Manifest) -> dict:
-    """The three PNGs; returns {name: file name}."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    written = {}
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    _histogram(ax, per_image, report)
-    written["histogram"] = _save(fig, out / PLOTS["histogram"])
-    fig, ax = plt.subplots(figsize=(5, 4.2))
-    _heatmap(fig, ax, report["cosine"]["per_position"], manifest)
-    written["heatmap"] = _save(fig, out / PLOTS["heatmap"])
-    if report["sweep"]:
-        fig, ax = plt.subplots(figsize=(6.5, 4))
-        _nfe_curve(ax, report["sweep"], report["sampler"])
-        written["nfe"] = _save(fig, out / PLOTS["nfe"])
-    plt.close("all")
-    return written
-
-
-def _save(fig, path: Path) -> str:
-    import io
-
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=110)
-    files.atomic_write_bytes(path, buf.getvalue())
-    return path.name
-
-
-def _histogram(ax, per_image: torch.Tensor, report: dict) -> None:
-    colors = {"poor": "#d62728", "moderate": "#ff7f0e", "high": "#bcbd22", "very high": "#2ca02c",
-              "excellent": "#1f77b4"}
-    values = per_image.numpy()
-    xmin = min(0.0, float(values.min()))
-    edges = [xmin] + [e for e, _ in metrics.BANDS[1:]] + [1.0]
-    for lo, hi, (_, name) in zip(edges[:-1], edges[1:], metrics.BANDS, strict=True):
-        ax.axvspan(lo, hi, color=colors[name], alpha=0.12, lw=0)
-        ax.text((lo + hi) / 2, 1.0, name, transform=ax.get_xaxis_transform(), ha="center",
-                va="bottom", fontsize=7, color=colors[name])
-    ax.hist(values, bins=40, range=(xmin, 1.0), color="#333333")
-    base = report["baselines"]
-    for name, style in (("mean", ":"), ("ridge", "--")):
-        ax.axvline(base[name]["image_mean"], color="k", ls=style, lw=1, label=f"{name} baseline")
-    ax.axvline(report["cosine"]["image_mean"], color="#9467bd", lw=2, label="DiT mean")
-    ax.set_xlim(xmin, 1.0)
-    ax.set_xlabel("per-image mean token cosine")
-    ax.set_ylabel("images")
-    ax.legend(fontsize=7, loc="upper left")
-
-
-def _heatmap(fig, ax, per_position: list[float], manifest: shards.Manifest) -> None:
-    cls = manifest.include_cls
-    values = torch.tensor(per_position[1:] if cls else per_position)
-    g = math.isqrt(values.numel())
-    # not a square grid (should not happen with shards from extract/synth): show one row
-    grid = values.view(g, g) if g * g == values.numel() else values.view(1, -1)
-    im = ax.imshow(grid.numpy(), cmap="viridis", vmin=min(0.0, float(values.min())), vmax=1.0)
-    fig.colorbar(im, ax=ax, label="mean token cosine")
-    ax.set_xticks(range(grid.shape[1]))
-    ax.set_yticks(range(grid.shape[0]))
-    if grid.shape[0] <= 8 and grid.shape[0] > 1:  # small grids: print the values
-        for (r, c), v in zip(torch.cartesian_prod(torch.arange(grid.shape[0]),
-                                                  torch.arange(grid.shape[1])).tolist(),
-                             grid.flatten().tolist(), strict=True):
-            ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=7, color="w")
-    title = f"cosine per patch position ({grid.shape[0]} x {grid.shape[1]})"
-    if cls:
-        title += f"\nCLS token: {per_position[0]:.3f}"
-    ax.set_title(title, fontsize=9)
-    ax.set_xlabel("column")
-    ax.set_ylabel("row")
-
-
-def _nfe_curve(ax, sweep: list[dict], sampler: dict) -> None:
-    colors = {"euler": "#1f77b4", "heun": "#d62728", "dopri5": "#2ca02c"}
-    lines: dict[tuple, list[dict]] = {}
-    for e in sweep:
-        if e["cfg_scale"] == 1.0:
-            lines.setdefault((e["method"], e["shift"]), []).append(e)
-    for (method, shift), entries in sorted(lines.items()):
-        entries = sorted(entries, key=lambda e: e["nfe"])
-        ax.plot([e["nfe"] for e in entries], [e["token_mean"] for e in entries], marker="o",
-                ms=3, ls="-" if shift == 1.0 else "--", color=colors.get(method),
-                label=f"{method}, shift {shift:g}")
-    guided = [e for e in sweep if e["cfg_scale"] != 1.0]
-    for e in guided:
-        ax.scatter(e["nfe"], e["token_mean"], marker="*", s=60, zorder=3, color="k")
-        ax.annotate(f"CFG {e['cfg_scale']:g}", (e["nfe"], e["token_mean"]), fontsize=7,
-                    xytext=(3, 3), textcoords="offset points")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("network evaluations per sample (NFE)")
-    ax.set_ylabel("mean token cosine")
-    ax.set_title(f"sampler sweep ({sweep[0]['n_samples']} images); CFG stars: main sampler "
-                 f"({sampler['method']}, {sampler['steps']} steps, shift {sampler['shift']:g})",
-                 fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-
-
-def _pct(x: float) -> str:
-    return f"{100 * x:.0f}%"
-
-
-def markdown(r: dict) -> str:
-    cos, s = r["cosine"], r["sampler"]
-    lines = [
-        f"# Evaluation of `{r['model']['path']}`",
-        "",
-        f"**Quality: {cos['band']}**: mean per-image cosine **{cos['image_mean']:.3f}** on "
-        f"{r['n_samples']} held-out images ({s['method']}, {s['steps']} steps, "
-        f"{s['nfe']:.0f} NFE, shift {s['shift']:g}, CFG {s['cfg_scale']:g}, seed {r['seed']}).",
-        "",
-        "| | token cos (mean) | median | p10 | image cos | global cos | DiT beats it by [95% CI] |",
-        "|---|---|---|---|---|---|---|",
-        _row("**DiT**", cos, ""),
-    ]
-    for name, label in (("mean", "mean-token baseline"), ("ridge", "ridge baseline")):
-        b = r["baselines"][name]
-        lines.append(_row(label, b, _verdict(b)))
-    if r["controls"]:
-        sh = r["controls"]["shuffled"]
-        verdict = "falls: the condition is used" if sh["drop"] > 0.02 else \
-            "does NOT fall: the model ignores its condition"
-        lines.append(_row("shuffled conditions (control)", sh, f"{sh['drop']:+.3f}: {verdict}"))
-    bands = cos["bands"]
-    lines += [
-        "",
-        "Images per band: " + ", ".join(f"{k} {_pct(v)}" for k, v in bands.items())
-        + " (poor < 0.4 < moderate < 0.7 < high < 0.8 < very high < 0.9 < excellent).",
-        f"Retrieval among {r['retrieval']['pool_size']}: recall@1 "
-        f"{r['retrieval']['recall_at_1']:.3f}, recall@5 {r['retrieval']['recall_at_5']:.3f} "
-        f"(ridge {r['retrieval']['ridge']['recall_at_1']:.3f} / "
-        f"{r['retrieval']['ridge']['recall_at_5']:.3f}; chance {r['retrieval']['chance_at_1']:.3f}).",
-    ]
-    if r["controls"]:
-        lines.append(f"Diversity (cosine between two samples per condition): "
-                     f"{r['controls']['diversity']['token_mean']:.3f}.")
-    lines.append("Velocity cosine at t: " + ", ".join(
-        f"{t}: {v:.3f}" for t, v in r["velocity_cosine"].items()) + ".")
-    if r["sweep"]:
-        best = max(r["sweep"], key=lambda e: e["token_mean"])
-        lines.append(f"Sampler sweep ({best['n_samples']} images): best {best['token_mean']:.3f} "
-                     f"with {best['method']} shift {best['shift']:g} CFG {best['cfg_scale']:g} at "
-                     f"{best['nfe']:.0f} NFE; see cosine_vs_nfe.png.")
-        if best["nfe"] == 1:
-            lines.append("(One Euler step returns the model's estimate of the conditional mean, "
-                         "which scores a higher cosine than a proper sample; it is not a sample "
-                         "from the learned distribution.)")
-    sp = r["split"]
-    lines += ["", f"Split: {sp['source']}. Model trained on: {sp['model_trained_on']}. Evaluated on: "
-              f"{sp['evaluated_on']}. Baselines fitted on: {sp['baselines_fit_on']} "
-              f"({r['baselines']['ridge']['fit']['num_train_samples']} samples used)."]
-    if "note" in sp:
-        lines.append(f"**Note:** {sp['note']}.")
-    lines += [f"**Warning:** {w}." for w in r["warnings"]]
-    lines.append("")
-    return "\n".join(lines)
-
-
-def _verdict(b: dict) -> str:
-    """The gap to a baseline with its 95% interval; "level" when the interval holds 0."""
-    delta, (low, high) = b["dit_minus_baseline"], b["dit_minus_baseline_ci"]
-    gap = f"{delta:+.3f} [{low:+.3f}, {high:+.3f}]"
-    if low > 0:
-        return f"{gap} ({_pct(b['error_reduction'])} less error)"
-    if high < 0:
-        return f"{gap}: the baseline is better"
-    return f"{gap}: level (within what these images resolve)"
-
-
-def _row(label: str, m: dict, beat: str) -> str:
-    glob = f"{m['global_mean']:.3f}" if "global_mean" in m else "-"
-    return (f"| {label} | {m['token_mean']:.3f} | {m['token_median']:.3f} | {m['token_p10']:.3f} | "
-            f"{m['image_mean']:.3f} | {glob} | {beat} |")
 
 
 # ---------------------------------------------------------------------------------------------

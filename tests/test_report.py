@@ -1,0 +1,113 @@
+"""The rendering of a finished evaluation (report.json, report.md, the plots) from a hand-made
+report dict: no model, no shards (tests/test_evaluate.py runs the whole command)."""
+
+import copy
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image
+
+from eva_repro.report import PLOTS, markdown, write_outputs
+
+
+def _summary(token_mean: float) -> dict:
+    return {"token_mean": token_mean, "token_median": token_mean + 0.01,
+            "token_p10": token_mean - 0.1, "image_mean": token_mean, "global_mean": token_mean + 0.05}
+
+
+def _sweep_entry(method: str, steps: int, shift: float, cfg_scale: float, nfe: float,
+                 token_mean: float) -> dict:
+    return {"method": method, "steps": steps, "shift": shift, "cfg_scale": cfg_scale, "nfe": nfe,
+            "token_mean": token_mean, "n_samples": 16}
+
+
+@pytest.fixture
+def report() -> dict:
+    """The keys of `evaluate.build_report` that the renderer reads, for a 4 x 4 grid."""
+    def baseline(token_mean: float, ci: list[float]) -> dict:
+        return {**_summary(token_mean), "fit": {"num_train_samples": 500},
+                "dit_minus_baseline": 0.82 - token_mean, "dit_minus_baseline_ci": ci,
+                "error_reduction": 1 - 0.18 / (1 - token_mean)}
+
+    return {
+        "n_samples": 64,
+        "seed": 0,
+        "model": {"path": "/runs/a"},
+        "cosine": {**_summary(0.82), "band": "very high",
+                   "bands": {"poor": 0.0, "moderate": 0.1, "high": 0.2, "very high": 0.5,
+                             "excellent": 0.2},
+                   "per_position": [0.7 + 0.01 * i for i in range(16)]},
+        "baselines": {"mean": baseline(0.55, [0.25, 0.29]), "ridge": baseline(0.81, [-0.01, 0.03])},
+        "controls": {"shuffled": {**_summary(0.3), "drop": 0.52},
+                     "diversity": {"token_mean": 0.9}},
+        "retrieval": {"pool_size": 64, "recall_at_1": 0.5, "recall_at_5": 0.8,
+                      "chance_at_1": 1 / 64, "ridge": {"recall_at_1": 0.4, "recall_at_5": 0.7}},
+        "velocity_cosine": {"0.1": 0.9, "0.5": 0.7},
+        "sampler": {"method": "heun", "steps": 8, "nfe": 15.0, "cfg_scale": 1.0, "shift": 1.0},
+        "sweep": [_sweep_entry("euler", s, shift, 1.0, s, 0.7 + 0.01 * s) for s in (1, 2, 4)
+                  for shift in (1.0, 3.0)]
+        + [_sweep_entry("heun", 4, 1.0, 1.0, 7, 0.8), _sweep_entry("euler", 4, 1.0, 3.0, 8, 0.79)],
+        "split": {"source": "run/split.json", "model_trained_on": "the training split",
+                  "evaluated_on": "the held-out split", "baselines_fit_on": "the training split"},
+        "warnings": [],
+    }
+
+
+def test_plots_are_valid_pngs(report, tmp_path):
+    write_outputs(report, torch.linspace(0.3, 0.95, 64 * 16).view(64, 16), tmp_path,
+                  SimpleNamespace(include_cls=False), plots=True)
+    assert report["plots"] == PLOTS
+    assert json.loads((tmp_path / "report.json").read_text())["plots"] == PLOTS
+    for name in report["plots"].values():
+        path = tmp_path / name
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        with Image.open(path) as im:
+            im.verify()
+        with Image.open(path) as im:
+            assert im.format == "PNG" and im.size[0] >= 300 and im.size[1] >= 200
+
+
+def test_without_plots_or_sweep(report, tmp_path):
+    write_outputs(report, torch.rand(64, 16), tmp_path / "a", SimpleNamespace(include_cls=False),
+                  plots=False)
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["report.json", "report.md"]
+    assert "plots" not in report
+    # a CLS token first (17 positions, the grid from the other 16) and no sweep: no NFE curve
+    cls = {**report, "sweep": [], "cosine": {**report["cosine"],
+                                             "per_position": [0.5] + report["cosine"]["per_position"]}}
+    write_outputs(cls, torch.rand(64, 17), tmp_path / "b", SimpleNamespace(include_cls=True),
+                  plots=True)
+    assert set(cls["plots"]) == {"histogram", "heatmap"}
+    assert not (tmp_path / "b" / PLOTS["nfe"]).exists()
+
+
+def test_markdown_says_how_the_dit_compares(report):
+    md = markdown(report)
+    assert md.startswith("# Evaluation of `/runs/a`\n") and md.endswith("\n")
+    assert "**Quality: very high**: mean per-image cosine **0.820** on 64 held-out images" in md
+    assert "| mean-token baseline | 0.550 |" in md
+    assert "+0.270 [+0.250, +0.290] (60% less error)" in md  # interval above 0
+    assert "+0.010 [-0.010, +0.030]: level" in md  # interval holds 0
+    assert "falls: the condition is used" in md
+    assert "best 0.800 with heun shift 1 CFG 1 at 7 NFE" in md
+    assert "Images per band: poor 0%, moderate 10%, high 20%, very high 50%, excellent 20%" in md
+    assert "**Note:**" not in md and "**Warning:**" not in md
+
+
+def test_markdown_flags_what_went_wrong(report):
+    r = copy.deepcopy(report)
+    r["baselines"]["ridge"].update(dit_minus_baseline=-0.05, dit_minus_baseline_ci=[-0.07, -0.03])
+    r["controls"]["shuffled"]["drop"] = 0.0
+    r["split"]["note"] = "no training split known"
+    r["warnings"] = ["something odd"]
+    r["sweep"] = [_sweep_entry("euler", 1, 1.0, 1.0, 1, 0.9)]
+    md = markdown(r)
+    assert "-0.050 [-0.070, -0.030]: the baseline is better" in md
+    assert "does NOT fall: the model ignores its condition" in md
+    assert "**Note:** no training split known." in md and "**Warning:** something odd." in md
+    assert "One Euler step returns the model's estimate of the conditional mean" in md
+    r["controls"] = {}  # no controls (a single image): no shuffled row, no diversity line
+    md = markdown(r)
+    assert "shuffled conditions" not in md and "Diversity" not in md
