@@ -26,3 +26,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def token_only_data(tmp_path_factory):
+    """Shards whose target is a nonlinear function of the condition token at the same place
+    alone (grid 4, 32-d condition, 48-d target): a token's neighbours carry nothing more."""
+    from eva_repro import shards
+
+    out = tmp_path_factory.mktemp("token_only")
+    g = torch.Generator().manual_seed(0)
+    clip = torch.randn(240, 16, 32, generator=g)
+    eva = torch.tanh(clip @ (torch.randn(32, 48, generator=g) / 32**0.5 * 2))
+    shards.write_shard(out, 0, clip, eva, [f"tok-{i:04d}" for i in range(240)])
+    shards.write_manifest(out, {"grid": 4, "include_cls": False, "training_mode": "patch_only",
+                                "dtype": "float16"})
+    return out

@@ -24,3 +24,15 @@ def test_select_and_drop_keep_the_grid_in_order():
     assert layout.pairs_for_model(tokens, eva, dropping_cls=False)[0] is tokens
     with pytest.raises(ValueError, match="training_mode must be one of"):
         layout.select_tokens(tokens, "patches")
+
+
+def test_grid_conv_and_neighbour_mean_on_a_hand_grid():
+    grid = torch.arange(9.0).view(1, 9, 1)  # 3x3 grid, one channel: 0 1 2 / 3 4 5 / 6 7 8
+    mean = layout.neighbour_mean(grid).flatten()
+    assert mean[4] == (1 + 3 + 5 + 7) / 4 and mean[0] == (1 + 3) / 4  # zero padded at the corner
+    shift = torch.zeros(3, 3)
+    shift[1, 2] = 1.0  # each token takes its right-hand neighbour
+    two = torch.cat([grid, -grid], dim=-1)  # the same kernel on every channel
+    right = layout.grid_conv(two, shift)
+    assert right[0, :, 0].tolist() == [1, 2, 0, 4, 5, 0, 7, 8, 0]
+    assert torch.equal(right[..., 1], -right[..., 0])

@@ -126,7 +126,7 @@ def test_cond_mlp_starts_at_zero_then_fits_what_the_linear_path_cannot():
     torch.manual_seed(0)
     small = dict(target_dim=8, cond_dim=6, hidden=32, depth=1, n_heads=2, n_kv_heads=1, tokens=4)
     model = DiT(DiTConfig(**small, cond_mlp=64))
-    plain = DiT(DiTConfig(**small))
+    plain = DiT(DiTConfig(**small, cond_local=False))
     plain.load_state_dict(model.state_dict(), strict=False)
     x, c, t = torch.randn(2, 4, 8), torch.randn(2, 4, 6), torch.rand(2)
     torch.testing.assert_close(model(x, t, c), plain(x, t, c))  # zero-init output layer
@@ -156,7 +156,7 @@ def test_cond_local_starts_as_the_plain_model_then_reads_the_neighbours():
     small = dict(target_dim=8, cond_dim=6, hidden=32, depth=1, n_heads=2, n_kv_heads=1,
                  tokens=16, cond_whiten=None)
     model = DiT(DiTConfig(**small, cond_local=True))
-    plain = DiT(DiTConfig(**small))
+    plain = DiT(DiTConfig(**small, cond_local=False))
     plain.load_state_dict(model.state_dict(), strict=False)
     x, c, t = torch.randn(2, 16, 8), torch.randn(2, 16, 6), torch.rand(2)
     torch.testing.assert_close(model(x, t, c), plain(x, t, c))  # zero-init mix
@@ -181,6 +181,28 @@ def test_cond_local_starts_as_the_plain_model_then_reads_the_neighbours():
     loss = _fit_at_t0(model, [model.local_mix, *model.linear_cond.parameters()], cond, target,
                       steps=400)
     assert loss < 0.1 * same_token_best, (loss, same_token_best)
+
+
+def test_local_gate_off_is_the_plain_model_and_keeps_the_kernel_at_zero(tmp_path):
+    torch.manual_seed(0)
+    small = dict(target_dim=8, cond_dim=6, hidden=32, depth=1, n_heads=2, n_kv_heads=1,
+                 tokens=16, cond_whiten=None)
+    model = DiT(DiTConfig(**small, cond_local=True))
+    with torch.no_grad():  # off zero init, so that the output reads the condition
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    plain = DiT(DiTConfig(**small, cond_local=False))
+    plain.load_state_dict(model.state_dict(), strict=False)
+    x, c, t = torch.randn(2, 16, 8), torch.randn(2, 16, 6), torch.rand(2)
+    assert not torch.allclose(model(x, t, c), plain(x, t, c))
+    model.enable_local_mix(False)
+    torch.testing.assert_close(model(x, t, c), plain(x, t, c))
+    (model.aligned_condition(c, 16).square().sum()).backward()
+    assert torch.equal(model.local_mix.grad, torch.zeros(3, 3))  # off: it never moves
+    model.save_pretrained(tmp_path / "m")  # the gate is saved with the weights
+    assert DiT.from_pretrained(tmp_path / "m").local_gate.item() == 0.0
+    with pytest.raises(ValueError, match="cond_local=True"):
+        plain.enable_local_mix(True)
 
 
 def test_linear_path_needs_x_prediction():

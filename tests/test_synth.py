@@ -7,7 +7,8 @@ import torch
 
 from eva_repro import shards
 from eva_repro.cli import main as cli
-from eva_repro.synth import _function_weights, _neighbour_mix, make_pairs, write_synthetic_shards
+from eva_repro.layout import neighbour_mean
+from eva_repro.synth import _function_weights, make_pairs, write_synthetic_shards
 
 
 def test_synthetic_pairs_are_a_fixed_function_of_the_condition(tmp_path):
@@ -19,7 +20,7 @@ def test_synthetic_pairs_are_a_fixed_function_of_the_condition(tmp_path):
     bumped = clip[:1].clone()
     bumped[0, 1] += 1.0  # token (0, 1) is a neighbour of token (0, 0)
     w = _function_weights(4, 8, 12, 3)
-    out = torch.tanh(_neighbour_mix(bumped, 4) @ w["w1"]) @ w["w2"] + w["pos"]
+    out = torch.tanh((bumped + 0.5 * neighbour_mean(bumped)) @ w["w1"]) @ w["w2"] + w["pos"]
     assert not torch.allclose(out[0, 0], eva[0, 0]) and torch.allclose(out[0, 15], eva[0, 15])
     cls_clip, cls_eva = make_pairs(2, 4, 8, 12, seed=3, include_cls=True)
     assert cls_clip.shape == (2, 17, 8) and torch.equal(cls_eva[:, 1:], eva[:2])

@@ -480,3 +480,18 @@ def test_whitening_is_fitted_on_the_training_split_and_can_be_turned_off(tmp_pat
     config = json.loads((tmp_path / "off" / "model" / "config.json").read_text())
     assert config["cond_whiten"] is None
     assert "cond_white" not in load_file(str(tmp_path / "off" / "model" / "model.safetensors"))
+
+
+def test_the_neighbour_mix_is_trained_only_where_neighbours_carry_the_target(
+        tmp_path, small_data, token_only_data):
+    off = train_mod.train(_cfg(token_only_data, tmp_path / "off", eval_fraction=0.2))
+    assert off["neighbour_mix"]["trained"] is False and off["neighbour_mix"]["ridge_error_cut"] < 0.05
+    weights = load_file(str(tmp_path / "off" / "model" / "model.safetensors"))
+    assert weights["local_gate"] == 0 and torch.equal(weights["local_mix"], torch.zeros(3, 3))
+    on = train_mod.train(_cfg(small_data, tmp_path / "on", eval_fraction=0.2))
+    assert on["neighbour_mix"]["trained"] is True and on["neighbour_mix"]["ridge_error_cut"] >= 0.05
+    weights = load_file(str(tmp_path / "on" / "model" / "model.safetensors"))
+    assert weights["local_gate"] == 1 and weights["local_mix"].abs().sum() > 0
+    always = train_mod.train(_cfg(token_only_data, tmp_path / "always", local_min_gain=0.0))
+    assert "neighbour_mix" not in always  # no test: the mix is trained
+    assert load_file(str(tmp_path / "always" / "model" / "model.safetensors"))["local_gate"] == 1

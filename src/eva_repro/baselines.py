@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from eva_repro.errors import UserError
+from eva_repro.layout import neighbour_mean
 from eva_repro.progress import progress_bar
 from eva_repro.shards import ShardReader, finite_samples
 
@@ -100,7 +101,11 @@ class RidgeAccumulator:
         self.device = device
 
     def update(self, clip: torch.Tensor, eva: torch.Tensor) -> None:
-        x = rms_normalize(clip.to(self.device))  # [B, T, Dc]
+        self.add(rms_normalize(clip.to(self.device)), eva)
+
+    def add(self, x: torch.Tensor, eva: torch.Tensor) -> None:
+        """Features x [B, T, Dc] (already computed from the condition) and targets [B, T, De]."""
+        x = x.to(self.device).float()
         y = F.normalize(eva.to(self.device).float(), dim=-1)  # [B, T, De]
         if self.groups == 1:
             x, y = x.reshape(1, -1, x.shape[-1]), y.reshape(1, -1, y.shape[-1])
@@ -119,6 +124,13 @@ class RidgeAccumulator:
         for name in ("sxx", "sxp", "count", "sxy", "spy", "syy"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         return self
+
+    def first_features(self, k: int) -> RidgeAccumulator:
+        """The same statistics for the problem that keeps only the first k features."""
+        sub = RidgeAccumulator.__new__(RidgeAccumulator)
+        sub.__dict__.update(self.__dict__, sxx=self.sxx[:k, :k], sxp=self.sxp[:, :k],
+                            sxy=self.sxy[:k])
+        return sub
 
     @property
     def tokens_seen(self) -> float:
@@ -219,3 +231,59 @@ def ridge_linear_path(reader: ShardReader, train_rows: Sequence[int], drop_cls: 
     scale = math.sqrt(reader.manifest.eva_dim)  # ridge predicts unit tokens
     bias = ridge.bias[1:] if drop_cls and ridge.bias.shape[0] > 1 else ridge.bias  # CLS first
     return ridge.weight * scale, bias * scale, ridge, len(subset)
+
+
+# ---------------------------------------------------------------------------------------------
+# does a token's neighbourhood carry what ridge on the token misses?
+
+NEIGHBOUR_TOKENS = 65536  # training tokens read: enough for a 2 Dc x 2 Dc fit, bounded on any data
+
+
+@dataclass
+class NeighbourGain:
+    """Held-in ridge error with the token alone and with its neighbour mean added."""
+
+    same_token_mse: float
+    neighbour_mse: float
+    samples: int
+
+    @property
+    def gain(self) -> float:
+        """The fraction of same-token ridge's error that the neighbours remove."""
+        return 1.0 - self.neighbour_mse / max(self.same_token_mse, 1e-12)
+
+
+def neighbour_gain(reader: ShardReader, train_rows: Sequence[int],
+                   alphas: Sequence[float] = ALPHAS) -> NeighbourGain | None:
+    """Ridge from [token, mean of its 4 grid neighbours] against ridge from the token alone, each
+    with its best alpha (the wider one searched next to the narrower one's), scored on every
+    10th of (evenly spaced) training rows and fitted on the rest: how much of the target a
+    linear map can take from a token's surroundings. Patch tokens only (a CLS token has no
+    neighbours); float64 sums, so every rank gets the same answer. None with fewer than 20
+    training samples, too few to hold any in."""
+    if len(train_rows) < 20:
+        return None
+    m = reader.manifest
+    patches = m.tokens - int(m.include_cls)
+    stride = max(1, math.ceil(len(train_rows) * patches / NEIGHBOUR_TOKENS))
+    rows = list(train_rows)[::stride]
+    fit = RidgeAccumulator(2 * m.clip_dim, m.eva_dim, patches)
+    val = RidgeAccumulator(2 * m.clip_dim, m.eva_dim, patches)
+    held_in = set(rows[9::10])
+    for batch, data in reader.batches(rows, 64):
+        keep = finite_samples(data)
+        clip, eva = data["clip"][keep, -patches:], data["eva"][keep, -patches:]
+        x = rms_normalize(clip)
+        x = torch.cat([x, neighbour_mean(x)], dim=-1)
+        is_val = torch.tensor([i in held_in for i, ok in zip(batch, keep.tolist(), strict=True) if ok],
+                              dtype=torch.bool)
+        fit.add(x[~is_val], eva[~is_val])
+        val.add(x[is_val], eva[is_val])
+    if fit.tokens_seen == 0 or val.tokens_seen == 0:  # all but a few samples non-finite
+        return None
+    token_fit, token_val = fit.first_features(m.clip_dim), val.first_features(m.clip_dim)
+    same = {a: token_val.mse(token_fit.solve(a)) for a in alphas}
+    # the wider fit only near the same-token optimum: each solve is ~8x the cost
+    i = alphas.index(min(same, key=same.get))
+    both = min(val.mse(fit.solve(a)) for a in alphas[max(0, i - 1):i + 2])
+    return NeighbourGain(min(same.values()), both, len(rows))

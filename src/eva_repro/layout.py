@@ -9,7 +9,10 @@ trainer then drops the CLS row on load (`drop_cls`).
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 
 TOKEN_MODES = ("patch_only", "cls_patch")  # patch tokens only, or CLS first then patches
 
@@ -44,3 +47,19 @@ def pairs_for_model(clip: torch.Tensor, eva: torch.Tensor,
     """A (condition, target) pair as loaded from shards -> as the model takes it: the CLS rows
     dropped when a patch_only model trains on shards that have them."""
     return (drop_cls(clip), drop_cls(eva)) if dropping_cls else (clip, eva)
+
+
+def grid_conv(patches: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """A 3x3 `kernel` convolved over the square patch grid of patches [B, g*g, D], the same
+    kernel for every channel, zero padded at the border."""
+    b, t, d = patches.shape
+    g = math.isqrt(t)
+    grid = patches.transpose(1, 2).reshape(b * d, 1, g, g)
+    out = F.conv2d(grid, kernel.to(patches.dtype).view(1, 1, 3, 3), padding=1)
+    return out.view(b, d, t).transpose(1, 2)
+
+
+def neighbour_mean(patches: torch.Tensor) -> torch.Tensor:
+    """The mean of each patch token's 4 grid neighbours (zero padded) [B, g*g, D]."""
+    cross = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 1.0], [0.0, 1.0, 0.0]], device=patches.device)
+    return grid_conv(patches, cross / 4)

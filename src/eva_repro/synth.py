@@ -19,11 +19,10 @@ import math
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from eva_repro import shards
 from eva_repro.errors import UserError
-from eva_repro.layout import TOKEN_MODES
+from eva_repro.layout import TOKEN_MODES, neighbour_mean
 
 
 def _function_weights(grid: int, clip_dim: int, eva_dim: int, seed: int,
@@ -36,15 +35,6 @@ def _function_weights(grid: int, clip_dim: int, eva_dim: int, seed: int,
         "pos": torch.randn(grid * grid, eva_dim, generator=g) * 0.5,
         "cls": torch.randn(eva_dim, eva_dim, generator=g) / math.sqrt(eva_dim),
     }
-
-
-def _neighbour_mix(c: torch.Tensor, grid: int) -> torch.Tensor:
-    """c [N, g*g, D] -> c + 0.5 * mean of the 4-neighbours (zero padded)."""
-    n, _, d = c.shape
-    img = c.transpose(1, 2).reshape(n * d, 1, grid, grid)
-    kernel = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]).view(1, 1, 3, 3) / 4
-    mixed = F.conv2d(img, kernel, padding=1).reshape(n, d, grid * grid).transpose(1, 2)
-    return c + 0.5 * mixed
 
 
 def make_pairs(
@@ -68,7 +58,7 @@ def make_pairs(
             (seed + 1) * 1_000_003 + i))
         for i in range(start, start + num_samples)
     ])
-    eva = torch.tanh(_neighbour_mix(clip, grid) @ w["w1"]) @ w["w2"] + w["pos"]
+    eva = torch.tanh((clip + 0.5 * neighbour_mean(clip)) @ w["w1"]) @ w["w2"] + w["pos"]
     if include_cls:  # CLS tokens: condition = mean patch, target = a fixed map of the mean target
         clip = torch.cat([clip.mean(dim=1, keepdim=True), clip], dim=1)
         eva = torch.cat([torch.tanh(eva.mean(dim=1, keepdim=True) @ w["cls"]), eva], dim=1)

@@ -37,7 +37,7 @@ from torch import nn
 from eva_repro import checkpoint as ckpt
 from eva_repro import data as data_mod
 from eva_repro import flow, layout, optim
-from eva_repro.baselines import ridge_linear_path
+from eva_repro.baselines import neighbour_gain, ridge_linear_path
 from eva_repro.data import BatchSchedule, DataPosition, TrainData
 from eva_repro.devices import autocast
 from eva_repro.distributed import (
@@ -176,6 +176,7 @@ class Run:
     position: DataPosition = field(default_factory=DataPosition)
     resumed_from: str | None = None
     recent_losses: list[float] = field(default_factory=list)  # for summary final_loss
+    fitted: dict[str, Any] = field(default_factory=dict)  # fit_to_training_data's decisions
 
 
 def seed_everything(seed: int) -> None:
@@ -210,19 +211,34 @@ def _total_steps(cfg: TrainConfig, schedule: BatchSchedule) -> int:
     return max(1, int(cfg.num_epochs * schedule.batches_per_epoch) // cfg.grad_accum)
 
 
-def fit_to_training_data(model: nn.Module, linear_init: str, data: TrainData, rows: list[int],
-                         drop_cls: bool, d: Dist) -> None:
+def fit_to_training_data(model: nn.Module, cfg: TrainConfig, data: TrainData, rows: list[int],
+                         drop_cls: bool, d: Dist) -> dict[str, Any]:
     """What a new model takes from its training rows (never the held-out ones) before step 1:
-    the condition whitening, and with --linear_init ridge the ridge map on its linear path."""
+    the condition whitening, whether its neighbour mix is trained, and with --linear_init ridge
+    the ridge map on its linear path. Returns what was decided, for summary.json."""
+    fitted: dict[str, Any] = {}
     shrink = getattr(model.config, "cond_whiten", None)
     if shrink is not None:
         model.init_whitening(*data_mod.condition_whitening(data.reader, rows, shrink, drop_cls))
         log(d, f"aligned condition whitened with the statistics of up to "
                f"{data_mod.WHITEN_SAMPLES} training samples (shrinkage {shrink:g})")
-    if linear_init == "ridge" and getattr(model.config, "cond_linear", False):
+    if getattr(model.config, "cond_local", False) and cfg.local_min_gain > 0:
+        gain = neighbour_gain(data.reader, rows)
+        if gain is None:
+            log(d, "neighbour mix on: too few training samples to test whether it helps")
+        else:
+            on = gain.gain >= cfg.local_min_gain
+            model.enable_local_mix(on)
+            fitted["neighbour_mix"] = {"trained": on, "ridge_error_cut": round(gain.gain, 4),
+                                       "min_gain": cfg.local_min_gain, "samples": gain.samples}
+            log(d, f"neighbour mix {'on' if on else 'off'}: ridge that reads each token's "
+                   f"neighbours has {100 * gain.gain:.1f}% less held-in error on {gain.samples} "
+                   f"training samples (on from {100 * cfg.local_min_gain:g}%, --local_min_gain)")
+    if cfg.linear_init == "ridge" and getattr(model.config, "cond_linear", False):
         weight, bias, ridge, n = ridge_linear_path(data.reader, rows, drop_cls)
         model.init_linear_path(weight, bias)
         log(d, f"linear path initialised by ridge on {n} training samples (alpha {ridge.alpha:g})")
+    return fitted
 
 
 def setup(cfg: TrainConfig) -> Run:
@@ -250,8 +266,9 @@ def setup(cfg: TrainConfig) -> Run:
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     raw = build_model(model_cfg).to(d.device)
-    if resume_path is None:  # a resumed run loads its own statistics and weights
-        fit_to_training_data(raw, cfg.linear_init, data, rows, drop_cls, d)
+    fitted = {}
+    if resume_path is None:  # a resumed run loads its own statistics, gate and weights
+        fitted = fit_to_training_data(raw, cfg, data, rows, drop_cls, d)
     ema = build_model(model_cfg).to(d.device)
     ema.load_state_dict(raw.state_dict())
     ema.requires_grad_(False)
@@ -266,7 +283,8 @@ def setup(cfg: TrainConfig) -> Run:
     eval_rows = data.heldout_rows[:cfg.eval_samples]
     run = Run(cfg, d, run_dir, data, schedule, model, raw, ema, optimizer,
               total, warmup, drop_cls, rows, load(eval_rows),
-              load(rows[:max(cfg.eval_samples, 1)]) if cfg.overfit_test_size else None)
+              load(rows[:max(cfg.eval_samples, 1)]) if cfg.overfit_test_size else None,
+              fitted=fitted)
     if resume_path is not None:
         restore(run, resume_path)
     return run
@@ -544,6 +562,7 @@ def _summary(run: Run, final_eval: dict[str, Any], stats: dict[str, Any], second
         "nonfinite_steps": stats["nonfinite_steps"],
         "train_time_s": round(seconds, 2),
         "resumed_from": run.resumed_from,
+        **run.fitted,
     }
     if run.overfit_set is not None:
         summary["overfit_cosine"] = final_eval["overfit_cosine"]

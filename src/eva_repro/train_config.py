@@ -57,6 +57,10 @@ class TrainConfig:
     linear_init: str = option("zero", "eva-repro head: start its linear path at zero (best on "
                               "the synthetic sets) or at the ridge fit of the training "
                               "split (starts at ridge; see README Learning)", choices=LINEAR_INITS)
+    local_min_gain: float = option(0.05, "eva-repro head: train the neighbour mix (cond_local) "
+                                   "only where held-in ridge that also reads each token's "
+                                   "neighbours has at least this fraction less error than "
+                                   "same-token ridge (0: always; see README Learning)")
     training_mode: str = option("auto", "token layout; auto follows the shards (patch_only on CLS "
                                 "shards drops the CLS token)", choices=["auto", *TOKEN_MODES])
     batch_size: int = option(8, "per rank and micro-batch", group="batches and length")

@@ -75,6 +75,7 @@ def run_problem(data: Path, steps: int | None, label: str, work: Path,
     return {
         "variant": label, "steps": summary["steps"], "params_m": summary["params_m"],
         "train_s": summary["train_time_s"], "curve": curve,
+        "neighbour_mix": summary.get("neighbour_mix"),  # trained or not, and why
         "dit": round(report["cosine"]["token_mean"], 4), "mean": round(mean, 4),
         "ridge": round(ridge, 4), "heldout_samples": report["n_samples"],
         # 95% bootstrap interval of DiT - ridge over the held-out images: is the gap resolved?

@@ -59,6 +59,8 @@ aligned condition to the input):
   surroundings, which the network otherwise reaches only through attention that must learn where
   to look). One kernel for all channels, zero init: it starts as the plain aligned condition, and
   with 9 parameters it cannot fit per-channel noise (a depthwise kernel did, on real photos).
+  A saved gate switches it off (`enable_local_mix`): the trainer trains it only where the
+  training data show that a token's neighbours carry target information.
 
 P is a fixed sin-cos embedding of the same (slot, row, col) positions RoPE uses, condition
 positions mapped onto the target grid (DiT adds one too; Lumina-Next relies on RoPE alone). At
@@ -84,7 +86,7 @@ from torch.utils.checkpoint import checkpoint
 from eva_repro import flow
 from eva_repro.errors import UserError
 from eva_repro.files import atomic_save_safetensors, atomic_write_json
-from eva_repro.layout import check_mode, has_cls
+from eva_repro.layout import check_mode, grid_conv, has_cls
 
 ARCHITECTURE = "eva-repro-dit"
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
@@ -267,12 +269,7 @@ def add_neighbours(a: torch.Tensor, kernel: torch.Tensor, cls_first: bool) -> to
     """a [B, T, D] + the 3x3 `kernel` convolved over the patch grid, the same kernel for every
     channel (zero padded); a CLS token passes unchanged."""
     n = int(cls_first)
-    patches = a[:, n:]
-    b, t, d = patches.shape
-    g = math.isqrt(t)
-    grid = patches.transpose(1, 2).reshape(b * d, 1, g, g)
-    mixed = F.conv2d(grid, kernel.to(a.dtype).view(1, 1, 3, 3), padding=1)
-    return torch.cat([a[:, :n], patches + mixed.view(b, d, t).transpose(1, 2)], dim=1)
+    return torch.cat([a[:, :n], a[:, n:] + grid_conv(a[:, n:], kernel)], dim=1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -391,6 +388,7 @@ class DiT(nn.Module):
                                           nn.Linear(cfg.cond_mlp, cfg.target_dim))
         if cfg.cond_local:
             self.local_mix = nn.Parameter(torch.zeros(3, 3))  # one kernel for every channel
+            self.register_buffer("local_gate", torch.ones(()))  # 0: the mix is off (enable_local_mix)
         if cfg.cond_whiten is not None:  # statistics, not parameters: saved, never trained
             self.register_buffer("cond_mean", torch.zeros(cfg.cond_dim))
             self.register_buffer("cond_white", torch.eye(cfg.cond_dim))
@@ -500,6 +498,14 @@ class DiT(nn.Module):
         self.cond_white.copy_(matrix)
 
     @torch.no_grad()
+    def enable_local_mix(self, on: bool) -> None:
+        """Switch the neighbour mix on or off (a saved gate, not a parameter). Off, the kernel
+        gets no gradient and stays at its zero init: the model is the plain one."""
+        if not self.config.cond_local:
+            raise ValueError("enable_local_mix needs a model with cond_local=True")
+        self.local_gate.fill_(float(on))
+
+    @torch.no_grad()
     def init_linear_path(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
         """Start the linear path at a fitted map x1 ~ RMSNorm(c) @ weight + bias, in the sampler's
         normalised target space (weight [D_cond, D_target], bias [tokens or 1, D_target]), e.g.
@@ -528,7 +534,7 @@ class DiT(nn.Module):
         if self.config.cond_whiten is not None:
             a = (a - self.cond_mean.to(a.dtype)) @ self.cond_white.to(a.dtype)
         if self.config.cond_local:
-            a = add_neighbours(a, self.local_mix, has_cls(self.config.token_mode))
+            a = add_neighbours(a, self.local_mix * self.local_gate, has_cls(self.config.token_mode))
         if drop_cond is not None:
             a = torch.where(drop_cond.view(-1, 1, 1), 0.0, a)
         return a
