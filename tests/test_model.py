@@ -201,6 +201,9 @@ def test_local_gate_off_is_the_plain_model_and_keeps_the_kernel_at_zero(tmp_path
     assert torch.equal(model.local_mix.grad, torch.zeros(3, 3))  # off: it never moves
     model.save_pretrained(tmp_path / "m")  # the gate is saved with the weights
     assert DiT.from_pretrained(tmp_path / "m").local_gate.item() == 0.0
+    older = {k: v for k, v in model.state_dict().items() if k != "local_gate"}
+    model.load_state_dict(older)  # saved before the gate existed: the mix was trained, gate on
+    assert model.local_gate.item() == 1.0
     with pytest.raises(ValueError, match="cond_local=True"):
         plain.enable_local_mix(True)
 

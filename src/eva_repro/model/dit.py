@@ -497,6 +497,11 @@ class DiT(nn.Module):
         self.cond_mean.copy_(mean)
         self.cond_white.copy_(matrix)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if self.config.cond_local:  # weights saved before the gate existed trained the mix
+            state_dict.setdefault(prefix + "local_gate", torch.ones(()))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     @torch.no_grad()
     def enable_local_mix(self, on: bool) -> None:
         """Switch the neighbour mix on or off (a saved gate, not a parameter). Off, the kernel
