@@ -15,8 +15,9 @@ samples by closed-form validation error (no second pass over the data), then ref
 
 from __future__ import annotations
 
+import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -127,9 +128,8 @@ class RidgeAccumulator:
 
     def first_features(self, k: int) -> RidgeAccumulator:
         """The same statistics for the problem that keeps only the first k features."""
-        sub = RidgeAccumulator.__new__(RidgeAccumulator)
-        sub.__dict__.update(self.__dict__, sxx=self.sxx[:k, :k], sxp=self.sxp[:, :k],
-                            sxy=self.sxy[:k])
+        sub = copy.copy(self)
+        sub.sxx, sub.sxp, sub.sxy = self.sxx[:k, :k], self.sxp[:, :k], self.sxy[:k]
         return sub
 
     @property
@@ -159,6 +159,21 @@ class RidgeAccumulator:
         return float(sse / self.tokens_seen)
 
 
+def held_in_rows(rows: Sequence[int]) -> set[int]:
+    """Every 10th training row, held in to choose ridge's alpha (none with fewer than 20)."""
+    return set(list(rows)[9::10]) if len(rows) >= 20 else set()
+
+
+def _finite_batches(reader: ShardReader, rows: Sequence[int], held_in: set[int], batch_size: int
+                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]:
+    """(clip, eva, is_held_in, number left out) per batch of `rows`: NaN/Inf samples are left
+    out, as the trainer skips them."""
+    for batch, data in reader.batches(rows, batch_size):
+        finite = finite_samples(data)
+        is_val = torch.tensor([i in held_in for i in batch], dtype=torch.bool)[finite]
+        yield data["clip"][finite], data["eva"][finite], is_val, int((~finite).sum())
+
+
 def fit_baselines(
     reader: ShardReader,
     train_indices: Sequence[int],
@@ -175,24 +190,18 @@ def fit_baselines(
     mean_acc = MeanAccumulator()
     fit = RidgeAccumulator(m.clip_dim, m.eva_dim, m.tokens, position_bias, device)
     val = RidgeAccumulator(m.clip_dim, m.eva_dim, m.tokens, position_bias, device)
-    # every 10th training sample is held in to choose alpha (none when there are too few)
-    held_in = set(list(train_indices)[9::10]) if len(train_indices) >= 20 else set()
+    held_in = held_in_rows(train_indices)
     bar = progress_bar(total=len(train_indices), desc="fit baselines", unit="img", disable=not progress,
                leave=False)
     skipped = 0
-    for batch, rows in reader.batches(train_indices, batch_size):
-        finite = finite_samples(rows)
-        if not finite.all():  # NaN/Inf samples: the trainer skips them, and so do the fits
-            skipped += int((~finite).sum())
-            batch = [i for i, ok in zip(batch, finite.tolist(), strict=True) if ok]
-            rows = {k: v[finite] for k, v in rows.items()}
-        mean_acc.update(rows["eva"])
-        is_val = torch.tensor([i in held_in for i in batch], dtype=torch.bool)
+    for clip, eva, is_val, left_out in _finite_batches(reader, train_indices, held_in, batch_size):
+        skipped += left_out
+        mean_acc.update(eva)
         if (~is_val).any():
-            fit.update(rows["clip"][~is_val], rows["eva"][~is_val])
+            fit.update(clip[~is_val], eva[~is_val])
         if is_val.any():
-            val.update(rows["clip"][is_val], rows["eva"][is_val])
-        bar.update(len(batch))
+            val.update(clip[is_val], eva[is_val])
+        bar.update(len(is_val))
     bar.close()
     scores = {}
     if held_in and fit.tokens_seen > 0:
@@ -259,26 +268,22 @@ def neighbour_gain(reader: ShardReader, train_rows: Sequence[int],
     with its best alpha (the wider one searched next to the narrower one's), scored on every
     10th of (evenly spaced) training rows and fitted on the rest: how much of the target a
     linear map can take from a token's surroundings. Patch tokens only (a CLS token has no
-    neighbours); float64 sums, so every rank gets the same answer. None with fewer than 20
-    training samples, too few to hold any in."""
-    if len(train_rows) < 20:
-        return None
+    neighbours); float64 sums, so every rank gets the same answer. None with too few samples
+    to hold any in (`held_in_rows`)."""
     m = reader.manifest
     patches = m.tokens - int(m.include_cls)
     stride = max(1, math.ceil(len(train_rows) * patches / NEIGHBOUR_TOKENS))
     rows = list(train_rows)[::stride]
+    held_in = held_in_rows(rows)
+    if not held_in:
+        return None
     fit = RidgeAccumulator(2 * m.clip_dim, m.eva_dim, patches)
     val = RidgeAccumulator(2 * m.clip_dim, m.eva_dim, patches)
-    held_in = set(rows[9::10])
-    for batch, data in reader.batches(rows, 64):
-        keep = finite_samples(data)
-        clip, eva = data["clip"][keep, -patches:], data["eva"][keep, -patches:]
-        x = rms_normalize(clip)
+    for clip, eva, is_val, _ in _finite_batches(reader, rows, held_in, 64):
+        x = rms_normalize(clip[:, -patches:])
         x = torch.cat([x, neighbour_mean(x)], dim=-1)
-        is_val = torch.tensor([i in held_in for i, ok in zip(batch, keep.tolist(), strict=True) if ok],
-                              dtype=torch.bool)
-        fit.add(x[~is_val], eva[~is_val])
-        val.add(x[is_val], eva[is_val])
+        fit.add(x[~is_val], eva[~is_val, -patches:])
+        val.add(x[is_val], eva[is_val, -patches:])
     if fit.tokens_seen == 0 or val.tokens_seen == 0:  # all but a few samples non-finite
         return None
     token_fit, token_val = fit.first_features(m.clip_dim), val.first_features(m.clip_dim)
