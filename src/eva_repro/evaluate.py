@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from eva_repro import __version__ as _version
 from eva_repro import flow, metrics, shards
@@ -336,7 +335,7 @@ def build_report(c: Collected, sweep, baselines, opts, manifest, loaded, model_p
     dit_cos = c.cat("dit")
     pooled = {k: torch.cat(v) for k, v in c.pooled.items()}
     def pooled_cos(name: str) -> torch.Tensor:
-        return F.cosine_similarity(pooled[name], pooled["target"], dim=-1)
+        return flow.token_cosine(pooled[name], pooled["target"])
 
     cosine = metrics.cosine_summary(dit_cos, pooled_cos("dit"))
     per_position = dit_cos.mean(dim=0)

@@ -27,7 +27,7 @@ happens; `denormalize_target` maps generated tokens back to a chosen token norm.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -291,7 +291,7 @@ def guided_velocity(
 
 
 @torch.no_grad()
-def sample_noise(ids, tokens: int, dim: int, seed: int = 0) -> torch.Tensor:
+def sample_noise(ids: Sequence[int], tokens: int, dim: int, seed: int = 0) -> torch.Tensor:
     """The one per-sample noise x0 ~ N(0, I) [len(ids), tokens, dim]: row i from its own generator
     (seed, ids[i]), so a sample's noise depends on its id (its row in the shards) only, never on
     batching: the trainer's held-out cosine, `eva-repro evaluate` and `eva-repro sample` draw the
@@ -303,21 +303,27 @@ def sample_noise(ids, tokens: int, dim: int, seed: int = 0) -> torch.Tensor:
     return out
 
 
+@torch.no_grad()
 def sample(
     model: torch.nn.Module,
     cond: torch.Tensor,
+    ids: Sequence[int] | None = None,
     steps: int = 20,
     method: str = "heun",
     shift: float = 1.0,
     cfg_scale: float = 1.0,
-    generator: torch.Generator | None = None,
-    tokens: int | None = None,
+    seed: int = 0,
+    tol: float = 1e-5,
 ) -> tuple[torch.Tensor, int]:
-    """Draw targets for `cond` [B, Tc, Dc] from N(0, I) noise; returns normalised-space tokens.
+    """Targets for `cond` [B, Tc, Dc] in the normalised space, and the network evaluations.
 
-    `tokens` defaults to the condition's token count (target and condition share the grid).
+    Sample i starts from `sample_noise` keyed by `ids[i]` (default i): the trainer's held-out
+    cosine, `eva-repro evaluate` and `eva-repro sample` all sample through here. The target has
+    the condition's token count (target and condition share the grid); `tol` is dopri5's
+    atol = rtol.
     """
-    config = model.config
-    shape = (cond.shape[0], tokens or cond.shape[1], config.target_dim)
-    x0 = torch.randn(shape, generator=generator, device=cond.device, dtype=torch.float32)
-    return sample_ode(guided_velocity(model, cond, cfg_scale), x0, steps, method, shift)
+    ids = range(cond.shape[0]) if ids is None else ids
+    x0 = sample_noise(ids, cond.shape[1], model.config.target_dim, seed).to(cond.device)
+    x1, nfe = sample_ode(guided_velocity(model, cond, cfg_scale), x0, steps, method, shift,
+                         atol=tol, rtol=tol)
+    return x1.float(), nfe

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from eva_repro import files, flow, shards
+from eva_repro.checkpoint import load_model
 from eva_repro.devices import autocast, device_of, pick_device
 from eva_repro.errors import UserError
 from eva_repro.flags import add_flags, option
@@ -78,19 +79,16 @@ def generate_batch(
 ) -> tuple[torch.Tensor, int]:
     """One batch: (tokens [B, T, De] float32 on the model's device, network evaluations).
 
-    The noise of row i is picked by its id: `ids[i]`, default `offset + i`. `tol` is dopri5's
-    atol = rtol; raw_scale=False returns the sampler's normalised space (token norm sqrt(De)).
+    The noise of row i is picked by its id: `ids[i]`, default `offset + i` (`flow.sample`).
+    `tol` is dopri5's atol = rtol; raw_scale=False returns the sampler's normalised space
+    (token norm sqrt(De)).
     """
-    config = model.config
     device = device_of(model)
     cond = clip_tokens.to(device=device, dtype=torch.float32)
     ids = range(offset, offset + cond.shape[0]) if ids is None else ids
-    x0 = flow.sample_noise(ids, cond.shape[1], config.target_dim, seed).to(device)
     with autocast(device):
-        x1, nfe = flow.sample_ode(flow.guided_velocity(model, cond, cfg_scale), x0, steps, method,
-                                  shift, atol=tol, rtol=tol)
-    x1 = x1.float()
-    return (flow.denormalize_target(x1, config.target_norm) if raw_scale else x1), nfe
+        x1, nfe = flow.sample(model, cond, ids, steps, method, shift, cfg_scale, seed, tol)
+    return (flow.denormalize_target(x1, model.config.target_norm) if raw_scale else x1), nfe
 
 
 def generate(
@@ -206,8 +204,6 @@ def _resume(out: Path, settings: dict) -> dict[int, shards.ShardInfo]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from eva_repro.checkpoint import load_model  # the one loading function
-
     resolve_sampler(args)
     loaded = load_model(args.model_path)
     model = loaded.model.to(pick_device(args.device)).eval()

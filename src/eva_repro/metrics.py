@@ -41,7 +41,7 @@ def mean_pool(tokens: torch.Tensor) -> torch.Tensor:
 
 def pooled_cosine(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Cosine per image [N] between the mean-pooled embeddings (the 'global' similarity)."""
-    return F.cosine_similarity(mean_pool(pred), mean_pool(target), dim=-1)
+    return flow.token_cosine(mean_pool(pred), mean_pool(target))
 
 
 def band_fractions(per_image: torch.Tensor) -> dict[str, float]:

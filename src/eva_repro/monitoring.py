@@ -1,6 +1,6 @@
 """What a training run tells its user: `metrics.jsonl` + TensorBoard (MetricsLog), one-line
-progress messages on rank 0 (log), and --debug_mode's per-layer gradient and activation
-statistics (DebugMonitor)."""
+progress messages on rank 0 (log), the averages of a log line (Interval), and --debug_mode's
+per-layer gradient and activation statistics (DebugMonitor)."""
 
 from __future__ import annotations
 
@@ -61,6 +61,40 @@ class MetricsLog:
 def log(d: Dist, message: str) -> None:
     if d.is_main:
         print(f"[train] {message}", file=sys.stderr, flush=True)
+
+
+class Interval:
+    """Sums over the steps since the last log line."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.steps, self.finite, self.samples = 0, 0, 0
+        self.loss, self.cos, self.norm = 0.0, 0.0, 0.0
+        self.wait, self.busy = 0.0, 0.0  # seconds waiting for data / in training steps
+
+    def add(self, loss: float, cosine: float, norm: float, samples: int, wait: float,
+            seconds: float) -> None:
+        """One step; its seconds exclude evaluation and checkpoints. A skipped (non-finite)
+        step counts its samples and time but not its loss."""
+        self.steps += 1
+        self.samples += samples
+        self.wait += wait
+        self.busy += seconds
+        if math.isfinite(loss):
+            self.finite += 1
+            self.loss += loss
+            self.cos += cosine
+            self.norm += norm
+
+    def record(self) -> dict[str, float]:
+        """The interval's means: loss, velocity cosine and gradient norm over its finite steps,
+        throughput and the fraction of its time spent waiting for data."""
+        elapsed = max(self.busy, 1e-9)
+        n = max(self.finite, 1)
+        return {"loss": self.loss / n, "velocity_cosine": self.cos / n, "grad_norm": self.norm / n,
+                "samples_per_s": self.samples / elapsed, "data_wait_fraction": self.wait / elapsed}
 
 
 class DebugMonitor:

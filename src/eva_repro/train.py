@@ -37,7 +37,6 @@ from torch import nn
 from eva_repro import checkpoint as ckpt
 from eva_repro import data as data_mod
 from eva_repro import flow, layout, optim
-from eva_repro.baselines import neighbour_gain, ridge_linear_path
 from eva_repro.data import BatchSchedule, DataPosition, TrainData
 from eva_repro.devices import autocast
 from eva_repro.distributed import (
@@ -49,8 +48,9 @@ from eva_repro.distributed import (
     wrap_model,
 )
 from eva_repro.files import atomic_write_json
+from eva_repro.init_from_data import fit_to_training_data
 from eva_repro.lockfile import DirectoryLock
-from eva_repro.monitoring import DebugMonitor, MetricsLog, log
+from eva_repro.monitoring import DebugMonitor, Interval, MetricsLog, log
 from eva_repro.preemption import Preempted, StopSignals
 from eva_repro.progress import progress_bar
 from eva_repro.shards import MIN_HELDOUT
@@ -111,7 +111,7 @@ class EvalSet:
 def sampled_cosine(
     model: nn.Module, samples: EvalSet, cfg: TrainConfig, device: torch.device,
 ) -> float | None:
-    """Sample targets for the set's conditions with the (EMA) model from flow.sample_noise (keyed
+    """Sample targets for the set's conditions with the (EMA) model (`flow.sample`, noise keyed
     by row id, as `eva-repro evaluate` does); mean token cosine to its targets (None for an empty
     set, e.g. --eval_fraction 0)."""
     if not samples.ids:
@@ -122,11 +122,10 @@ def sampled_cosine(
     for start in range(0, len(samples.ids), cfg.batch_size):
         c = samples.clip[start:start + cfg.batch_size].to(device).float()
         e = samples.eva[start:start + cfg.batch_size].to(device).float()
-        x0 = flow.sample_noise(samples.ids[start:start + cfg.batch_size], e.shape[1], e.shape[2])
         with autocast(device):
-            x, _ = flow.sample_ode(flow.guided_velocity(model, c), x0.to(device),
-                                   cfg.eval_sampler_steps, cfg.eval_method, cfg.flow.time_shift)
-        cos = flow.token_cosine(x.float(), e)
+            x, _ = flow.sample(model, c, samples.ids[start:start + cfg.batch_size],
+                               cfg.eval_sampler_steps, cfg.eval_method, cfg.flow.time_shift)
+        cos = flow.token_cosine(x, e)
         total += float(cos.sum())
         count += cos.numel()
     if hasattr(model, "reshard"):  # FSDP2: back to sharded parameters after forward-only use
@@ -176,7 +175,8 @@ class Run:
     position: DataPosition = field(default_factory=DataPosition)
     resumed_from: str | None = None
     recent_losses: list[float] = field(default_factory=list)  # for summary final_loss
-    fitted: dict[str, Any] = field(default_factory=dict)  # fit_to_training_data's decisions
+    fitted: dict[str, Any] = field(default_factory=dict)  # fit_to_training_data's decisions,
+    # kept in the checkpoints so a resumed run's summary reports them too
 
 
 def seed_everything(seed: int) -> None:
@@ -211,36 +211,6 @@ def _total_steps(cfg: TrainConfig, schedule: BatchSchedule) -> int:
     return max(1, int(cfg.num_epochs * schedule.batches_per_epoch) // cfg.grad_accum)
 
 
-def fit_to_training_data(model: nn.Module, cfg: TrainConfig, data: TrainData, rows: list[int],
-                         drop_cls: bool, d: Dist) -> dict[str, Any]:
-    """What a new model takes from its training rows (never the held-out ones) before step 1:
-    the condition whitening, whether its neighbour mix is trained, and with --linear_init ridge
-    the ridge map on its linear path. Returns what was decided, for summary.json."""
-    fitted: dict[str, Any] = {}
-    shrink = getattr(model.config, "cond_whiten", None)
-    if shrink is not None:
-        model.init_whitening(*data_mod.condition_whitening(data.reader, rows, shrink, drop_cls))
-        log(d, f"aligned condition whitened with the statistics of up to "
-               f"{data_mod.WHITEN_SAMPLES} training samples (shrinkage {shrink:g})")
-    if getattr(model.config, "cond_local", False) and cfg.local_min_gain > 0:
-        gain = neighbour_gain(data.reader, rows)
-        if gain is None:
-            log(d, "neighbour mix on: too few training samples to test whether it helps")
-        else:
-            on = gain.gain >= cfg.local_min_gain
-            model.enable_local_mix(on)
-            fitted["neighbour_mix"] = {"trained": on, "ridge_error_cut": round(gain.gain, 4),
-                                       "min_gain": cfg.local_min_gain, "samples": gain.samples}
-            log(d, f"neighbour mix {'on' if on else 'off'}: ridge that reads each token's "
-                   f"neighbours has {100 * gain.gain:.1f}% less held-in error on {gain.samples} "
-                   f"training samples (on from {100 * cfg.local_min_gain:g}%, --local_min_gain)")
-    if cfg.linear_init == "ridge" and getattr(model.config, "cond_linear", False):
-        weight, bias, ridge, n = ridge_linear_path(data.reader, rows, drop_cls)
-        model.init_linear_path(weight, bias)
-        log(d, f"linear path initialised by ridge on {n} training samples (alpha {ridge.alpha:g})")
-    return fitted
-
-
 def setup(cfg: TrainConfig) -> Run:
     validate_config(cfg)
     if cfg.learning_rate is None:
@@ -268,7 +238,8 @@ def setup(cfg: TrainConfig) -> Run:
     raw = build_model(model_cfg).to(d.device)
     fitted = {}
     if resume_path is None:  # a resumed run loads its own statistics, gate and weights
-        fitted = fit_to_training_data(raw, cfg, data, rows, drop_cls, d)
+        fitted = fit_to_training_data(raw, data.reader, rows, drop_cls, cfg.local_min_gain,
+                                      cfg.linear_init, lambda message: log(d, message))
     ema = build_model(model_cfg).to(d.device)
     ema.load_state_dict(raw.state_dict())
     ema.requires_grad_(False)
@@ -302,6 +273,7 @@ def restore(run: Run, path: Path) -> None:
         log(run.d, f"global micro-batch {saved_batch} -> {run.schedule.global_batch}: continuing at "
                    f"sample {samples} of epoch {run.position.epoch}")
     run.recent_losses = list(state.meta.get("recent_losses", []))
+    run.fitted = dict(state.meta.get("fitted", {}))
     ckpt.restore_rng(*state.rng)
     run.resumed_from = str(path)
     log(run.d, f"resumed from {path} at step {run.step} (epoch {run.position.epoch}, batch "
@@ -315,7 +287,7 @@ def save(run: Run) -> None:
             "scheduler": {"kind": "warmup_cosine", "total_steps": run.total_steps,
                           "warmup_steps": run.warmup, "min_lr_ratio": run.cfg.min_lr_ratio,
                           "base_lr": run.cfg.learning_rate},
-            "recent_losses": run.recent_losses}
+            "recent_losses": run.recent_losses, "fitted": run.fitted}
     state = ckpt.gather_training_state(run.step, run.raw, run.ema, run.optimizer, meta)
     if run.d.is_main:
         path = ckpt.save_checkpoint(run.run_dir, state, keep=run.cfg.keep_checkpoints)
@@ -368,32 +340,6 @@ def _loader(run: Run) -> Iterator[data_mod.Batch]:
         collate_fn=data_mod.keep_batch,
         worker_init_fn=data_mod.worker_init)
     return iter(loader)
-
-
-class Interval:
-    """Sums over the steps since the last log line."""
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.steps, self.finite, self.samples = 0, 0, 0
-        self.loss, self.cos, self.norm = 0.0, 0.0, 0.0
-        self.wait, self.busy = 0.0, 0.0  # seconds waiting for data / in training steps
-
-    def add(self, loss: float, cosine: float, norm: float, samples: int, wait: float,
-            seconds: float) -> None:
-        """One step; its seconds exclude evaluation and checkpoints. A skipped (non-finite)
-        step counts its samples and time but not its loss."""
-        self.steps += 1
-        self.samples += samples
-        self.wait += wait
-        self.busy += seconds
-        if math.isfinite(loss):
-            self.finite += 1
-            self.loss += loss
-            self.cos += cosine
-            self.norm += norm
 
 
 def train_step(run: Run, batches: Iterator[data_mod.Batch], stats: dict[str, Any]
@@ -508,7 +454,12 @@ def _train(cfg: TrainConfig, on_step: Callable[[int, dict[str, Any]], None] | No
                     run.recent_losses = (run.recent_losses + [loss])[-10:]
                 record: dict[str, Any] = {"step": run.step, "loss": loss}
                 if run.step % cfg.log_every == 0 or run.step == run.total_steps:
-                    record = _log_record(run, interval, stats, monitor, norm)
+                    record = {"step": run.step, "epoch": run.position.epoch, **interval.record(),
+                              "lr": run.optimizer.param_groups[0]["lr"],
+                              "skipped_samples": stats["skipped_samples"],
+                              "nonfinite_steps": stats["nonfinite_steps"]}
+                    if monitor is not None:
+                        record.update(monitor.check(run.step, norm))
                     metrics.write(record)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                                     sps=f"{record['samples_per_s']:.0f}")
@@ -575,27 +526,6 @@ def stop_requested(signals: StopSignals, d: Dist) -> bool:
     """Any rank signalled: every rank stops after the same step (one small all-reduce)."""
     flag = float(signals.received is not None)
     return all_reduce_sum([flag], d)[0] > 0 if d.enabled else bool(flag)
-
-
-def _log_record(run: Run, interval: Interval, stats: dict[str, Any], monitor: DebugMonitor | None,
-                last_norm: float) -> dict[str, Any]:
-    elapsed = max(interval.busy, 1e-9)
-    n = max(interval.finite, 1)
-    record = {
-        "step": run.step,
-        "epoch": run.position.epoch,
-        "loss": interval.loss / n,
-        "velocity_cosine": interval.cos / n,
-        "grad_norm": interval.norm / n,
-        "lr": run.optimizer.param_groups[0]["lr"],
-        "samples_per_s": interval.samples / elapsed,
-        "data_wait_fraction": interval.wait / elapsed,
-        "skipped_samples": stats["skipped_samples"],
-        "nonfinite_steps": stats["nonfinite_steps"],
-    }
-    if monitor is not None:
-        record.update(monitor.check(run.step, last_norm))
-    return record
 
 
 def run(args: argparse.Namespace) -> int:
