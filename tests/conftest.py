@@ -29,6 +29,22 @@ def one_thread():
 
 
 @pytest.fixture(scope="session")
+def one_line_error():
+    """`one_line_error(fn, match, kind=UserError) -> message`: fn raises `kind`, a UserError (what
+    the CLI prints as one `error:` line), matching `match`, and its message is one line."""
+    from eva_repro.errors import UserError
+
+    def check(fn, match: str, kind: type[Exception] = UserError) -> str:
+        with pytest.raises(kind, match=match) as info:
+            fn()
+        message = str(info.value)
+        assert isinstance(info.value, UserError) and "\n" not in message, message
+        return message
+
+    return check
+
+
+@pytest.fixture(scope="session")
 def token_only_data(tmp_path_factory):
     """Shards whose target is a nonlinear function of the condition token at the same place
     alone (grid 4, 32-d condition, 48-d target): a token's neighbours carry nothing more."""

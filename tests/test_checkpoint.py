@@ -79,7 +79,8 @@ def test_round_trip_restores_model_optimizer_and_rng_exactly(tmp_path):
     json.loads((path / "trainer_state.json").read_text())
 
 
-def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_valid_one(tmp_path, capsys):
+def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_valid_one(tmp_path, capsys,
+                                                                       one_line_error):
     model = _tiny_model()
     opt = torch.optim.AdamW(model.parameters())
     _step(model, opt, 0)
@@ -96,9 +97,8 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_valid_one(tmp_path
     warnings = capsys.readouterr().err.splitlines()
     assert len(warnings) == 2 and "step-00000030: ema.safetensors does not match" in warnings[0]
     assert "step-00000020: optimizer.safetensors does not match" in warnings[1]
-    with pytest.raises(ckpt.CheckpointError, match="ema.safetensors does not match") as info:
-        ckpt.resolve_resume(tmp_path, str(root / "step-00000030"))  # asked for by name: an error
-    assert "\n" not in str(info.value)
+    one_line_error(lambda: ckpt.resolve_resume(tmp_path, str(root / "step-00000030")),
+                   "ema.safetensors does not match", ckpt.CheckpointError)  # asked for by name
     (root / "step-00000010" / "rng.safetensors").unlink()
     with pytest.raises(ckpt.CheckpointError, match="none of its 3 checkpoints verifies"):
         ckpt.resolve_resume(tmp_path, "auto")

@@ -119,24 +119,17 @@ def test_nan_or_inf_samples_are_skipped_with_their_key(tmp_path):
     assert ids == [1, 6] and clip.shape[0] == eva.shape[0] == 2
 
 
-def _one_line_error(fn, match):
-    with pytest.raises(ValueError, match=match) as info:
-        fn()
-    assert "\n" not in str(info.value)
-    return str(info.value)
-
-
-def test_bad_data_directories_give_one_line_errors(tmp_path, synth_dir):
-    _one_line_error(lambda: open_training_data(tmp_path / "nope"), "does not exist")
+def test_bad_data_directories_give_one_line_errors(tmp_path, synth_dir, one_line_error):
+    one_line_error(lambda: open_training_data(tmp_path / "nope"), "does not exist")
     (tmp_path / "empty").mkdir()
-    _one_line_error(lambda: open_training_data(tmp_path / "empty"), "holds no shards")
+    one_line_error(lambda: open_training_data(tmp_path / "empty"), "holds no shards")
     # checksum mismatch: a shard changed after the manifest was written
     bad = tmp_path / "corrupt"
     write_synthetic_shards(bad, 20, grid=2, clip_dim=4, eva_dim=4, shard_size=10)
     t = load_file(str(bad / "shard-00001.safetensors"))
     t["eva"][0] += 1
     save_file(t, str(bad / "shard-00001.safetensors"))
-    msg = _one_line_error(lambda: open_training_data(bad), "sha256")
+    msg = one_line_error(lambda: open_training_data(bad), "sha256")
     assert "shard-00001" in msg
     open_training_data(bad, verify_checksums=False)  # opt-out still opens it
     # shards with different dims in one directory
@@ -146,28 +139,28 @@ def test_bad_data_directories_give_one_line_errors(tmp_path, synth_dir):
     c2, e2 = make_pairs(4, grid=2, clip_dim=4, eva_dim=6)
     shards.write_shard(mixed, 1, c2, e2, [f"b{i}" for i in range(4)])
     shards.write_manifest(mixed, {"grid": 2, "include_cls": False})
-    msg = _one_line_error(lambda: open_training_data(mixed), "same encoders")
+    msg = one_line_error(lambda: open_training_data(mixed), "same encoders")
     assert "shard-00001" in msg
     # ... or different dtypes
     mixed_dtype = tmp_path / "mixed_dtype"
     shards.write_shard(mixed_dtype, 0, c, e, [f"a{i}" for i in range(4)], dtype="float16")
     shards.write_shard(mixed_dtype, 1, c, e, [f"b{i}" for i in range(4)], dtype="float32")
     shards.write_manifest(mixed_dtype, {"grid": 2, "include_cls": False})
-    _one_line_error(lambda: open_training_data(mixed_dtype), "dtypes")
+    one_line_error(lambda: open_training_data(mixed_dtype), "dtypes")
     # batch larger than the data
     data = open_training_data(synth_dir, eval_fraction=0.5, max_samples=10)
-    _one_line_error(lambda: _schedule(data.train_rows, global_batch=64), "larger than")
-    _one_line_error(lambda: open_training_data(synth_dir, eval_fraction=1.5), "eval_fraction")
-    _one_line_error(lambda: open_training_data(synth_dir, max_samples=0), "max_samples")
+    one_line_error(lambda: _schedule(data.train_rows, global_batch=64), "larger than")
+    one_line_error(lambda: open_training_data(synth_dir, eval_fraction=1.5), "eval_fraction")
+    one_line_error(lambda: open_training_data(synth_dir, max_samples=0), "max_samples")
 
 
-def test_manifest_with_wrong_sample_count_is_rejected(tmp_path):
+def test_manifest_with_wrong_sample_count_is_rejected(tmp_path, one_line_error):
     write_synthetic_shards(tmp_path, 8, grid=2, clip_dim=4, eva_dim=4, shard_size=8)
     m = json.loads((tmp_path / "manifest.json").read_text())
     m["shards"][0]["num_samples"] = 9
     m["num_samples"] = 9
     (tmp_path / "manifest.json").write_text(json.dumps(m))
-    _one_line_error(lambda: open_training_data(tmp_path, verify_checksums=False), "shape")
+    one_line_error(lambda: open_training_data(tmp_path, verify_checksums=False), "shape")
 
 
 def test_condition_whitening_whitens_the_training_conditions_only(tmp_path):

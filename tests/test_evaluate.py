@@ -152,52 +152,41 @@ def test_evaluate_model_py_shim_has_the_same_flags(trained_run, tmp_path, monkey
 # -- bad input: one clear line naming the file -------------------------------------------------
 
 
-def _one_line(excinfo) -> str:
-    message = str(excinfo.value)
-    assert "\n" not in message
-    return message
-
-
-def test_dims_that_do_not_match_the_shards(trained_run, tmp_path):
+def test_dims_that_do_not_match_the_shards(trained_run, tmp_path, one_line_error):
     write_synthetic_shards(tmp_path / "wide", 20, grid=4, clip_dim=48, eva_dim=64, seed=0)
-    with pytest.raises(ModelDataMismatch) as e:
-        evaluate(trained_run["run"], tmp_path / "wide", None, **FAST)
-    assert "clip_dim 48 vs model cond_dim 32" in _one_line(e)
+    one_line_error(lambda: evaluate(trained_run["run"], tmp_path / "wide", None, **FAST),
+                   "clip_dim 48 vs model cond_dim 32", ModelDataMismatch)
     write_synthetic_shards(tmp_path / "cls", 20, include_cls=True, **DIMS)
     with pytest.raises(ModelDataMismatch, match="include_cls=True"):
         evaluate(trained_run["run"], tmp_path / "cls", None, **FAST)
 
 
-def test_checkpoint_from_another_architecture(trained_run, tmp_path):
+def test_checkpoint_from_another_architecture(trained_run, tmp_path, one_line_error):
     bad = tmp_path / "other"
     DiT(DiTConfig(target_dim=64, cond_dim=32, hidden=32, depth=1, n_heads=4, n_kv_heads=2)
         ).save_pretrained(bad)
     config = json.loads((bad / "config.json").read_text())
     (bad / "config.json").write_text(json.dumps({**config, "architecture": "some-unet"}))
-    with pytest.raises(ValueError) as e:
-        evaluate(bad, trained_run["data"], None, **FAST)
-    assert "some-unet" in _one_line(e)
+    one_line_error(lambda: evaluate(bad, trained_run["data"], None, **FAST), "some-unet")
 
 
-def test_run_dir_without_model_and_missing_path(tmp_path, trained_run, capsys):
+def test_run_dir_without_model_and_missing_path(tmp_path, trained_run, capsys, one_line_error):
     run = tmp_path / "run"
     files.atomic_write_json(run / "run_config.json", {})
-    with pytest.raises(CheckpointError) as e:
-        evaluate(run, trained_run["data"], None, **FAST)
-    assert "run directory with no model" in _one_line(e)
+    message = one_line_error(lambda: evaluate(run, trained_run["data"], None, **FAST),
+                             "run directory with no model", CheckpointError)
     # the CLI prints it as one `error:` line and exits 2
     assert cli.main(["evaluate", "--model_path", str(run), "--embeddings_dir",
                      str(trained_run["data"]), "--output_dir", str(tmp_path / "o")]) == 2
-    assert capsys.readouterr().err.strip() == f"error: {e.value}"
+    assert capsys.readouterr().err.strip() == f"error: {message}"
     with pytest.raises(ValueError, match="does not exist"):
         evaluate(tmp_path / "nope", trained_run["data"], None, **FAST)
 
 
-def test_empty_shard_dir(tmp_path, trained_run):
+def test_empty_shard_dir(tmp_path, trained_run, one_line_error):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(shards.ShardError) as e:
-        evaluate(trained_run["run"], tmp_path / "empty", None, **FAST)
-    assert "holds no shards" in _one_line(e)
+    one_line_error(lambda: evaluate(trained_run["run"], tmp_path / "empty", None, **FAST),
+                   "holds no shards", shards.ShardError)
 
 
 def test_nfe_within_one_percent():

@@ -143,10 +143,8 @@ def test_discover_folder_tar_and_list_file(tmp_path):
                                           "wds/s/0002"]
 
 
-def test_discover_errors_are_one_line(tmp_path):
-    with pytest.raises(InputError, match="input not found") as e:
-        discover(tmp_path / "nope")
-    assert "\n" not in str(e.value)
+def test_discover_errors_are_one_line(tmp_path, one_line_error):
+    one_line_error(lambda: discover(tmp_path / "nope"), "input not found", InputError)
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="no images found"):
         discover(tmp_path / "empty")

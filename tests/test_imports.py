@@ -18,6 +18,17 @@ def test_the_cycle_finder_finds_cycles():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
+def test_every_module_is_placed_and_imports_only_its_own_or_earlier_layers():
+    tool = runpy.run_path(str(TOOL))
+    assert tool["upward_imports"](tool["graph"]()) == []
+    layers = [["", "flow"], ["train"], ["bench.*"]]
+    g = {"eva_repro.flow": {"eva_repro.train"}, "eva_repro.train": {"eva_repro.flow"},
+         "eva_repro.bench.quality": {"eva_repro.train"}, "eva_repro.new": set()}
+    assert tool["upward_imports"](g, layers) == [
+        "eva_repro.new: in no layer of LAYERS",
+        "eva_repro.flow imports eva_repro.train, which is further down the pipeline"]
+
+
 def test_imports_point_down_the_pipeline():
     graph = runpy.run_path(str(TOOL))["graph"]()
     later = {"eva_repro.shards", "eva_repro.data", "eva_repro.train", "eva_repro.checkpoint",

@@ -1,7 +1,11 @@
 """Print eva_repro's module import graph (every `import` / `from` in each module, including the
-ones inside functions) and any import cycles: `python tools/import_graph.py [--check]`.
+ones inside functions), any import cycle and any import that points up the pipeline:
+`python tools/import_graph.py [--check]`.
 
---check exits 1 when there is a cycle (tests/test_imports.py runs it in CI)."""
+LAYERS is the pipeline, top to bottom (README's "Code layout" table): a module may import modules
+of its own layer or of the layers above it, never below. A module that no layer names is an
+error too, so a new module is placed on purpose. --check exits 1 on a cycle, an upward import
+or an unplaced module (tests/test_imports.py runs it in CI)."""
 
 from __future__ import annotations
 
@@ -10,6 +14,21 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "eva_repro"
+LAYERS = [
+    ["", "errors", "files", "progress", "preemption", "lockfile", "layout", "flags", "devices"],
+    ["images", "demo_images"],
+    ["encoders"],
+    ["shards"],
+    ["extract", "synth"],
+    ["data", "baselines"],
+    ["flow", "model", "model.dit", "model.lumina_next", "model.backbones", "optim"],
+    ["distributed", "monitoring", "checkpoint"],
+    ["init_from_data", "train_config", "train"],
+    ["generate", "metrics"],
+    ["report"],
+    ["evaluate"],
+    ["demo", "bench", "bench.*", "cli", "__main__"],
+]
 
 
 def module_name(path: Path) -> str:
@@ -71,6 +90,27 @@ def cycles(g: dict[str, set[str]]) -> list[list[str]]:
     return out
 
 
+def layer_of(module: str, layers: list[list[str]] = LAYERS) -> int | None:
+    """The index of the module's layer (`bench.*` places every module of a subpackage)."""
+    name = module.removeprefix("eva_repro").removeprefix(".")
+    for i, layer in enumerate(layers):
+        if name in layer or any(p.endswith(".*") and name.startswith(p[:-1]) for p in layer):
+            return i
+    return None
+
+
+def upward_imports(g: dict[str, set[str]], layers: list[list[str]] = LAYERS) -> list[str]:
+    """One line per import of a module in a later layer, and per module in no layer."""
+    problems = [f"{m}: in no layer of LAYERS" for m in g if layer_of(m, layers) is None]
+    for m, deps in g.items():
+        here = layer_of(m, layers)
+        for dep in sorted(deps):
+            there = layer_of(dep, layers)
+            if here is not None and there is not None and there > here:
+                problems.append(f"{m} imports {dep}, which is further down the pipeline")
+    return problems
+
+
 def main(argv: list[str]) -> int:
     g = graph()
     for m, deps in g.items():
@@ -78,7 +118,10 @@ def main(argv: list[str]) -> int:
     found = cycles(g)
     for group in found:
         print("cycle: " + " <-> ".join(group))
-    return 1 if found and "--check" in argv else 0
+    upward = upward_imports(g)
+    for line in upward:
+        print(line)
+    return 1 if (found or upward) and "--check" in argv else 0
 
 
 if __name__ == "__main__":
