@@ -10,12 +10,14 @@ import pytest
 import torch
 
 from eva_repro import cli, files, shards
-from eva_repro.bench.evaluate import nfe_within, train_synth_model
+from eva_repro.bench.evaluate import nfe_within
 from eva_repro.checkpoint import CheckpointError
+from eva_repro.data import open_training_data
 from eva_repro.evaluate import EvalOptions, evaluate, resolve_split
 from eva_repro.generate import ModelDataMismatch
 from eva_repro.model import DiT, DiTConfig
-from eva_repro.synth import make_pairs, write_synthetic_shards
+from eva_repro.synth import write_synthetic_shards
+from eva_repro.train import train
 
 DIMS = dict(grid=4, clip_dim=32, eva_dim=64, seed=0)
 FAST = dict(steps=6, sweep="none", control_samples=16, progress=False, plots=False)
@@ -24,24 +26,20 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, one_thread):
-    """Synthetic shards + a run directory (model/, split.json) of a small DiT trained on them.
+    """Synthetic shards + the run directory `eva-repro train` wrote for a small DiT on them.
 
     Module-scoped (not in conftest.py) so the thread setting is undone for other test files."""
     root = tmp_path_factory.mktemp("eval")
     data = root / "shards"
     write_synthetic_shards(data, 640, shard_size=256, **DIMS)
-    keys = shards.ShardReader(data).keys()
-    train, heldout = shards.split_indices(keys, 0.2)
-    clip, eva = make_pairs(640, **DIMS)
-    model = train_synth_model(clip[train], eva[train], steps=400, hidden=96, depth=2)
     run = root / "run"
-    model.save_pretrained(run / "model")
-    files.atomic_write_json(run / "run_config.json", {"data_dir": str(data.resolve())})
-    files.atomic_write_json(run / "split.json", {
-        "data_dir": str(data.resolve()), "eval_fraction": 0.2, "salt": "eva-repro",
-        "num_train": len(train), "num_heldout": len(heldout), "max_samples": None,
-        "heldout_keys": [keys[i] for i in heldout]})
-    return {"root": root, "data": data, "run": run, "heldout": heldout, "train": train}
+    train({"data_dir": str(data), "output_dir": str(run), "model_size": "tiny", "max_steps": 400,
+           "model_overrides": {"hidden": 96, "depth": 2, "n_heads": 4, "n_kv_heads": 2},
+           "batch_size": 32, "eval_fraction": 0.2, "eval_every": 1000, "eval_samples": 8,
+           "num_workers": 0, "progress": False, "tensorboard": False})
+    split = open_training_data(data, eval_fraction=0.2)
+    return {"root": root, "data": data, "run": run, "heldout": split.heldout_rows,
+            "train": split.train_rows}
 
 
 @pytest.fixture(scope="module")
@@ -97,12 +95,14 @@ def test_trained_model_beats_mean_baseline_and_uses_its_condition(cli_report, tr
     assert dit > mean + 0.05, (dit, mean)
     assert shuffled < dit - 0.3, (shuffled, dit)  # wrong conditions: the cosine collapses
     assert r["baselines"]["ridge"]["token_mean"] > mean
+    assert r["baselines"]["ridge"]["dit_minus_baseline_ci"][0] > 0  # above ridge, resolved
     assert r["retrieval"]["recall_at_1"] > 5 * r["retrieval"]["chance_at_1"]
     assert r["velocity_cosine"]["0.5"] > 0.5
     low, high = r["baselines"]["mean"]["dit_minus_baseline_ci"]  # the gap, with its interval
     assert 0.05 < low < r["baselines"]["mean"]["dit_minus_baseline"] < high
-    # samples differ across seeds (a stochastic generator), but are correlated
-    assert 0.2 < r["controls"]["diversity"]["token_mean"] < 0.999
+    # the synthetic target is a function of its condition: samples from another seed's noise
+    # land next to the first ones, but are not the same draw
+    assert 0.95 < r["controls"]["diversity"]["token_mean"] < 1.0
 
 
 def test_evaluation_is_deterministic_and_warns_on_too_many_samples(trained_run, capsys):

@@ -1,58 +1,32 @@
 """Evaluation benchmark: images/s of `eva-repro evaluate` and the NFE each sampler needs.
 
-A small DiT is trained in-process on synthetic shards (`eva_repro.synth`, known target
-function), then evaluated. For every sampler (euler, heun, dopri5, with and without time shift)
-the cosine to the true targets is measured over a range of step counts; the "converged" cosine
-is the one at the finest setting, and we report the smallest NFE from which the cosine stays
-within 1% of it (99% of the converged value, from above or below).
+A small DiT is trained by the trainer (`eva_repro.train`, its defaults) on synthetic shards
+(`eva_repro.synth`, known target function), then evaluated on its run's held-out split. For
+every sampler (euler, heun, dopri5, with and without time shift) the cosine to the true targets
+is measured over a range of step counts; the "converged" cosine is the one at the finest
+setting, and we report the smallest NFE from which the cosine stays within 1% of it (99% of the
+converged value, from above or below).
 Goal: heun with time shift within 10 NFE.
 """
 
 from __future__ import annotations
 
-import math
+import shutil
 import time
 from pathlib import Path
 
 import torch
 
-from eva_repro import flow, optim
+from eva_repro import flow
+from eva_repro.checkpoint import load_model
+from eva_repro.data import load_rows, open_training_data
 from eva_repro.devices import pick_device
-from eva_repro.files import atomic_write_json
+from eva_repro.evaluate import evaluate
 from eva_repro.generate import generate_batch
-from eva_repro.model import DiT, DiTConfig
-from eva_repro.synth import make_pairs, write_synthetic_shards
+from eva_repro.synth import write_synthetic_shards
+from eva_repro.train import train
 
-
-def train_synth_model(
-    clip: torch.Tensor, eva: torch.Tensor, steps: int = 400, hidden: int = 96, depth: int = 2,
-    batch: int = 32, lr: float = 2e-2, seed: int = 0, time_scheme: str = "uniform",
-) -> DiT:
-    """A small DiT fitted in memory with the trainer's objective, optimiser and schedule
-    (`flow.flow_loss`, `optim`), no EMA, no files; deterministic in `seed`.
-
-    The high learning rate is what lets a 2-layer model learn the synthetic map in a few hundred
-    steps on a CPU (at 3e-3 it needs thousands).
-    """
-    torch.manual_seed(seed)
-    cfg = DiTConfig(target_dim=eva.shape[-1], cond_dim=clip.shape[-1], hidden=hidden, depth=depth,
-                    n_heads=4, n_kv_heads=2,
-                    token_mode="cls_patch" if math.isqrt(clip.shape[1]) ** 2 != clip.shape[1]
-                    else "patch_only",
-                    target_norm=eva.float().norm(dim=-1).mean().item())
-    model = DiT(cfg)
-    opt = optim.build_optimizer(model, lr, weight_decay=0.0, betas=(0.9, 0.999), fused=False)
-    g = torch.Generator().manual_seed(seed)
-    flow_cfg = flow.FlowConfig(time_scheme=time_scheme, cfg_dropout=0.1)
-    for step in range(steps):
-        optim.set_lr(opt, lr * optim.lr_multiplier(step, steps, warmup=30, floor=0.0))
-        idx = torch.randint(0, clip.shape[0], (batch,), generator=g)
-        out = flow.flow_loss(model, eva[idx].float(), clip[idx].float(), flow_cfg, generator=g)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-    return model.eval()
+MODEL = {"hidden": 128, "depth": 3, "n_heads": 4, "n_kv_heads": 2}
 
 
 def nfe_from(curve: list[dict], ok) -> float:
@@ -76,7 +50,7 @@ def nfe_within(curve: list[dict], converged: float, tolerance: float = 0.01) -> 
     return nfe_from(curve, lambda e: abs(e["cosine"] - converged) <= tolerance * abs(converged))
 
 
-def nfe_to_converge(model: DiT, clip: torch.Tensor, eva: torch.Tensor, quick: bool) -> dict:
+def nfe_to_converge(model: torch.nn.Module, clip: torch.Tensor, eva: torch.Tensor, quick: bool) -> dict:
     """Per sampler and shift: cosine to the targets vs NFE, the converged cosine (finest setting)
     and the NFE from which it stays within 1% of it. Also, per setting, the cosine to a reference
     ODE solution from the same noise (dopri5, tol 1e-6; 1e-5 when quick): the solver error alone,
@@ -109,42 +83,37 @@ def nfe_to_converge(model: DiT, clip: torch.Tensor, eva: torch.Tensor, quick: bo
 
 
 def run(output_dir: Path, quick: bool) -> dict:
-    from eva_repro.evaluate import evaluate
-
     device = pick_device().type
     if device == "cpu":  # a shared small CPU: more intra-op threads than free cores thrash
         torch.set_num_threads(1)
     work = Path(output_dir) / "evaluate_bench"
-    n_train, n_eval = (1024, 256) if quick else (4096, 1024)
-    dims = dict(grid=4, clip_dim=64, eva_dim=128, seed=0)
-    write_synthetic_shards(work / "shards", n_train + n_eval, **dims)
-    clip, eva = make_pairs(n_train, **dims)  # rows 0 .. n_train-1 of the shards
+    shutil.rmtree(work, ignore_errors=True)  # this suite's own directory: a fresh run each time
+    write_synthetic_shards(work / "shards", 1280 if quick else 5120, grid=4, clip_dim=64,
+                           eva_dim=128, seed=0)
+    steps = 800 if quick else 3000
     start = time.perf_counter()
-    model = train_synth_model(clip, eva, steps=800 if quick else 3000, hidden=128, depth=3, lr=1e-2)
+    train({"data_dir": str(work / "shards"), "output_dir": str(work / "run"), "device": device,
+           "model_size": "tiny", "model_overrides": dict(MODEL), "max_steps": steps,
+           "batch_size": 32, "eval_fraction": 0.2, "eval_every": steps, "eval_samples": 8,
+           "num_workers": 0, "progress": False, "tensorboard": False})
     train_s = time.perf_counter() - start
-    # a run directory as training writes it: the model and the held-out keys (rows >= n_train)
-    run_dir = work / "run"
-    model.save_pretrained(run_dir / "model")
-    atomic_write_json(run_dir / "split.json", {
-        "data_dir": str((work / "shards").resolve()), "eval_fraction": n_eval / (n_train + n_eval),
-        "salt": "eva-repro", "num_train": n_train, "num_heldout": n_eval, "max_samples": None,
-        "heldout_keys": [f"synth-{i:07d}" for i in range(n_train, n_train + n_eval)]})
-    model = model.to(device)
-    test_clip, test_eva = make_pairs(128, **dims, start=n_train)
+    model = load_model(work / "run").model.to(device).eval()
+    data = open_training_data(work / "shards", eval_fraction=0.2)
+    _, test_clip, test_eva = load_rows(data.reader, data.heldout_rows[:128], data.keys)
     sampler = nfe_to_converge(model, test_clip, test_eva, quick)
     generate_batch(model, test_clip[:8], 2, "heun")  # warm-up
     start = time.perf_counter()
     generate_batch(model, test_clip, 10, "heun", shift=3.0)
     generation_per_s = len(test_clip) / (time.perf_counter() - start)
 
-    report = evaluate(run_dir, work / "shards", work / "report", num_samples=n_eval,
-                      sweep="small", device=device, progress=False, method="heun", steps=10,
-                      shift=3.0)
+    report = evaluate(work / "run", work / "shards", work / "report",
+                      num_samples=len(data.heldout_rows), sweep="small", device=device,
+                      progress=False, method="heun", steps=10, shift=3.0)
     heun = sampler["heun_shift3"]
     return {
         "device": device,
         "cpu_threads": torch.get_num_threads(),
-        "model": {"params": model.num_parameters(), "hidden": 128, "depth": 3,
+        "model": {"params": model.num_parameters(), **MODEL, "train_steps": steps,
                   "train_seconds": round(train_s, 1)},
         "generation_images_per_s": round(generation_per_s, 1),  # heun 10 steps, shift 3, batch 128
         "evaluate": {"n_samples": report["n_samples"], "seconds": report["timing"]["seconds"],
