@@ -313,7 +313,7 @@ class ImageDataset(torch.utils.data.Dataset):
 
 
 @dataclass
-class Batch:
+class ImageBatch:
     """Decoded images of one batch plus the inputs that failed in it (by dataset index)."""
 
     indices: list[int]  # dataset indices of the decoded images, in order
@@ -321,15 +321,15 @@ class Batch:
     captions: list[str | None]
     failures: list[tuple[int, str]]  # (dataset index, reason)
 
-    def pin_memory(self) -> Batch:
+    def pin_memory(self) -> ImageBatch:
         self.pixels = {s: t.pin_memory() for s, t in self.pixels.items()}
         return self
 
 
-def collate(samples: Sequence[dict[str, Any]]) -> Batch:
+def collate(samples: Sequence[dict[str, Any]]) -> ImageBatch:
     ok = [s for s in samples if "error" not in s]
     sizes = ok[0]["pixels"].keys() if ok else ()
-    return Batch(
+    return ImageBatch(
         indices=[s["index"] for s in ok],
         pixels={size: torch.stack([s["pixels"][size] for s in ok]) for size in sizes},
         captions=[s["caption"] for s in ok],

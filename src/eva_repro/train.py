@@ -134,7 +134,7 @@ def sampled_cosine(
     return total / count
 
 
-def evaluate(run: Run) -> dict[str, Any]:
+def heldout_scores(run: TrainingRun) -> dict[str, Any]:
     """Held-out (and, in overfit mode, training-set) sampled cosine of the EMA model."""
     cfg, d = run.cfg, run.d
     record: dict[str, Any] = {"step": run.step, "heldout_cosine": sampled_cosine(
@@ -153,7 +153,7 @@ def evaluate(run: Run) -> dict[str, Any]:
 
 
 @dataclass
-class Run:
+class TrainingRun:
     """Everything the loop needs, set up once."""
 
     cfg: TrainConfig
@@ -211,7 +211,7 @@ def _total_steps(cfg: TrainConfig, schedule: BatchSchedule) -> int:
     return max(1, int(cfg.num_epochs * schedule.batches_per_epoch) // cfg.grad_accum)
 
 
-def setup(cfg: TrainConfig) -> Run:
+def setup(cfg: TrainConfig) -> TrainingRun:
     validate_config(cfg)
     if cfg.learning_rate is None:
         cfg = replace(cfg, learning_rate=DEFAULT_LR.get(cfg.model_size, 3e-4))
@@ -252,7 +252,7 @@ def setup(cfg: TrainConfig) -> Run:
         return EvalSet(kept, *layout.pairs_for_model(clip, eva, drop_cls))
 
     eval_rows = data.heldout_rows[:cfg.eval_samples]
-    run = Run(cfg, d, run_dir, data, schedule, model, raw, ema, optimizer,
+    run = TrainingRun(cfg, d, run_dir, data, schedule, model, raw, ema, optimizer,
               total, warmup, drop_cls, rows, load(eval_rows),
               load(rows[:max(cfg.eval_samples, 1)]) if cfg.overfit_test_size else None,
               fitted=fitted)
@@ -261,7 +261,7 @@ def setup(cfg: TrainConfig) -> Run:
     return run
 
 
-def restore(run: Run, path: Path) -> None:
+def restore(run: TrainingRun, path: Path) -> None:
     """Continue from a checkpoint written with any world size."""
     state = ckpt.load_training_state(path, run.raw, run.ema, run.optimizer)
     run.step = state.step
@@ -280,7 +280,7 @@ def restore(run: Run, path: Path) -> None:
                f"{run.position.batch})")
 
 
-def save(run: Run) -> None:
+def save(run: TrainingRun) -> None:
     """Gather full state dicts (every rank), write on rank 0 only."""
     meta = {"data_position": run.position.to_dict(), "world_size": run.d.world_size,
             "global_batch": run.schedule.global_batch,
@@ -295,7 +295,7 @@ def save(run: Run) -> None:
     barrier(run.d)
 
 
-def export_ema(run: Run) -> None:
+def export_ema(run: TrainingRun) -> None:
     """run_dir/model/: the EMA weights, save_pretrained (unsharded)."""
     from eva_repro.model import build_model
 
@@ -307,7 +307,7 @@ def export_ema(run: Run) -> None:
     barrier(run.d)
 
 
-def write_run_files(run: Run) -> None:
+def write_run_files(run: TrainingRun) -> None:
     if not run.d.is_main:
         return
     run.run_dir.mkdir(parents=True, exist_ok=True)
@@ -330,7 +330,7 @@ def write_run_files(run: Run) -> None:
     atomic_write_json(run.run_dir / "split.json", run.data.split_record())
 
 
-def _loader(run: Run) -> Iterator[data_mod.Batch]:
+def _loader(run: TrainingRun) -> Iterator[data_mod.Batch]:
     dataset = data_mod.BatchReader(run.data.reader, run.data.keys)
     stream = run.schedule.stream(run.position, run.d.rank, run.d.world_size)
     workers = run.cfg.num_workers
@@ -342,7 +342,7 @@ def _loader(run: Run) -> Iterator[data_mod.Batch]:
     return iter(loader)
 
 
-def train_step(run: Run, batches: Iterator[data_mod.Batch], stats: dict[str, Any]
+def train_step(run: TrainingRun, batches: Iterator[data_mod.Batch], stats: dict[str, Any]
                ) -> tuple[float, float, float, int, float]:
     """One optimiser step over grad_accum micro-batches -> (loss, cosine, grad norm, samples,
     data wait seconds). A non-finite step is skipped (no update) and counted."""
@@ -442,7 +442,7 @@ def _train(cfg: TrainConfig, on_step: Callable[[int, dict[str, Any]], None] | No
     with StopSignals() as signals:
         try:
             if run.step == 0:  # the untrained baseline, so the curve starts where learning starts
-                metrics.write(evaluate(run))
+                metrics.write(heldout_scores(run))
             while run.step < run.total_steps:
                 t0 = time.perf_counter()
                 loss, cosine, norm, samples, wait = train_step(run, batches, stats)
@@ -465,7 +465,7 @@ def _train(cfg: TrainConfig, on_step: Callable[[int, dict[str, Any]], None] | No
                                     sps=f"{record['samples_per_s']:.0f}")
                     interval.reset()
                 if run.step % cfg.eval_every == 0 and run.step < run.total_steps:
-                    metrics.write({**evaluate(run), "train_s": round(train_s, 2)})
+                    metrics.write({**heldout_scores(run), "train_s": round(train_s, 2)})
                 if run.step % cfg.save_every == 0 and run.step < run.total_steps:
                     save(run)
                 bar.update(1)
@@ -481,7 +481,7 @@ def _train(cfg: TrainConfig, on_step: Callable[[int, dict[str, Any]], None] | No
             bar.close()
             save(run)
             export_ema(run)
-            final_eval = {**evaluate(run), "train_s": round(train_s, 2)}
+            final_eval = {**heldout_scores(run), "train_s": round(train_s, 2)}
             metrics.write(final_eval)
             summary = _summary(run, final_eval, stats, time.perf_counter() - start_time)
             if d.is_main:
@@ -495,7 +495,7 @@ def _train(cfg: TrainConfig, on_step: Callable[[int, dict[str, Any]], None] | No
                 dist.destroy_process_group()
 
 
-def _summary(run: Run, final_eval: dict[str, Any], stats: dict[str, Any], seconds: float
+def _summary(run: TrainingRun, final_eval: dict[str, Any], stats: dict[str, Any], seconds: float
              ) -> dict[str, Any]:
     recent = run.recent_losses
     summary = {
