@@ -36,6 +36,7 @@ from safetensors.torch import load_file
 
 from eva_repro.errors import UserError
 from eva_repro.files import atomic_save_safetensors, atomic_write_json, sha256_file
+from eva_repro.model import build_model, config_from_dict, from_pretrained, is_saved_model
 
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"
@@ -336,8 +337,6 @@ def _split_of(run_dir: Path | None) -> dict | None:
 
 
 def _model_from_checkpoint(ckpt: Path) -> torch.nn.Module:
-    from eva_repro.model import build_model, config_from_dict
-
     config = json.loads((ckpt / "config.json").read_text())
     model = build_model(config_from_dict(config))
     try:
@@ -354,8 +353,6 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
     A run dir uses run_dir/model/ (the exported EMA weights) or, while training is still going,
     its newest complete checkpoint.
     """
-    from eva_repro.model import from_pretrained, is_saved_model
-
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: model path does not exist; pass a training run directory, "

@@ -34,6 +34,7 @@ import torch
 from eva_repro import __version__, files, shards
 from eva_repro.devices import autocast, pick_device
 from eva_repro.encoders import (
+    REGISTRY,
     TOKEN_SOURCES,
     FrozenEncoder,
     load_encoder,
@@ -563,8 +564,6 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.list_encoders:
-        from eva_repro.encoders import REGISTRY
-
         for name, spec in REGISTRY.items():
             print(f"{name:18s} {spec.backend:9s} {spec.arch:34s} {spec.image_size}px  {spec.note}")
         return 0

@@ -34,9 +34,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from eva_repro import __version__, flow, layout, optim
 from eva_repro import checkpoint as ckpt
 from eva_repro import data as data_mod
-from eva_repro import flow, layout, optim
 from eva_repro.data import BatchSchedule, DataPosition, TrainData
 from eva_repro.devices import autocast
 from eva_repro.distributed import (
@@ -50,6 +50,7 @@ from eva_repro.distributed import (
 from eva_repro.files import atomic_write_json
 from eva_repro.init_from_data import fit_to_training_data
 from eva_repro.lockfile import DirectoryLock
+from eva_repro.model import build_model
 from eva_repro.monitoring import DebugMonitor, Interval, MetricsLog, log
 from eva_repro.preemption import Preempted, StopSignals
 from eva_repro.progress import progress_bar
@@ -232,8 +233,6 @@ def setup(cfg: TrainConfig) -> TrainingRun:
     drop_cls = data.manifest.include_cls and cfg.training_mode == "patch_only"
     model_cfg = build_model_config(cfg, data.manifest, data_mod.target_norm(data.reader, rows,
                                                                             drop_cls=drop_cls))
-    from eva_repro.model import build_model
-
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     raw = build_model(model_cfg).to(d.device)
     fitted = {}
@@ -253,9 +252,9 @@ def setup(cfg: TrainConfig) -> TrainingRun:
 
     eval_rows = data.heldout_rows[:cfg.eval_samples]
     run = TrainingRun(cfg, d, run_dir, data, schedule, model, raw, ema, optimizer,
-              total, warmup, drop_cls, rows, load(eval_rows),
-              load(rows[:max(cfg.eval_samples, 1)]) if cfg.overfit_test_size else None,
-              fitted=fitted)
+                      total, warmup, drop_cls, rows, load(eval_rows),
+                      load(rows[:max(cfg.eval_samples, 1)]) if cfg.overfit_test_size else None,
+                      fitted=fitted)
     if resume_path is not None:
         restore(run, resume_path)
     return run
@@ -297,8 +296,6 @@ def save(run: TrainingRun) -> None:
 
 def export_ema(run: TrainingRun) -> None:
     """run_dir/model/: the EMA weights, save_pretrained (unsharded)."""
-    from eva_repro.model import build_model
-
     state = ckpt.full_model_state(run.ema)
     if run.d.is_main:
         plain = build_model(run.raw.config)
@@ -311,8 +308,6 @@ def write_run_files(run: TrainingRun) -> None:
     if not run.d.is_main:
         return
     run.run_dir.mkdir(parents=True, exist_ok=True)
-    from eva_repro import __version__
-
     atomic_write_json(run.run_dir / "run_config.json", {
         "args": {**asdict(run.cfg), "data_dir": str(Path(run.cfg.data_dir).resolve())},
         "data_dir": str(Path(run.cfg.data_dir).resolve()),

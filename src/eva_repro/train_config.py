@@ -13,6 +13,7 @@ from eva_repro.errors import UserError
 from eva_repro.flags import add_flags, option, values
 from eva_repro.flow import METHODS
 from eva_repro.layout import TOKEN_MODES, mode_of
+from eva_repro.model import BACKBONES, VARIANTS, backbones, model_config
 from eva_repro.shards import Manifest
 
 OVERFIT_DEFAULT_STEPS = 300
@@ -127,8 +128,6 @@ class TrainConfig:
 
 def validate_config(cfg: TrainConfig) -> None:
     """Flag problems that need no data, before anything heavy happens."""
-    from eva_repro.model import BACKBONES, VARIANTS, backbones
-
     lumina = cfg.backbone == "lumina-next"
     sizes = backbones.presets(cfg.backbone) if cfg.backbone in BACKBONES else []
     checks = [
@@ -172,8 +171,6 @@ def validate_config(cfg: TrainConfig) -> None:
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
-    from eva_repro.model import BACKBONES, VARIANTS
-
     add_flags(p, TrainConfig(), choices={"backbone": BACKBONES, "model_variant": sorted(VARIANTS),
                                          "time_scheme": flow.TIME_SCHEMES,
                                          "loss_weight": flow.LOSS_WEIGHTS})
@@ -200,8 +197,6 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def build_model_config(cfg: TrainConfig, manifest: Manifest, target_norm: float) -> Any:
     """The backbone's config for this run: the preset and overrides, shaped by the data."""
-    from eva_repro.model import model_config
-
     token_mode = mode_of(manifest.include_cls)
     if cfg.training_mode == "cls_patch" and token_mode == "patch_only":
         raise TrainingError(f"{manifest.root}: --training_mode cls_patch needs shards with a "

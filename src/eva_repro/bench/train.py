@@ -25,6 +25,7 @@ import torch
 from eva_repro import data as data_mod
 from eva_repro import shards
 from eva_repro.devices import pick_device
+from eva_repro.train import train
 
 TOKENS, EVA_DIM, CLIP_DIM = 256, 4096, 1024
 SAMPLE_BYTES = TOKENS * (EVA_DIM + CLIP_DIM) * 2
@@ -162,8 +163,6 @@ def loader_pass(data_dir: Path, batch_size: int, workers: int) -> dict:
 
 
 def train_run(data_dir: Path, out: Path, steps: int, workers: int, device: str) -> dict:
-    from eva_repro.train import train
-
     cfg = dict(data_dir=str(data_dir), output_dir=str(out), model_size="tiny", batch_size=8,
                max_steps=steps, log_every=max(1, steps // 4), save_every=10**9, eval_every=10**9,
                eval_samples=8, eval_sampler_steps=2, eval_fraction=0.01, num_workers=workers,
