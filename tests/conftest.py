@@ -45,6 +45,24 @@ def one_line_error():
 
 
 @pytest.fixture(scope="session")
+def synth_shards(tmp_path_factory):
+    """`synth_shards(num_samples, **kw) -> dir`: `synth.write_synthetic_shards` into a fresh
+    directory, once per distinct set of arguments in a test session (treat it as read-only)."""
+    from eva_repro.synth import write_synthetic_shards
+
+    made: dict[tuple, object] = {}
+
+    def make(num_samples: int, **kw):
+        key = (num_samples, *sorted(kw.items()))
+        if key not in made:
+            made[key] = tmp_path_factory.mktemp("synth")
+            write_synthetic_shards(made[key], num_samples, **kw)
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def token_only_data(tmp_path_factory):
     """Shards whose target is a nonlinear function of the condition token at the same place
     alone (grid 4, 32-d condition, 48-d target): a token's neighbours carry nothing more."""

@@ -14,14 +14,11 @@ from eva_repro.baselines import (
     rms_normalize,
 )
 from eva_repro.shards import ShardReader, split_indices
-from eva_repro.synth import write_synthetic_shards
 
 
 @pytest.fixture(scope="module")
-def synth_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("synth")
-    write_synthetic_shards(d, 300, grid=4, clip_dim=16, eva_dim=24, seed=0, shard_size=128)
-    return d
+def synth_dir(synth_shards):
+    return synth_shards(300, grid=4, clip_dim=16, eva_dim=24, seed=0, shard_size=128)
 
 
 def test_mean_baseline_hand_value():

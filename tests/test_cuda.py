@@ -25,7 +25,6 @@ from eva_repro.extract import extract
 from eva_repro.generate import generate_batch
 from eva_repro.model import PRESETS, DiT, DiTConfig
 from eva_repro.model.dit import Attention
-from eva_repro.synth import write_synthetic_shards
 
 pytestmark = pytest.mark.cuda
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,11 +32,9 @@ CUDA = torch.device("cuda")
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
+def data(synth_shards):
     """16 tokens of 64-d condition -> 128-d target: small enough for every preset."""
-    out = tmp_path_factory.mktemp("cuda-data")
-    write_synthetic_shards(out, 256, grid=4, clip_dim=64, eva_dim=128, seed=0, shard_size=128)
-    return out
+    return synth_shards(256, grid=4, clip_dim=64, eva_dim=128, seed=0, shard_size=128)
 
 
 def _cfg(data_dir, out, **kw):

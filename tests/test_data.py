@@ -22,10 +22,8 @@ from eva_repro.synth import make_pairs, write_synthetic_shards
 
 
 @pytest.fixture(scope="module")
-def synth_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("synth")
-    write_synthetic_shards(out, 100, grid=2, clip_dim=8, eva_dim=12, seed=0, shard_size=16)
-    return out
+def synth_dir(synth_shards):
+    return synth_shards(100, grid=2, clip_dim=8, eva_dim=12, seed=0, shard_size=16)
 
 
 def _schedule(rows, shard_size=16, global_batch=8, seed=0, window=32):

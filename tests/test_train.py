@@ -30,11 +30,9 @@ SMALL = {"hidden": 64, "depth": 2, "n_heads": 2, "n_kv_heads": 1}  # fast model 
 
 
 @pytest.fixture(scope="module")
-def small_data(tmp_path_factory):
+def small_data(synth_shards):
     """Grid 2 (4 tokens), 16-d condition, 32-d target: cheap steps."""
-    out = tmp_path_factory.mktemp("small")
-    write_synthetic_shards(out, 96, grid=2, clip_dim=16, eva_dim=32, seed=0, shard_size=32)
-    return out
+    return synth_shards(96, grid=2, clip_dim=16, eva_dim=32, seed=0, shard_size=32)
 
 
 
