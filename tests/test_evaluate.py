@@ -9,7 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from eva_repro import cli, files, shards
+from eva_repro import cli, files, flow, shards
+from eva_repro.baselines import fit_baselines
 from eva_repro.bench.evaluate import nfe_within
 from eva_repro.checkpoint import CheckpointError
 from eva_repro.data import open_training_data
@@ -156,9 +157,6 @@ def test_dims_that_do_not_match_the_shards(trained_run, tmp_path, one_line_error
     write_synthetic_shards(tmp_path / "wide", 20, grid=4, clip_dim=48, eva_dim=64, seed=0)
     one_line_error(lambda: evaluate(trained_run["run"], tmp_path / "wide", None, **FAST),
                    "clip_dim 48 vs model cond_dim 32", ModelDataMismatch)
-    write_synthetic_shards(tmp_path / "cls", 20, include_cls=True, **DIMS)
-    with pytest.raises(ModelDataMismatch, match="include_cls=True"):
-        evaluate(trained_run["run"], tmp_path / "cls", None, **FAST)
 
 
 def test_checkpoint_from_another_architecture(trained_run, tmp_path, one_line_error):
@@ -207,6 +205,34 @@ def test_cls_token_is_reported_apart_from_the_patch_grid(tmp_path, one_thread):
     assert r["cosine"]["cls_mean"] == pytest.approx(r["cosine"]["per_position"][0], abs=1e-5)
     assert (tmp_path / "out" / "cosine_heatmap.png").read_bytes()[:4] == b"\x89PNG"
     assert "nfe" not in r["plots"]  # no sweep, no curve
+
+
+def test_a_patch_only_model_on_cls_shards_is_scored_on_the_patch_tokens(tmp_path, one_thread,
+                                                                        one_line_error):
+    """As the trainer does (--training_mode patch_only on CLS shards), the CLS row is dropped:
+    the DiT and both baselines are scored on the same 16 patch tokens."""
+    data = tmp_path / "cls"
+    write_synthetic_shards(data, 40, include_cls=True, **DIMS)
+    torch.manual_seed(0)
+    DiT(DiTConfig(target_dim=64, cond_dim=32, hidden=32, depth=1, n_heads=4, n_kv_heads=2,
+                  token_mode="patch_only", tokens=16)).save_pretrained(tmp_path / "model")
+    r = evaluate(tmp_path / "model", data, tmp_path / "out", **FAST, eval_fraction=0.3)
+    assert r["data"]["cls_dropped"] and not r["data"]["cls_scored"]
+    assert r["data"]["scored_tokens"] == len(r["cosine"]["per_position"]) == 16
+    assert "cls_mean" not in r["cosine"]
+    assert "Scored on the 16 patch tokens" in (tmp_path / "out" / "report.md").read_text()
+    reader = shards.ShardReader(data)
+    train, heldout = shards.split_indices(reader.keys(), 0.3)
+    _, ridge = fit_baselines(reader, sorted(train), progress=False)
+    rows = reader.gather(heldout)
+    patch_cos = flow.token_cosine(ridge.predict(rows["clip"])[:, 1:], rows["eva"][:, 1:].float())
+    assert r["baselines"]["ridge"]["token_mean"] == pytest.approx(patch_cos.mean().item(), abs=1e-4)
+    # a CLS model cannot be scored on shards without the CLS token
+    write_synthetic_shards(tmp_path / "patches", 40, **DIMS)
+    DiT(DiTConfig(target_dim=64, cond_dim=32, hidden=32, depth=1, n_heads=4, n_kv_heads=2,
+                  token_mode="cls_patch")).save_pretrained(tmp_path / "cls_model")
+    one_line_error(lambda: evaluate(tmp_path / "cls_model", tmp_path / "patches", None, **FAST),
+                   "include_cls=False vs model token_mode 'cls_patch'", ModelDataMismatch)
 
 
 def test_split_of_another_data_dir_keeps_the_runs_fraction_and_salt(tmp_path):

@@ -3,7 +3,6 @@ report dict: no model, no shards (tests/test_evaluate.py runs the whole command)
 
 import copy
 import json
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -51,13 +50,13 @@ def report() -> dict:
         + [_sweep_entry("heun", 4, 1.0, 1.0, 7, 0.8), _sweep_entry("euler", 4, 1.0, 3.0, 8, 0.79)],
         "split": {"source": "run/split.json", "model_trained_on": "the training split",
                   "evaluated_on": "the held-out split", "baselines_fit_on": "the training split"},
+        "data": {"cls_scored": False},
         "warnings": [],
     }
 
 
 def test_plots_are_valid_pngs(report, tmp_path):
-    write_outputs(report, torch.linspace(0.3, 0.95, 64 * 16).view(64, 16), tmp_path,
-                  SimpleNamespace(include_cls=False), plots=True)
+    write_outputs(report, torch.linspace(0.3, 0.95, 64 * 16).view(64, 16), tmp_path, plots=True)
     assert report["plots"] == PLOTS
     assert json.loads((tmp_path / "report.json").read_text())["plots"] == PLOTS
     for name in report["plots"].values():
@@ -70,15 +69,13 @@ def test_plots_are_valid_pngs(report, tmp_path):
 
 
 def test_without_plots_or_sweep(report, tmp_path):
-    write_outputs(report, torch.rand(64, 16), tmp_path / "a", SimpleNamespace(include_cls=False),
-                  plots=False)
+    write_outputs(report, torch.rand(64, 16), tmp_path / "a", plots=False)
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["report.json", "report.md"]
     assert "plots" not in report
     # a CLS token first (17 positions, the grid from the other 16) and no sweep: no NFE curve
-    cls = {**report, "sweep": [], "cosine": {**report["cosine"],
-                                             "per_position": [0.5] + report["cosine"]["per_position"]}}
-    write_outputs(cls, torch.rand(64, 17), tmp_path / "b", SimpleNamespace(include_cls=True),
-                  plots=True)
+    cls = {**report, "sweep": [], "data": {"cls_scored": True},
+           "cosine": {**report["cosine"], "per_position": [0.5] + report["cosine"]["per_position"]}}
+    write_outputs(cls, torch.rand(64, 17), tmp_path / "b", plots=True)
     assert set(cls["plots"]) == {"histogram", "heatmap"}
     assert not (tmp_path / "b" / PLOTS["nfe"]).exists()
 

@@ -49,12 +49,17 @@ from eva_repro.generate import (
     generate_batch,
     resolve_sampler,
 )
-from eva_repro.layout import has_cls
+from eva_repro.layout import has_cls, pairs_for_model
 from eva_repro.lockfile import DirectoryLock
 from eva_repro.progress import progress_bar
 from eva_repro.report import write_outputs
 
 SWEEP_SIZES = ("auto", "none", "small", "full")  # auto: full on CUDA, small on CPU
+
+
+def drops_cls(model: torch.nn.Module, manifest: shards.Manifest) -> bool:
+    """A patch_only model scored on shards with a CLS row: the row is dropped, as in training."""
+    return manifest.include_cls and not has_cls(model.config.token_mode)
 
 
 def check_model_fits_data(model: torch.nn.Module, manifest: shards.Manifest, model_path: Any) -> None:
@@ -65,10 +70,11 @@ def check_model_fits_data(model: torch.nn.Module, manifest: shards.Manifest, mod
         problems.append(f"clip_dim {manifest.clip_dim} vs model cond_dim {cfg.cond_dim}")
     if cfg.target_dim != manifest.eva_dim:
         problems.append(f"eva_dim {manifest.eva_dim} vs model target_dim {cfg.target_dim}")
-    if has_cls(cfg.token_mode) != manifest.include_cls:
-        problems.append(f"include_cls={manifest.include_cls} vs model token_mode {cfg.token_mode!r}")
-    if cfg.fixed_tokens not in (None, manifest.tokens):
-        problems.append(f"tokens {manifest.tokens} vs the model's {cfg.fixed_tokens}")
+    if has_cls(cfg.token_mode) and not manifest.include_cls:
+        problems.append(f"include_cls=False vs model token_mode {cfg.token_mode!r}")
+    tokens = manifest.tokens - int(drops_cls(model, manifest))
+    if cfg.fixed_tokens not in (None, tokens):
+        problems.append(f"tokens {tokens} vs the model's {cfg.fixed_tokens}")
     if problems:
         raise ModelDataMismatch(f"{where}: shards do not match the model at {model_path} ("
                                 f"{'; '.join(problems)}); evaluate on embeddings from the same "
@@ -181,7 +187,8 @@ class Collected:
         return torch.cat(getattr(self, name))
 
 
-def main_pass(model, reader, eval_idx, baselines, opts: EvalOptions, device) -> tuple[Collected, float]:
+def main_pass(model, reader, eval_idx, baselines, opts: EvalOptions, device, drop_cls: bool
+              ) -> tuple[Collected, float]:
     mean_b, ridge_b = baselines
     c = Collected()
     rolled = eval_idx[1:] + eval_idx[:1]  # image i gets the condition of image i+1
@@ -190,7 +197,7 @@ def main_pass(model, reader, eval_idx, baselines, opts: EvalOptions, device) -> 
     start_time, done = time.perf_counter(), 0
     for (batch, rows), (_, other) in zip(reader.batches(eval_idx, opts.batch_size),
                                          reader.batches(rolled, opts.batch_size), strict=True):
-        clip, eva = rows["clip"], rows["eva"]
+        clip, eva = pairs_for_model(rows["clip"], rows["eva"], drop_cls)
         # noise is keyed by the global row, so an image gets the same noise whatever --num_samples
         gen, nfe = generate_batch(model, clip, opts.steps, opts.method, opts.cfg_scale, opts.shift,
                                   opts.seed, ids=batch)
@@ -199,15 +206,17 @@ def main_pass(model, reader, eval_idx, baselines, opts: EvalOptions, device) -> 
         c.dit.append(flow.token_cosine(gen, eva))
         c.pooled["dit"].append(metrics.mean_pool(gen))
         c.pooled["target"].append(metrics.mean_pool(eva))
-        mean_pred = mean_b.predict(clip)
+        # the baselines predict every token of the shards; the model's tokens are scored
+        mean_pred, _ = pairs_for_model(mean_b.predict(rows["clip"]), eva, drop_cls)
         c.mean.append(flow.token_cosine(mean_pred, eva))
         c.pooled["mean"].append(metrics.mean_pool(mean_pred))
-        ridge_pred = ridge_b.predict(clip)
+        ridge_pred, _ = pairs_for_model(ridge_b.predict(rows["clip"]), eva, drop_cls)
         c.ridge.append(flow.token_cosine(ridge_pred, eva))
         c.pooled["ridge"].append(metrics.mean_pool(ridge_pred))
         k = max(0, min(len(batch), n_control - done))
         if k:  # controls on the first n_control images: shuffled conditions, a second sample
-            shuffled, _ = generate_batch(model, other["clip"][:k], opts.steps, opts.method,
+            other_clip, _ = pairs_for_model(other["clip"][:k], other["eva"][:k], drop_cls)
+            shuffled, _ = generate_batch(model, other_clip, opts.steps, opts.method,
                                          opts.cfg_scale, opts.shift, opts.seed, ids=batch[:k])
             c.shuffled.append(flow.token_cosine(shuffled.cpu(), eva[:k]))
             second, _ = generate_batch(model, clip[:k], opts.steps, opts.method, opts.cfg_scale,
@@ -225,7 +234,8 @@ def main_pass(model, reader, eval_idx, baselines, opts: EvalOptions, device) -> 
     return c, done / max(time.perf_counter() - start_time, 1e-9)
 
 
-def sampler_sweep(model, reader, eval_idx, opts: EvalOptions, device: torch.device) -> list[dict]:
+def sampler_sweep(model, reader, eval_idx, opts: EvalOptions, device: torch.device,
+                  drop_cls: bool) -> list[dict]:
     """Cosine vs network evaluations on a fixed subset, for the samplers, shifts and CFG scales."""
     size = opts.sweep if opts.sweep != "auto" else ("full" if device.type == "cuda" else "small")
     if size == "none":
@@ -233,7 +243,8 @@ def sampler_sweep(model, reader, eval_idx, opts: EvalOptions, device: torch.devi
     full = size == "full"
     n = opts.sweep_samples or (256 if full else 32)
     subset = eval_idx[:n]
-    rows = {k: v.float() for k, v in reader.gather(subset).items()}
+    rows = reader.gather(subset)
+    clip, eva = (x.float() for x in pairs_for_model(rows["clip"], rows["eva"], drop_cls))
     shifts = (1.0, opts.sweep_shift)
     configs = []
     for shift in shifts:
@@ -251,11 +262,11 @@ def sampler_sweep(model, reader, eval_idx, opts: EvalOptions, device: torch.devi
     for cfg in progress_bar(configs, desc="sampler sweep", unit="cfg", disable=not opts.progress):
         cos, nfe = [], []
         for s in range(0, len(subset), opts.batch_size):
-            gen, k = generate_batch(model, rows["clip"][s:s + opts.batch_size], cfg["steps"],
+            gen, k = generate_batch(model, clip[s:s + opts.batch_size], cfg["steps"],
                                     cfg["method"], cfg.get("cfg_scale", 1.0), cfg["shift"],
                                     opts.seed, ids=subset[s:s + opts.batch_size],
                                     tol=cfg.get("tol", 1e-5))
-            cos.append(flow.token_cosine(gen.cpu(), rows["eva"][s:s + opts.batch_size]))
+            cos.append(flow.token_cosine(gen.cpu(), eva[s:s + opts.batch_size]))
             nfe.append(k)
         out.append({"method": cfg["method"], "steps": cfg["steps"], "shift": cfg["shift"],
                     "cfg_scale": cfg.get("cfg_scale", 1.0), "tol": cfg.get("tol"),
@@ -315,14 +326,15 @@ def _evaluate(model_path: str | Path, embeddings_dir: str | Path, output_dir: st
         raise shards.ShardError(f"{manifest.root}: no training samples to fit the baselines on")
     baselines = fit_baselines(reader, train_idx, opts.batch_size, device=device,
                               progress=opts.progress)
-    collected, images_per_s = main_pass(model, reader, eval_idx, baselines, opts, device)
-    sweep = sampler_sweep(model, reader, eval_idx, opts, device)
+    drop_cls = drops_cls(model, manifest)
+    collected, images_per_s = main_pass(model, reader, eval_idx, baselines, opts, device, drop_cls)
+    sweep = sampler_sweep(model, reader, eval_idx, opts, device, drop_cls)
     report = build_report(collected, sweep, baselines, opts, manifest, loaded, model_path,
                           split_info, len(eval_idx), warnings)
     report["timing"] = {"seconds": round(time.time() - start_time, 2),
                         "main_pass_images_per_s": round(images_per_s, 2), "device": str(device)}
     if output_dir is not None:
-        write_outputs(report, collected.cat("dit"), Path(output_dir), manifest, opts.plots)
+        write_outputs(report, collected.cat("dit"), Path(output_dir), opts.plots)
     return report
 
 
@@ -339,7 +351,7 @@ def build_report(c: Collected, sweep, baselines, opts, manifest, loaded, model_p
 
     cosine = metrics.cosine_summary(dit_cos, pooled_cos("dit"))
     per_position = dit_cos.mean(dim=0)
-    cls = manifest.include_cls
+    cls = has_cls(loaded.model.config.token_mode)  # token 0 of the scored tokens is CLS
     cosine["per_position"] = [round(x, 5) for x in per_position.tolist()]
     if cls:
         cosine["cls_mean"] = per_position[0].item()
@@ -394,7 +406,9 @@ def build_report(c: Collected, sweep, baselines, opts, manifest, loaded, model_p
                   "config": cfg.to_dict()},
         "data": {"embeddings_dir": str(manifest.root.resolve()),
                  **{k: manifest.data.get(k) for k in ("num_samples", "tokens", "clip_dim", "eva_dim",
-                                                       "grid", "include_cls", "encoders", "dtype")}},
+                                                       "grid", "include_cls", "encoders", "dtype")},
+                 "scored_tokens": len(cosine["per_position"]), "cls_scored": cls,
+                 "cls_dropped": manifest.include_cls and not cls},
         "split": split_info,
         "options": {k: v for k, v in asdict(opts).items() if k not in ("progress",)},
         "warnings": warnings,

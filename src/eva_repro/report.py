@@ -8,9 +8,9 @@
     cosine_heatmap.png  mean cosine per patch position on the token grid (CLS value in the title)
     cosine_vs_nfe.png   the sampler sweep: cosine vs network evaluations (only when it ran)
 
-A pure renderer: the numbers are `evaluate.build_report`'s; this module reads the report dict, the
-per-token cosines and the shard manifest, writes files and does not import `eva_repro.evaluate`
-(which imports it). Plots are optional (--no_plots); matplotlib is imported only to draw them.
+A pure renderer: the numbers are `evaluate.build_report`'s; this module reads the report dict and
+the per-token cosines, writes files and does not import `eva_repro.evaluate` (which imports it).
+Plots are optional (--no_plots); matplotlib is imported only to draw them.
 """
 
 from __future__ import annotations
@@ -20,26 +20,25 @@ from pathlib import Path
 
 import torch
 
-from eva_repro import files, metrics, shards
+from eva_repro import files, metrics
 
 PLOTS = {"histogram": "cosine_hist.png", "heatmap": "cosine_heatmap.png", "nfe": "cosine_vs_nfe.png"}
 
 
-def write_outputs(report: dict, token_cosine: torch.Tensor, out: Path, manifest: shards.Manifest,
-                  plots: bool) -> None:
+def write_outputs(report: dict, token_cosine: torch.Tensor, out: Path, plots: bool) -> None:
     """report.json, report.md and (with `plots`) the PNGs in `out`, which is created if missing.
 
     `token_cosine` is the DiT's [N, T] per-token cosine on the evaluated images (the histogram's
-    per-image means); `manifest` of the evaluated shards tells whether token 0 is CLS. With plots,
+    per-image means); `report["data"]["cls_scored"]` tells whether token 0 is CLS. With plots,
     `report["plots"]` is set to {plot: file name} before report.json is written."""
     out.mkdir(parents=True, exist_ok=True)
     if plots:
-        report["plots"] = write_plots(out, token_cosine.mean(dim=1), report, manifest)
+        report["plots"] = write_plots(out, token_cosine.mean(dim=1), report)
     files.atomic_write_json(out / "report.json", report)
     files.atomic_write_bytes(out / "report.md", markdown(report).encode())
 
 
-def write_plots(out: Path, per_image: torch.Tensor, report: dict, manifest: shards.Manifest) -> dict:
+def write_plots(out: Path, per_image: torch.Tensor, report: dict) -> dict:
     """The three PNGs; returns {name: file name}."""
     import matplotlib
 
@@ -51,7 +50,7 @@ def write_plots(out: Path, per_image: torch.Tensor, report: dict, manifest: shar
     _histogram(ax, per_image, report)
     written["histogram"] = _save(fig, out / PLOTS["histogram"])
     fig, ax = plt.subplots(figsize=(5, 4.2))
-    _heatmap(fig, ax, report["cosine"]["per_position"], manifest)
+    _heatmap(fig, ax, report["cosine"]["per_position"], report["data"]["cls_scored"])
     written["heatmap"] = _save(fig, out / PLOTS["heatmap"])
     if report["sweep"]:
         fig, ax = plt.subplots(figsize=(6.5, 4))
@@ -92,8 +91,7 @@ def _histogram(ax, per_image: torch.Tensor, report: dict) -> None:
     ax.legend(fontsize=7, loc="upper left")
 
 
-def _heatmap(fig, ax, per_position: list[float], manifest: shards.Manifest) -> None:
-    cls = manifest.include_cls
+def _heatmap(fig, ax, per_position: list[float], cls: bool) -> None:
     values = torch.tensor(per_position[1:] if cls else per_position)
     g = math.isqrt(values.numel())
     # not a square grid (should not happen with shards from extract/synth): show one row
@@ -197,6 +195,9 @@ def markdown(r: dict) -> str:
               f"({r['baselines']['ridge']['fit']['num_train_samples']} samples used)."]
     if "note" in sp:
         lines.append(f"**Note:** {sp['note']}.")
+    if r["data"].get("cls_dropped"):
+        lines.append(f"Scored on the {r['data']['scored_tokens']} patch tokens: the shards' CLS "
+                     "token is dropped for this patch_only model, as in its training.")
     lines += [f"**Warning:** {w}." for w in r["warnings"]]
     lines.append("")
     return "\n".join(lines)
