@@ -129,3 +129,30 @@ def test_sample_cli_rejects_wrong_dims_in_one_line(tmp_path, capsys):
                      str(tmp_path / "in"), "--output_dir", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "clip_dim 8" in err and "\n" not in err
+
+
+def test_sample_cli_drops_the_cls_row_for_a_patch_only_model(tmp_path, capsys):
+    """As the trainer and evaluate do: CLS shards in, patch-only shards out; a CLS model on
+    shards without a CLS row is refused before anything is written."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    write_synthetic_shards(src, 6, grid=4, clip_dim=16, eva_dim=24, seed=0, include_cls=True)
+    model = _model()
+    model.save_pretrained(tmp_path / "model")
+    argv = ["sample", "--model_path", str(tmp_path / "model"), "--input_dir", str(src),
+            "--output_dir", str(out), "--steps", "2", "--method", "euler", "--device", "cpu"]
+    assert cli.main(argv) == 0
+    m_out = shards.read_manifest(out)
+    assert m_out.tokens == 16 and not m_out.include_cls
+    r_in, r_out = shards.ShardReader(src), shards.ShardReader(out)
+    clip = torch.stack([r_in.read(i)["clip"] for i in range(6)])[:, 1:]
+    assert torch.equal(torch.stack([r_out.read(i)["clip"] for i in range(6)]), clip)
+    expected = generate(model, clip.float(), steps=2, method="euler")
+    assert torch.allclose(torch.stack([r_out.read(i)["eva"].float() for i in range(6)]), expected,
+                          atol=2e-2)
+    capsys.readouterr()
+    _model(token_mode="cls_patch").save_pretrained(tmp_path / "cls_model")
+    assert cli.main([*argv[:2], str(tmp_path / "cls_model"), "--input_dir", str(out),
+                     "--output_dir", str(tmp_path / "o2")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "manifest.json: 16 tokens is not a square grid plus a CLS token" in err
+    assert "\n" not in err and not (tmp_path / "o2").exists()

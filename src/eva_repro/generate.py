@@ -31,7 +31,7 @@ from eva_repro.checkpoint import load_model
 from eva_repro.devices import autocast, device_of, pick_device
 from eva_repro.errors import UserError
 from eva_repro.flags import add_flags, option
-from eva_repro.layout import has_cls
+from eva_repro.layout import drop_cls, has_cls
 from eva_repro.lockfile import DirectoryLock
 from eva_repro.preemption import Preempted, StopSignals
 from eva_repro.progress import progress_bar
@@ -212,6 +212,10 @@ def run(args: argparse.Namespace) -> int:
         raise ModelDataMismatch(
             f"{manifest.root / shards.MANIFEST}: clip_dim {manifest.clip_dim} but the model at "
             f"{args.model_path} expects cond_dim {model.config.cond_dim}; use matching embeddings")
+    # a patch_only model on shards with a CLS row: the row is dropped, as the trainer does
+    dropping_cls = manifest.include_cls and not has_cls(model.config.token_mode)
+    check_condition(model.config, torch.empty(0, manifest.tokens - dropping_cls, manifest.clip_dim),
+                    where=str(manifest.root / shards.MANIFEST))
     reader = shards.ShardReader(manifest)
     out = Path(args.output_dir)
     if out.resolve() == manifest.root.resolve():
@@ -220,7 +224,8 @@ def run(args: argparse.Namespace) -> int:
                 "input_dir": str(manifest.root.resolve()),
                 "sampler": {"method": args.method, "steps": args.steps, "shift": args.shift,
                             "cfg_scale": args.cfg_scale, "seed": args.seed,
-                            **({"named": args.sampler} if args.sampler else {})}}
+                            **({"named": args.sampler} if args.sampler else {})},
+                "cls_dropped": dropping_cls}
     with DirectoryLock(out, "eva-repro sample"):  # one writer per output directory
         return _sample_shards(args, model, loaded, manifest, reader, out, settings)
 
@@ -241,6 +246,8 @@ def _sample_shards(args: argparse.Namespace, model: torch.nn.Module, loaded: Any
                 continue
             sidecar = manifest.sidecar(entry)
             clip = reader.read_rows(index, 0, n)["clip"]
+            if settings["cls_dropped"]:
+                clip = drop_cls(clip)
             gen = []
             for s in range(0, n, args.batch_size):
                 x, _ = generate_batch(model, clip[s:s + args.batch_size], args.steps, args.method,
@@ -260,6 +267,10 @@ def _sample_shards(args: argparse.Namespace, model: torch.nn.Module, loaded: Any
             if k not in ("format", "format_version", "num_samples", "num_failures", "tokens",
                          "clip_dim", "eva_dim", "shards")}
     meta["dtype"] = args.dtype
+    if settings["cls_dropped"]:  # the written shards hold the patch tokens only
+        meta["include_cls"] = False
+        if "training_mode" in meta:
+            meta["training_mode"] = "patch_only"
     meta["generated"] = {**settings, "model_source": loaded.source,
                          "eva_scale": f"token norm = model target_norm {model.config.target_norm:.4g}"}
     shards.write_manifest(out, meta)
