@@ -36,3 +36,11 @@ def test_grid_conv_and_neighbour_mean_on_a_hand_grid():
     right = layout.grid_conv(two, shift)
     assert right[0, :, 0].tolist() == [1, 2, 0, 4, 5, 0, 7, 8, 0]
     assert torch.equal(right[..., 1], -right[..., 0])
+
+
+def test_only_a_patch_only_model_drops_the_cls_row_of_cls_shards():
+    assert layout.drops_cls(True, "patch_only")
+    assert not layout.drops_cls(True, "cls_patch") and not layout.drops_cls(False, "patch_only")
+    tokens = torch.arange(2 * 5 * 3.0).view(2, 5, 3)  # CLS + a 2 x 2 grid
+    assert torch.equal(layout.tokens_for_model(tokens, True), tokens[:, 1:])
+    assert layout.tokens_for_model(tokens, False) is tokens

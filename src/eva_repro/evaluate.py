@@ -49,17 +49,12 @@ from eva_repro.generate import (
     generate_batch,
     resolve_sampler,
 )
-from eva_repro.layout import has_cls, pairs_for_model
+from eva_repro.layout import drops_cls, has_cls, pairs_for_model, tokens_for_model
 from eva_repro.lockfile import DirectoryLock
 from eva_repro.progress import progress_bar
 from eva_repro.report import write_outputs
 
 SWEEP_SIZES = ("auto", "none", "small", "full")  # auto: full on CUDA, small on CPU
-
-
-def drops_cls(model: torch.nn.Module, manifest: shards.Manifest) -> bool:
-    """A patch_only model scored on shards with a CLS row: the row is dropped, as in training."""
-    return manifest.include_cls and not has_cls(model.config.token_mode)
 
 
 def check_model_fits_data(model: torch.nn.Module, manifest: shards.Manifest, model_path: Any) -> None:
@@ -72,7 +67,7 @@ def check_model_fits_data(model: torch.nn.Module, manifest: shards.Manifest, mod
         problems.append(f"eva_dim {manifest.eva_dim} vs model target_dim {cfg.target_dim}")
     if has_cls(cfg.token_mode) and not manifest.include_cls:
         problems.append(f"include_cls=False vs model token_mode {cfg.token_mode!r}")
-    tokens = manifest.tokens - int(drops_cls(model, manifest))
+    tokens = manifest.tokens - int(drops_cls(manifest.include_cls, cfg.token_mode))
     if cfg.fixed_tokens not in (None, tokens):
         problems.append(f"tokens {tokens} vs the model's {cfg.fixed_tokens}")
     if problems:
@@ -207,17 +202,17 @@ def main_pass(model, reader, eval_idx, baselines, opts: EvalOptions, device, dro
         c.pooled["dit"].append(metrics.mean_pool(gen))
         c.pooled["target"].append(metrics.mean_pool(eva))
         # the baselines predict every token of the shards; the model's tokens are scored
-        mean_pred, _ = pairs_for_model(mean_b.predict(rows["clip"]), eva, drop_cls)
+        mean_pred = tokens_for_model(mean_b.predict(rows["clip"]), drop_cls)
         c.mean.append(flow.token_cosine(mean_pred, eva))
         c.pooled["mean"].append(metrics.mean_pool(mean_pred))
-        ridge_pred, _ = pairs_for_model(ridge_b.predict(rows["clip"]), eva, drop_cls)
+        ridge_pred = tokens_for_model(ridge_b.predict(rows["clip"]), drop_cls)
         c.ridge.append(flow.token_cosine(ridge_pred, eva))
         c.pooled["ridge"].append(metrics.mean_pool(ridge_pred))
         k = max(0, min(len(batch), n_control - done))
         if k:  # controls on the first n_control images: shuffled conditions, a second sample
-            other_clip, _ = pairs_for_model(other["clip"][:k], other["eva"][:k], drop_cls)
-            shuffled, _ = generate_batch(model, other_clip, opts.steps, opts.method,
-                                         opts.cfg_scale, opts.shift, opts.seed, ids=batch[:k])
+            shuffled, _ = generate_batch(model, tokens_for_model(other["clip"][:k], drop_cls),
+                                         opts.steps, opts.method, opts.cfg_scale, opts.shift,
+                                         opts.seed, ids=batch[:k])
             c.shuffled.append(flow.token_cosine(shuffled.cpu(), eva[:k]))
             second, _ = generate_batch(model, clip[:k], opts.steps, opts.method, opts.cfg_scale,
                                        opts.shift, opts.seed + 1, ids=batch[:k])
@@ -326,7 +321,8 @@ def _evaluate(model_path: str | Path, embeddings_dir: str | Path, output_dir: st
         raise shards.ShardError(f"{manifest.root}: no training samples to fit the baselines on")
     baselines = fit_baselines(reader, train_idx, opts.batch_size, device=device,
                               progress=opts.progress)
-    drop_cls = drops_cls(model, manifest)
+    # a patch_only model on shards with a CLS row is scored as it was trained: without the row
+    drop_cls = drops_cls(manifest.include_cls, model.config.token_mode)
     collected, images_per_s = main_pass(model, reader, eval_idx, baselines, opts, device, drop_cls)
     sweep = sampler_sweep(model, reader, eval_idx, opts, device, drop_cls)
     report = build_report(collected, sweep, baselines, opts, manifest, loaded, model_path,

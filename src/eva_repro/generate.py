@@ -31,7 +31,7 @@ from eva_repro.checkpoint import load_model
 from eva_repro.devices import autocast, device_of, pick_device
 from eva_repro.errors import UserError
 from eva_repro.flags import add_flags, option
-from eva_repro.layout import drop_cls, has_cls
+from eva_repro.layout import drops_cls, has_cls, tokens_for_model
 from eva_repro.lockfile import DirectoryLock
 from eva_repro.preemption import Preempted, StopSignals
 from eva_repro.progress import progress_bar
@@ -213,7 +213,7 @@ def run(args: argparse.Namespace) -> int:
             f"{manifest.root / shards.MANIFEST}: clip_dim {manifest.clip_dim} but the model at "
             f"{args.model_path} expects cond_dim {model.config.cond_dim}; use matching embeddings")
     # a patch_only model on shards with a CLS row: the row is dropped, as the trainer does
-    dropping_cls = manifest.include_cls and not has_cls(model.config.token_mode)
+    dropping_cls = drops_cls(manifest.include_cls, model.config.token_mode)
     check_condition(model.config, torch.empty(0, manifest.tokens - dropping_cls, manifest.clip_dim),
                     where=str(manifest.root / shards.MANIFEST))
     reader = shards.ShardReader(manifest)
@@ -245,9 +245,7 @@ def _sample_shards(args: argparse.Namespace, model: torch.nn.Module, loaded: Any
                 offset += n
                 continue
             sidecar = manifest.sidecar(entry)
-            clip = reader.read_rows(index, 0, n)["clip"]
-            if settings["cls_dropped"]:
-                clip = drop_cls(clip)
+            clip = tokens_for_model(reader.read_rows(index, 0, n)["clip"], settings["cls_dropped"])
             gen = []
             for s in range(0, n, args.batch_size):
                 x, _ = generate_batch(model, clip[s:s + args.batch_size], args.steps, args.method,

@@ -42,11 +42,22 @@ def drop_cls(tokens: torch.Tensor) -> torch.Tensor:
     return tokens[:, 1:]
 
 
+def drops_cls(include_cls: bool, token_mode: str) -> bool:
+    """Whether a model of `token_mode` drops the CLS row of shards (manifest `include_cls`): a
+    patch_only model on shards that have one."""
+    return include_cls and not has_cls(token_mode)
+
+
+def tokens_for_model(tokens: torch.Tensor, dropping_cls: bool) -> torch.Tensor:
+    """Tokens [B, T, D] as loaded from shards -> as the model takes them: the CLS row dropped
+    when a patch_only model meets shards that have one (training, evaluation, sampling)."""
+    return drop_cls(tokens) if dropping_cls else tokens
+
+
 def pairs_for_model(clip: torch.Tensor, eva: torch.Tensor,
                     dropping_cls: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """A (condition, target) pair as loaded from shards -> as the model takes it: the CLS rows
-    dropped when a patch_only model trains on shards that have them."""
-    return (drop_cls(clip), drop_cls(eva)) if dropping_cls else (clip, eva)
+    """A (condition, target) pair as loaded from shards -> as the model takes it."""
+    return tokens_for_model(clip, dropping_cls), tokens_for_model(eva, dropping_cls)
 
 
 def grid_conv(patches: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
