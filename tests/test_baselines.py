@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eva_repro import flow
+from eva_repro import flow, shards
 from eva_repro.baselines import (
     ALPHAS,
     MeanAccumulator,
@@ -87,6 +87,28 @@ def test_fit_baselines_on_training_rows_only_and_ridge_beats_mean(synth_dir):
     # synthetic target = nonlinear map of the token and its neighbours + position offset
     assert 0.4 < mean_cos < 0.7
     assert ridge_cos > mean_cos + 0.2
+
+
+def test_baselines_for_a_patch_only_model_are_fitted_without_the_cls_row(tmp_path):
+    """fit_baselines(drop_cls=True) on CLS shards = the same fit on the shards' patch tokens."""
+    g = torch.Generator().manual_seed(0)
+    clip = torch.randn(60, 17, 8, generator=g)
+    eva = torch.tanh(clip @ torch.randn(8, 12, generator=g))
+    eva[:, 0] = torch.randn(60, 12, generator=g)  # a CLS row unlike the patches
+    keys = [f"k{i:03d}" for i in range(60)]
+    for name, c, e, cls in (("cls", clip, eva, True), ("patches", clip[:, 1:], eva[:, 1:], False)):
+        shards.write_shard(tmp_path / name, 0, c, e, keys, dtype="float32")
+        shards.write_manifest(tmp_path / name, {"grid": 4, "include_cls": cls})
+    rows = list(range(50))
+    mean_d, ridge_d = fit_baselines(ShardReader(tmp_path / "cls"), rows, progress=False,
+                                    drop_cls=True)
+    mean_p, ridge_p = fit_baselines(ShardReader(tmp_path / "patches"), rows, progress=False)
+    assert ridge_d.alpha == ridge_p.alpha and ridge_d.info["cls_dropped"]
+    torch.testing.assert_close(ridge_d.weight, ridge_p.weight)
+    torch.testing.assert_close(ridge_d.bias, ridge_p.bias)
+    torch.testing.assert_close(mean_d.mean, mean_p.mean)
+    _, with_cls = fit_baselines(ShardReader(tmp_path / "cls"), rows, progress=False)
+    assert with_cls.bias.shape[0] == 17 and not torch.allclose(with_cls.weight, ridge_p.weight)
 
 
 def test_fit_baselines_needs_training_rows(synth_dir):

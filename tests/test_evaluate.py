@@ -223,9 +223,10 @@ def test_a_patch_only_model_on_cls_shards_is_scored_on_the_patch_tokens(tmp_path
     assert "Scored on the 16 patch tokens" in (tmp_path / "out" / "report.md").read_text()
     reader = shards.ShardReader(data)
     train, heldout = shards.split_indices(reader.keys(), 0.3)
-    _, ridge = fit_baselines(reader, sorted(train), progress=False)
+    _, ridge = fit_baselines(reader, sorted(train), progress=False, drop_cls=True)
+    assert r["baselines"]["ridge"]["fit"]["cls_dropped"] and ridge.bias.shape[0] == 16
     rows = reader.gather(heldout)
-    patch_cos = flow.token_cosine(ridge.predict(rows["clip"])[:, 1:], rows["eva"][:, 1:].float())
+    patch_cos = flow.token_cosine(ridge.predict(rows["clip"][:, 1:]), rows["eva"][:, 1:].float())
     assert r["baselines"]["ridge"]["token_mean"] == pytest.approx(patch_cos.mean().item(), abs=1e-4)
     # a CLS model cannot be scored on shards without the CLS token
     write_synthetic_shards(tmp_path / "patches", 40, **DIMS)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from eva_repro.errors import UserError
-from eva_repro.layout import neighbour_mean
+from eva_repro.layout import neighbour_mean, pairs_for_model
 from eva_repro.progress import progress_bar
 from eva_repro.shards import ShardReader, finite_samples
 
@@ -182,20 +182,25 @@ def fit_baselines(
     position_bias: bool = True,
     device: torch.device | str = "cpu",
     progress: bool = True,
+    drop_cls: bool = False,
 ) -> tuple[MeanBaseline, RidgeBaseline]:
-    """Fit both baselines in one streamed pass over `train_indices` (training split only)."""
+    """Fit both baselines in one streamed pass over `train_indices` (training split only), on
+    the tokens the model sees: without the shards' CLS row when `drop_cls` (a patch_only model
+    on CLS shards, `layout.drops_cls`)."""
     if len(train_indices) == 0:
         raise UserError("baselines: no training samples to fit on")
     m = reader.manifest
+    tokens = m.tokens - int(drop_cls)
     mean_acc = MeanAccumulator()
-    fit = RidgeAccumulator(m.clip_dim, m.eva_dim, m.tokens, position_bias, device)
-    val = RidgeAccumulator(m.clip_dim, m.eva_dim, m.tokens, position_bias, device)
+    fit = RidgeAccumulator(m.clip_dim, m.eva_dim, tokens, position_bias, device)
+    val = RidgeAccumulator(m.clip_dim, m.eva_dim, tokens, position_bias, device)
     held_in = held_in_rows(train_indices)
     bar = progress_bar(total=len(train_indices), desc="fit baselines", unit="img", disable=not progress,
                leave=False)
     skipped = 0
     for clip, eva, is_val, left_out in _finite_batches(reader, train_indices, held_in, batch_size):
         skipped += left_out
+        clip, eva = pairs_for_model(clip, eva, drop_cls)
         mean_acc.update(eva)
         if (~is_val).any():
             fit.update(clip[~is_val], eva[~is_val])
@@ -220,6 +225,7 @@ def fit_baselines(
         "num_held_in_samples": len(held_in),
         "features": "RMS-normalised condition token + per-position bias" if position_bias
         else "RMS-normalised condition token + bias",
+        "cls_dropped": drop_cls,
     }
     ridge = RidgeBaseline(weight=w[: m.clip_dim], bias=w[m.clip_dim:], alpha=alpha, info=info)
     return mean_acc.result(), ridge
@@ -236,10 +242,9 @@ def ridge_linear_path(reader: ShardReader, train_rows: Sequence[int], drop_cls: 
     the same map (float64 sums over the same rows)."""
     stride = max(1, math.ceil(len(train_rows) / RIDGE_INIT_SAMPLES))
     subset = sorted(list(train_rows)[::stride])
-    _, ridge = fit_baselines(reader, subset, progress=False)
+    _, ridge = fit_baselines(reader, subset, progress=False, drop_cls=drop_cls)
     scale = math.sqrt(reader.manifest.eva_dim)  # ridge predicts unit tokens
-    bias = ridge.bias[1:] if drop_cls and ridge.bias.shape[0] > 1 else ridge.bias  # CLS first
-    return ridge.weight * scale, bias * scale, ridge, len(subset)
+    return ridge.weight * scale, ridge.bias * scale, ridge, len(subset)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -201,11 +201,10 @@ def main_pass(model, reader, eval_idx, baselines, opts: EvalOptions, device, dro
         c.dit.append(flow.token_cosine(gen, eva))
         c.pooled["dit"].append(metrics.mean_pool(gen))
         c.pooled["target"].append(metrics.mean_pool(eva))
-        # the baselines predict every token of the shards; the model's tokens are scored
-        mean_pred = tokens_for_model(mean_b.predict(rows["clip"]), drop_cls)
+        mean_pred = mean_b.predict(clip)
         c.mean.append(flow.token_cosine(mean_pred, eva))
         c.pooled["mean"].append(metrics.mean_pool(mean_pred))
-        ridge_pred = tokens_for_model(ridge_b.predict(rows["clip"]), drop_cls)
+        ridge_pred = ridge_b.predict(clip)
         c.ridge.append(flow.token_cosine(ridge_pred, eva))
         c.pooled["ridge"].append(metrics.mean_pool(ridge_pred))
         k = max(0, min(len(batch), n_control - done))
@@ -319,10 +318,11 @@ def _evaluate(model_path: str | Path, embeddings_dir: str | Path, output_dir: st
     train_idx = seeded_subset(train, opts.baseline_samples, opts.seed + 1)
     if not train_idx:
         raise shards.ShardError(f"{manifest.root}: no training samples to fit the baselines on")
-    baselines = fit_baselines(reader, train_idx, opts.batch_size, device=device,
-                              progress=opts.progress)
-    # a patch_only model on shards with a CLS row is scored as it was trained: without the row
+    # a patch_only model on shards with a CLS row is scored as it was trained: without the row,
+    # and the baselines are fitted and scored on the same tokens
     drop_cls = drops_cls(manifest.include_cls, model.config.token_mode)
+    baselines = fit_baselines(reader, train_idx, opts.batch_size, device=device,
+                              progress=opts.progress, drop_cls=drop_cls)
     collected, images_per_s = main_pass(model, reader, eval_idx, baselines, opts, device, drop_cls)
     sweep = sampler_sweep(model, reader, eval_idx, opts, device, drop_cls)
     report = build_report(collected, sweep, baselines, opts, manifest, loaded, model_path,
