@@ -325,11 +325,11 @@ def test_bad_inputs_fail_before_training_with_one_line(tmp_path, small_data, one
     one_line_error(lambda: train_mod.train(_cfg(small_data, out, loss_weight="snr")), "--loss_weight")
     one_line_error(lambda: train_mod.train(_cfg(small_data, out, training_mode="cls_patch")), "CLS")
     one_line_error(lambda: train_mod.train(_cfg(small_data, out, model_overrides={"nope": 1})),
-              "model_override")
+                   "model_override")
     one_line_error(lambda: train_mod.train(_cfg(small_data, out, resume=str(tmp_path))),
-              "not a complete checkpoint")
+                   "not a complete checkpoint")
     one_line_error(lambda: train_mod.train(_cfg(small_data, out, max_samples=4)),
-              "too few to hold any out")
+                   "too few to hold any out")
     assert not (out / "checkpoints").exists()
 
 
@@ -436,18 +436,18 @@ def test_lumina_next_backbone_refuses_what_it_cannot_do_in_one_line(tmp_path, sm
     out = tmp_path / "run"
     lumina = dict(backbone="lumina-next")
     one_line_error(lambda: train_mod.train(_cfg(small_data, out, **lumina, linear_init="ridge")),
-              "has none")
+                   "has none")
     one_line_error(lambda: train_mod.train(_cfg(small_data, out, **lumina, model_variant="lumina-next")),
-              "diffusers' own network")
+                   "diffusers' own network")
     one_line_error(lambda: train_mod.train(_cfg(small_data, out, backbone="unet")), "unknown --backbone")
     one_line_error(lambda: train_mod.train(_cfg(small_data, out, model_size="blip3o")),
-              "for --backbone next-dit")
+                   "for --backbone next-dit")
     cls = tmp_path / "cls"
     write_synthetic_shards(cls, 60, grid=2, clip_dim=16, eva_dim=32, seed=0, include_cls=True)
     one_line_error(lambda: train_mod.train(_cfg(cls, out, **lumina, training_mode="cls_patch")),
-              "no CLS slot")
+                   "no CLS slot")
     one_line_error(lambda: train_mod.train(_cfg(small_data, out, **lumina, grad_checkpointing=True)),
-              "gradient checkpointing")
+                   "gradient checkpointing")
     assert not (out / "checkpoints").exists()
 
 
@@ -489,3 +489,17 @@ def test_the_neighbour_mix_is_trained_only_where_neighbours_carry_the_target(
     always = train_mod.train(_cfg(token_only_data, tmp_path / "always", local_min_gain=0.0))
     assert "neighbour_mix" not in always  # no test: the mix is trained
     assert load_file(str(tmp_path / "always" / "model" / "model.safetensors"))["local_gate"] == 1
+
+
+def test_a_patch_only_run_on_cls_shards_drops_the_cls_row_and_evaluates_the_same_way(tmp_path):
+    data, out = tmp_path / "cls", tmp_path / "run"
+    write_synthetic_shards(data, 60, grid=2, clip_dim=16, eva_dim=32, seed=0, include_cls=True)
+    summary = train_mod.train(_cfg(data, out, max_steps=2, training_mode="patch_only",
+                                   eval_fraction=0.2, eval_samples=100))
+    config = json.loads((out / "model" / "config.json").read_text())
+    assert config["token_mode"] == "patch_only" and config["tokens"] == 4
+    assert json.loads((out / "run_config.json").read_text())["drop_cls"] is True
+    r = evaluate(out, data, None, num_samples=100, steps=4, method="heun", sweep="none",
+                 progress=False, plots=False, control_samples=0)
+    assert r["data"]["cls_dropped"] and len(r["cosine"]["per_position"]) == 4
+    assert r["cosine"]["token_mean"] == pytest.approx(summary["heldout_cosine"], rel=1e-5)

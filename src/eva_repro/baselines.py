@@ -285,10 +285,11 @@ def neighbour_gain(reader: ShardReader, train_rows: Sequence[int],
     fit = RidgeAccumulator(2 * m.clip_dim, m.eva_dim, patches)
     val = RidgeAccumulator(2 * m.clip_dim, m.eva_dim, patches)
     for clip, eva, is_val, _ in _finite_batches(reader, rows, held_in, 64):
-        x = rms_normalize(clip[:, -patches:])
+        clip, eva = pairs_for_model(clip, eva, m.include_cls)  # a CLS token has no neighbours
+        x = rms_normalize(clip)
         x = torch.cat([x, neighbour_mean(x)], dim=-1)
-        fit.add(x[~is_val], eva[~is_val, -patches:])
-        val.add(x[is_val], eva[is_val, -patches:])
+        fit.add(x[~is_val], eva[~is_val])
+        val.add(x[is_val], eva[is_val])
     if fit.tokens_seen == 0 or val.tokens_seen == 0:  # all but a few samples non-finite
         return None
     token_fit, token_val = fit.first_features(m.clip_dim), val.first_features(m.clip_dim)

@@ -70,7 +70,7 @@ class Interval:
         self.reset()
 
     def reset(self) -> None:
-        self.steps, self.finite, self.samples = 0, 0, 0
+        self.finite, self.samples = 0, 0
         self.loss, self.cos, self.norm = 0.0, 0.0, 0.0
         self.wait, self.busy = 0.0, 0.0  # seconds waiting for data / in training steps
 
@@ -78,7 +78,6 @@ class Interval:
             seconds: float) -> None:
         """One step; its seconds exclude evaluation and checkpoints. A skipped (non-finite)
         step counts its samples and time but not its loss."""
-        self.steps += 1
         self.samples += samples
         self.wait += wait
         self.busy += seconds

@@ -64,6 +64,7 @@ from eva_repro.train_config import (
     build_model_config,
     config_from_args,
     configure_parser,  # noqa: F401 -- `eva-repro train`'s flags: cli finds them here
+    token_mode,
     validate_config,
 )
 
@@ -230,7 +231,7 @@ def setup(cfg: TrainConfig) -> TrainingRun:
     total = _total_steps(cfg, schedule)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else optim.default_warmup(total)
 
-    drop_cls = data.manifest.include_cls and cfg.training_mode == "patch_only"
+    drop_cls = layout.drops_cls(data.manifest.include_cls, token_mode(cfg, data.manifest))
     model_cfg = build_model_config(cfg, data.manifest, data_mod.target_norm(data.reader, rows,
                                                                             drop_cls=drop_cls))
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank

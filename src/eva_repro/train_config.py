@@ -12,7 +12,7 @@ from eva_repro import flow
 from eva_repro.errors import UserError
 from eva_repro.flags import add_flags, option, values
 from eva_repro.flow import METHODS
-from eva_repro.layout import TOKEN_MODES, mode_of
+from eva_repro.layout import TOKEN_MODES, drops_cls, mode_of
 from eva_repro.model import BACKBONES, VARIANTS, backbones, model_config
 from eva_repro.shards import Manifest
 
@@ -195,23 +195,27 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig.from_dict(given)
 
 
-def build_model_config(cfg: TrainConfig, manifest: Manifest, target_norm: float) -> Any:
-    """The backbone's config for this run: the preset and overrides, shaped by the data."""
-    token_mode = mode_of(manifest.include_cls)
-    if cfg.training_mode == "cls_patch" and token_mode == "patch_only":
+def token_mode(cfg: TrainConfig, manifest: Manifest) -> str:
+    """The run's token layout: --training_mode, or with auto the shards' (a patch_only run on
+    CLS shards drops the CLS row at load time, `layout.drops_cls`)."""
+    if cfg.training_mode == "cls_patch" and not manifest.include_cls:
         raise TrainingError(f"{manifest.root}: --training_mode cls_patch needs shards with a "
                             "CLS token (include_cls) but these have patches only; re-extract with "
                             "--training_mode cls_patch or train patch_only")
-    if cfg.training_mode == "patch_only":
-        token_mode = "patch_only"  # CLS tokens (if any) are dropped at load time
+    return mode_of(manifest.include_cls) if cfg.training_mode == "auto" else cfg.training_mode
+
+
+def build_model_config(cfg: TrainConfig, manifest: Manifest, target_norm: float) -> Any:
+    """The backbone's config for this run: the preset and overrides, shaped by the data."""
+    mode = token_mode(cfg, manifest)
     fixed = {"target_dim", "cond_dim", "token_mode", "target_norm", "tokens"}
     if fixed & set(cfg.model_overrides):
         raise TrainingError(f"--model_override cannot set {sorted(fixed & set(cfg.model_overrides))}:"
                             " they follow the data")
-    tokens = manifest.tokens - int(manifest.include_cls and token_mode == "patch_only")
+    tokens = manifest.tokens - int(drops_cls(manifest.include_cls, mode))
     try:
         return model_config(cfg.backbone, cfg.model_size, cfg.model_variant,
-                            target_dim=manifest.eva_dim, cond_dim=manifest.clip_dim, token_mode=token_mode,
+                            target_dim=manifest.eva_dim, cond_dim=manifest.clip_dim, token_mode=mode,
                             grad_checkpointing=cfg.grad_checkpointing, target_norm=target_norm,
                             tokens=tokens, **cfg.model_overrides)
     except TypeError as e:  # an override that is no field of the backbone's config
