@@ -47,7 +47,11 @@ def check_condition(config, clip_tokens: torch.Tensor, where: str = "clip tokens
     """Raise ModelDataMismatch when `clip_tokens` [N, T, Dc] cannot condition this model."""
     if clip_tokens.dim() != 3:
         raise ModelDataMismatch(f"{where}: expected [N, tokens, dim], got shape {tuple(clip_tokens.shape)}")
-    n_tokens, dim = clip_tokens.shape[1:]
+    check_layout(config, *clip_tokens.shape[1:], where)
+
+
+def check_layout(config, n_tokens: int, dim: int, where: str) -> None:
+    """Raise ModelDataMismatch when conditions of `n_tokens` x `dim` cannot condition this model."""
     if dim != config.cond_dim:
         raise ModelDataMismatch(f"{where}: condition dim {dim} but the model expects cond_dim "
                                 f"{config.cond_dim}; use a model trained on these embeddings")
@@ -214,8 +218,8 @@ def run(args: argparse.Namespace) -> int:
             f"{args.model_path} expects cond_dim {model.config.cond_dim}; use matching embeddings")
     # a patch_only model on shards with a CLS row: the row is dropped, as the trainer does
     dropping_cls = drops_cls(manifest.include_cls, model.config.token_mode)
-    check_condition(model.config, torch.empty(0, manifest.tokens - dropping_cls, manifest.clip_dim),
-                    where=str(manifest.root / shards.MANIFEST))
+    check_layout(model.config, manifest.tokens - dropping_cls, manifest.clip_dim,
+                 str(manifest.root / shards.MANIFEST))
     reader = shards.ShardReader(manifest)
     out = Path(args.output_dir)
     if out.resolve() == manifest.root.resolve():
