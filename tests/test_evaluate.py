@@ -1,6 +1,7 @@
 """`eva-repro evaluate` end to end on synthetic data with a small DiT trained in-process."""
 
 import json
+import math
 import runpy
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ from eva_repro.baselines import fit_baselines
 from eva_repro.bench.evaluate import nfe_within
 from eva_repro.checkpoint import CheckpointError
 from eva_repro.data import open_training_data
-from eva_repro.evaluate import EvalOptions, evaluate, resolve_split
+from eva_repro.evaluate import Collected, EvalOptions, distribution_report, evaluate, resolve_split
 from eva_repro.generate import ModelDataMismatch
 from eva_repro.model import DiT, DiTConfig
 from eva_repro.synth import write_synthetic_shards
@@ -106,6 +107,34 @@ def test_trained_model_beats_mean_baseline_and_uses_its_condition(cli_report, tr
     assert 0.95 < r["controls"]["diversity"]["token_mean"] < 1.0
 
 
+def test_distribution_metrics_of_the_dit_and_the_baselines(cli_report):
+    out, r = cli_report
+    d = r["distribution"]
+    assert d["samples"] == r["n_samples"] == 64 and d["k"] == 3 and d["pooled_dim"] == 64
+    assert "biased upward" in d["note"]  # 64 images for a 64-d covariance
+    for name in ("dit", "ridge", "mean"):
+        m = d[name]
+        assert set(m) == {"fd_pooled", "fd_token", "precision", "recall", "samples", "tokens"}
+        assert all(math.isfinite(m[key]) for key in ("fd_pooled", "fd_token")), m
+        assert 0 <= m["precision"] <= 1 and 0 <= m["recall"] <= 1
+        assert m["samples"] == 64 and m["tokens"] == 64 * 16
+    # seen: FD token dit 0.76, ridge 1.03, mean 41; FD pooled 0.0027, 0.0070, 0.089; recall 1, 1, 0
+    assert d["ridge"]["fd_token"] > 0
+    assert d["dit"]["fd_token"] < d["ridge"]["fd_token"] < d["mean"]["fd_token"] / 10
+    assert d["dit"]["fd_pooled"] < d["ridge"]["fd_pooled"] < d["mean"]["fd_pooled"]
+    assert d["mean"]["recall"] == 0.0 and d["mean"]["precision"] == 1.0  # one point for all images
+    assert d["dit"]["recall"] > 0.5
+    md = (out / "report.md").read_text()
+    assert "## Distribution" in md and f"| ridge baseline | {d['ridge']['fd_pooled']:.4g} |" in md
+
+
+def test_distribution_needs_more_images_than_neighbours():
+    c = Collected()
+    pooled = {name: torch.randn(3, 8) for name in ("dit", "mean", "ridge", "target")}
+    d = distribution_report(c, pooled, 3)
+    assert d["skipped"] == "needs more than 3 images, got 3" and "dit" not in d
+
+
 def test_evaluation_is_deterministic_and_warns_on_too_many_samples(trained_run, capsys):
     kw = dict(FAST, num_samples=10_000, baseline_samples=200)
     a = evaluate(trained_run["run"], trained_run["data"], None, **kw)
@@ -121,6 +150,8 @@ def test_evaluation_is_deterministic_and_warns_on_too_many_samples(trained_run, 
     # the noise is keyed by sample id, not by batch: another batch size scores the same
     d = evaluate(trained_run["run"], trained_run["data"], None, **{**kw, "batch_size": 3})
     assert d["cosine"]["token_mean"] == pytest.approx(a["cosine"]["token_mean"], abs=1e-5)
+    for name in ("dit", "ridge"):  # the token moments streamed over 3-image batches: the same
+        assert d["distribution"][name] == pytest.approx(a["distribution"][name], rel=1e-3)
     assert d["velocity_cosine"] == pytest.approx(a["velocity_cosine"], abs=1e-5)
 
 

@@ -43,6 +43,12 @@ def report() -> dict:
                      "diversity": {"token_mean": 0.9}},
         "retrieval": {"pool_size": 64, "recall_at_1": 0.5, "recall_at_5": 0.8,
                       "chance_at_1": 1 / 64, "ridge": {"recall_at_1": 0.4, "recall_at_5": 0.7}},
+        "distribution": {
+            "samples": 64, "k": 3, "pooled_dim": 1024,
+            "note": "64 images <= pooled dim 1024: the pooled covariances are rank-deficient",
+            "dit": {"fd_pooled": 0.0123, "fd_token": 81.5, "precision": 0.7, "recall": 0.65},
+            "ridge": {"fd_pooled": 0.0301, "fd_token": 240.0, "precision": 0.9, "recall": 0.2},
+            "mean": {"fd_pooled": 0.5, "fd_token": 900.0, "precision": 1.0, "recall": 0.0}},
         "velocity_cosine": {"0.1": 0.9, "0.5": 0.7},
         "sampler": {"method": "heun", "steps": 8, "nfe": 15.0, "cfg_scale": 1.0, "shift": 1.0},
         "sweep": [_sweep_entry("euler", s, shift, 1.0, s, 0.7 + 0.01 * s) for s in (1, 2, 4)
@@ -91,6 +97,11 @@ def test_markdown_says_how_the_dit_compares(report):
     assert "best 0.800 with heun shift 1 CFG 1 at 7 NFE" in md
     assert "Images per band: poor 0%, moderate 10%, high 20%, very high 50%, excellent 20%" in md
     assert "**Note:**" not in md and "**Warning:**" not in md
+    assert "## Distribution" in md and "| FD pooled | FD token | precision | recall |" in md
+    assert "| **DiT** | 0.0123 | 81.5 | 0.700 | 0.650 |" in md
+    assert "| ridge baseline | 0.0301 | 240 | 0.900 | 0.200 |" in md
+    assert "| mean-token baseline | 0.5 | 900 | 1.000 | 0.000 |" in md
+    assert "on 64 images. Lower FD and higher recall than ridge" in md and "rank-deficient" in md
 
 
 def test_markdown_flags_what_went_wrong(report):
@@ -106,5 +117,9 @@ def test_markdown_flags_what_went_wrong(report):
     assert "**Note:** no training split known." in md and "**Warning:** something odd." in md
     assert "One Euler step returns the model's estimate of the conditional mean" in md
     r["controls"] = {}  # no controls (a single image): no shuffled row, no diversity line
+    r["distribution"] = {"samples": 1, "k": 3, "skipped": "needs more than 3 images, got 1"}
     md = markdown(r)
     assert "shuffled conditions" not in md and "Diversity" not in md
+    assert "Not computed: needs more than 3 images, got 1." in md and "FD pooled" not in md
+    del r["distribution"]  # a report from before the distribution metrics
+    assert "## Distribution" not in markdown(r)

@@ -21,12 +21,13 @@ LAYERS = [
     ["shards"],
     ["extract", "synth"],
     ["data", "baselines"],
-    ["flow", "model", "model.dit", "model.lumina_next", "model.backbones", "optim"],
+    ["flow", "model", "model.dit", "model.lumina_next", "model.plugin", "model.backbones", "optim"],
     ["distributed", "monitoring", "checkpoint"],
     ["init_from_data", "train_config", "train"],
     ["generate", "metrics"],
     ["report"],
     ["evaluate"],
+    ["testbed", "testbed.*"],
     ["demo", "bench", "bench.*", "cli", "__main__"],
 ]
 

@@ -336,9 +336,9 @@ def _split_of(run_dir: Path | None) -> dict | None:
     return None
 
 
-def _model_from_checkpoint(ckpt: Path) -> torch.nn.Module:
+def _model_from_checkpoint(ckpt: Path, backbone: str | None = None) -> torch.nn.Module:
     config = json.loads((ckpt / "config.json").read_text())
-    model = build_model(config_from_dict(config))
+    model = build_model(config_from_dict(config, backbone))
     try:
         model.load_state_dict(load_file(str(ckpt / "ema.safetensors")))
     except (RuntimeError, OSError) as e:
@@ -347,8 +347,9 @@ def _model_from_checkpoint(ckpt: Path) -> torch.nn.Module:
     return model
 
 
-def load_model(path: str | os.PathLike) -> LoadedModel:
-    """A run dir, a model dir (save_pretrained) or a checkpoint dir -> EMA model on CPU, eval mode.
+def load_model(path: str | os.PathLike, backbone: str | None = None) -> LoadedModel:
+    """A run dir, a model dir (save_pretrained) or a checkpoint dir -> EMA model on CPU, eval mode;
+    a plugin network rebuilt from `backbone` instead of its recorded import path when given.
 
     A run dir uses run_dir/model/ (the exported EMA weights) or, while training is still going,
     its newest complete checkpoint.
@@ -359,20 +360,21 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
                               "a model directory (save_pretrained) or a checkpoint directory")
     if (path / COMPLETE).exists():  # checkpoint dir: run_dir/checkpoints/step-N
         run_dir = path.parent.parent if path.parent.name == CHECKPOINTS else None
-        loaded = LoadedModel(_model_from_checkpoint(path), run_dir, _split_of(run_dir),
+        loaded = LoadedModel(_model_from_checkpoint(path, backbone), run_dir, _split_of(run_dir),
                              f"checkpoint {path.name} (EMA)")
     elif is_saved_model(path):
         run_dir = path.parent if (path.parent / "split.json").exists() else None
-        loaded = LoadedModel(from_pretrained(path, map_location="cpu"), run_dir,
+        loaded = LoadedModel(from_pretrained(path, "cpu", backbone), run_dir,
                              _split_of(run_dir), "model dir")
     elif (path / "model" / "config.json").exists():
-        loaded = LoadedModel(from_pretrained(path / "model", map_location="cpu"), path,
+        loaded = LoadedModel(from_pretrained(path / "model", "cpu", backbone), path,
                              _split_of(path), "run dir (exported EMA model)")
     elif (ckpt := latest_checkpoint(path)) is not None:
-        loaded = LoadedModel(_model_from_checkpoint(ckpt), path, _split_of(path),
+        loaded = LoadedModel(_model_from_checkpoint(ckpt, backbone), path, _split_of(path),
                              f"run dir, checkpoint {ckpt.name} (EMA)")
     elif path.name == CHECKPOINTS and (ckpt := latest_checkpoint(path.parent)) is not None:
-        loaded = LoadedModel(_model_from_checkpoint(ckpt), path.parent, _split_of(path.parent),
+        loaded = LoadedModel(_model_from_checkpoint(ckpt, backbone), path.parent,
+                             _split_of(path.parent),
                              f"checkpoint {ckpt.name} (EMA)")
     elif (path / "run_config.json").exists() or (path / CHECKPOINTS).is_dir():
         raise CheckpointError(f"{path}: run directory with no model (no {path / 'model'} and no "

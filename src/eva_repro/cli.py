@@ -17,6 +17,8 @@ COMMANDS = {
     "train": ("eva_repro.train", "train the DiT on shards (single process, DDP or FSDP2)"),
     "evaluate": ("eva_repro.evaluate", "evaluate a trained model on held-out shards"),
     "sample": ("eva_repro.generate", "generate EVA embeddings for CLIP embeddings (shards in/out)"),
+    "check": ("eva_repro.testbed.command", "judge a DiT: interface, learning, controls -> a report card"),
+    "zoo": ("eva_repro.testbed.zoo", "run `check` on DiTs with planted bugs: the table of what it catches"),
     "demo": ("eva_repro.demo", "images -> shards -> model -> report, offline"),
     "bench": ("eva_repro.bench", "run benchmarks and write JSON results"),
 }

@@ -12,6 +12,8 @@ What (all cosines after per-token L2 normalisation, see `eva_repro.metrics`):
   baselines    mean token per position and ridge regression, fitted on training samples only
   controls     conditions shuffled across images (must fall), two samples per condition (diversity)
   retrieval    mean-pooled generated vs true targets in a pool: recall@1, @5
+  distribution Frechet distance (pooled, per token) and k-NN precision / recall, for the DiT
+               and both baselines: a regressor's collapsed spread shows here, not in cosine
   velocity     cos(predicted v, true v) at fixed t on held-out pairs
   sweep        cosine vs network evaluations for euler / heun / dopri5, time shift, CFG scales
 
@@ -51,6 +53,7 @@ from eva_repro.generate import (
 )
 from eva_repro.layout import drops_cls, has_cls, pairs_for_model, tokens_for_model
 from eva_repro.lockfile import DirectoryLock
+from eva_repro.model.plugin import OVERRIDE_HELP
 from eva_repro.progress import progress_bar
 from eva_repro.report import write_outputs
 
@@ -87,6 +90,7 @@ class EvalOptions(SamplerOptions):
     sets each."""
 
     num_samples: int = option(1000, "held-out images to evaluate (all if fewer)")
+    backbone: str | None = option(None, OVERRIDE_HELP)
     batch_size: int = option(64, "samples per sampler batch")
     device: str | None = option(None, "default: cuda if available, else cpu")
     eval_fraction: float = option(0.1, "held-out fraction when the model path carries no split "
@@ -166,7 +170,8 @@ def seeded_subset(indices: list[int], n: int, seed: int) -> list[int]:
 
 @dataclass
 class Collected:
-    """Everything the report needs from the main pass, kept small: [N, T] cosines, [N, D] pools."""
+    """Everything the report needs from the main pass, kept small: [N, T] cosines, [N, D] pools,
+    and the streamed mean and covariance of the (normalised) tokens, for the distribution metrics."""
 
     dit: list[torch.Tensor] = field(default_factory=list)
     mean: list[torch.Tensor] = field(default_factory=list)
@@ -175,11 +180,19 @@ class Collected:
     diversity: list[torch.Tensor] = field(default_factory=list)
     pooled: dict[str, list[torch.Tensor]] = field(
         default_factory=lambda: {"dit": [], "mean": [], "ridge": [], "target": []})
+    tokens: dict[str, metrics.Moments] = field(
+        default_factory=lambda: {k: metrics.Moments() for k in ("dit", "mean", "ridge", "target")})
     velocity: dict[str, list[tuple[float, int]]] = field(default_factory=dict)
     nfe: list[tuple[int, int]] = field(default_factory=list)
 
     def cat(self, name: str) -> torch.Tensor:
         return torch.cat(getattr(self, name))
+
+    def add_set(self, name: str, tokens: torch.Tensor, stats_device: torch.device) -> None:
+        """One batch [B, T, D] of a predictor's (or the targets') tokens: its pools and moments.
+        The D x D float64 moments accumulate on `stats_device` (the GPU when there is one)."""
+        self.pooled[name].append(metrics.mean_pool(tokens))
+        self.tokens[name].add(flow.normalize_target(tokens.to(stats_device)))
 
 
 def main_pass(model, reader, eval_idx, baselines, opts: EvalOptions, device, drop_cls: bool
@@ -189,6 +202,7 @@ def main_pass(model, reader, eval_idx, baselines, opts: EvalOptions, device, dro
     rolled = eval_idx[1:] + eval_idx[:1]  # image i gets the condition of image i+1
     n_control = min(opts.control_samples, len(eval_idx)) if len(eval_idx) > 1 else 0
     bar = progress_bar(total=len(eval_idx), desc="evaluate", unit="img", disable=not opts.progress)
+    stats_device = device if device.type == "cuda" else torch.device("cpu")  # float64 moments
     start_time, done = time.perf_counter(), 0
     for (batch, rows), (_, other) in zip(reader.batches(eval_idx, opts.batch_size),
                                          reader.batches(rolled, opts.batch_size), strict=True):
@@ -199,14 +213,14 @@ def main_pass(model, reader, eval_idx, baselines, opts: EvalOptions, device, dro
         gen = gen.cpu()
         c.nfe.append((nfe, len(batch)))
         c.dit.append(flow.token_cosine(gen, eva))
-        c.pooled["dit"].append(metrics.mean_pool(gen))
-        c.pooled["target"].append(metrics.mean_pool(eva))
+        c.add_set("dit", gen, stats_device)
+        c.add_set("target", eva, stats_device)
         mean_pred = mean_b.predict(clip)
         c.mean.append(flow.token_cosine(mean_pred, eva))
-        c.pooled["mean"].append(metrics.mean_pool(mean_pred))
+        c.add_set("mean", mean_pred, stats_device)
         ridge_pred = ridge_b.predict(clip)
         c.ridge.append(flow.token_cosine(ridge_pred, eva))
-        c.pooled["ridge"].append(metrics.mean_pool(ridge_pred))
+        c.add_set("ridge", ridge_pred, stats_device)
         k = max(0, min(len(batch), n_control - done))
         if k:  # controls on the first n_control images: shuffled conditions, a second sample
             shuffled, _ = generate_batch(model, tokens_for_model(other["clip"][:k], drop_cls),
@@ -302,7 +316,7 @@ def _evaluate(model_path: str | Path, embeddings_dir: str | Path, output_dir: st
     start_time = time.time()
     device = pick_device(opts.device)
     manifest = shards.read_manifest(embeddings_dir)
-    loaded = load_model(model_path)
+    loaded = load_model(model_path, opts.backbone)
     check_model_fits_data(loaded.model, manifest, model_path)
     model = loaded.model.to(device).eval()
     reader = shards.ShardReader(manifest)
@@ -336,6 +350,29 @@ def _evaluate(model_path: str | Path, embeddings_dir: str | Path, output_dir: st
 
 def _weighted(pairs: list[tuple[float, int]]) -> float:
     return sum(v * n for v, n in pairs) / sum(n for _, n in pairs)
+
+
+DISTRIBUTION_K = 3  # neighbours of the k-NN precision / recall
+
+
+def distribution_report(c: Collected, pooled: dict[str, torch.Tensor], n_samples: int) -> dict:
+    """`metrics.distribution_summary` of the DiT's samples and of both baselines' predictions
+    against the held-out targets, with the sizes behind the estimates."""
+    k, dim = DISTRIBUTION_K, pooled["target"].shape[1]
+    out: dict[str, Any] = {"samples": n_samples, "k": k, "pooled_dim": dim,
+                           "how": "Frechet distances of Gaussian fits (mean-pooled embeddings; every "
+                           "token normalised to norm sqrt(D)); k-NN precision/recall of the pooled "
+                           "embeddings against the targets'"}
+    if n_samples <= k:
+        out["skipped"] = f"needs more than {k} images, got {n_samples}"
+        return out
+    if n_samples <= dim:
+        out["note"] = (f"{n_samples} images <= pooled dim {dim}: the pooled covariances are "
+                       "rank-deficient and fd_pooled is biased upward; compare at equal N")
+    for name in ("dit", "ridge", "mean"):
+        out[name] = metrics.distribution_summary(pooled[name], pooled["target"], c.tokens[name],
+                                                 c.tokens["target"], k)
+    return out
 
 
 def build_report(c: Collected, sweep, baselines, opts, manifest, loaded, model_path, split_info,
@@ -389,6 +426,7 @@ def build_report(c: Collected, sweep, baselines, opts, manifest, loaded, model_p
         "baselines": base,
         "controls": controls,
         "retrieval": retrieval,
+        "distribution": distribution_report(c, pooled, n_samples),
         "velocity_cosine": {t: _weighted(v) for t, v in c.velocity.items()},
         "sampler": {"method": opts.method, "steps": opts.steps, "nfe": _weighted(c.nfe),
                     "cfg_scale": opts.cfg_scale, "shift": opts.shift,

@@ -62,6 +62,28 @@ def velocity_from_data(x1_hat: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor)
     return (x1_hat - x_t) / (1 - _expand_time(t, x_t)).clamp_min(DATA_EPS)
 
 
+def velocity_from_prediction(y: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
+                             prediction: str) -> torch.Tensor:
+    """A network's raw output y of `prediction` type ("v": the velocity, "x": the clean target)
+    as the velocity the loss and the samplers use."""
+    if prediction == "v":
+        return y
+    if prediction == "x":
+        return velocity_from_data(y, x_t, t)
+    raise ValueError(f"unknown prediction {prediction!r}; choose one of {PREDICTIONS}")
+
+
+def prediction_from_velocity(v: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
+                             prediction: str) -> torch.Tensor:
+    """The inverse of `velocity_from_prediction`: what the network itself output (exact where
+    1 - t >= DATA_EPS)."""
+    if prediction == "v":
+        return v
+    if prediction == "x":
+        return x_t + (1 - _expand_time(t, x_t)).clamp_min(DATA_EPS) * v
+    raise ValueError(f"unknown prediction {prediction!r}; choose one of {PREDICTIONS}")
+
+
 def normalize_target(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Per-token x / ||x|| * sqrt(D): elements then have unit variance, like N(0, I) noise."""
     x = x.float()

@@ -33,6 +33,7 @@ from eva_repro.errors import UserError
 from eva_repro.flags import add_flags, option
 from eva_repro.layout import drops_cls, has_cls, tokens_for_model
 from eva_repro.lockfile import DirectoryLock
+from eva_repro.model.plugin import OVERRIDE_HELP
 from eva_repro.preemption import Preempted, StopSignals
 from eva_repro.progress import progress_bar
 
@@ -132,6 +133,7 @@ class SampleOptions:
 
     batch_size: int = option(64, "samples per sampler batch")
     device: str | None = option(None, "default: cuda if available, else cpu")
+    backbone: str | None = option(None, OVERRIDE_HELP)
     progress: bool = option(True, "no progress bar")
     dtype: str = option("float16", "storage dtype of the written tensors",
                         choices=sorted(shards.DTYPES))
@@ -209,7 +211,7 @@ def _resume(out: Path, settings: dict) -> dict[int, shards.ShardInfo]:
 
 def run(args: argparse.Namespace) -> int:
     resolve_sampler(args)
-    loaded = load_model(args.model_path)
+    loaded = load_model(args.model_path, args.backbone)
     model = loaded.model.to(pick_device(args.device)).eval()
     manifest = shards.read_manifest(args.input_dir)
     if manifest.clip_dim != model.config.cond_dim:

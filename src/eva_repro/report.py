@@ -3,7 +3,8 @@
     report.json         the report dict as it is (with plots, plus "plots": {plot: file name})
     report.md           the headline quality band, a table of the DiT against the mean and ridge
                         baselines (gaps with 95% intervals) and the shuffled-condition control,
-                        then bands, retrieval, diversity, velocity cosine, sweep, split, warnings
+                        then bands, retrieval, diversity, velocity cosine, sweep, split, warnings,
+                        and a Distribution section (Frechet distances, k-NN precision / recall)
     cosine_hist.png     per-image mean token cosine, over the quality bands, with the baselines
     cosine_heatmap.png  mean cosine per patch position on the token grid (CLS value in the title)
     cosine_vs_nfe.png   the sampler sweep: cosine vs network evaluations (only when it ran)
@@ -199,8 +200,30 @@ def markdown(r: dict) -> str:
         lines.append(f"Scored on the {r['data']['scored_tokens']} patch tokens: the shards' CLS "
                      "token is dropped for this patch_only model, as in its training.")
     lines += [f"**Warning:** {w}." for w in r["warnings"]]
+    lines += _distribution(r.get("distribution"))
     lines.append("")
     return "\n".join(lines)
+
+
+def _distribution(d: dict | None) -> list[str]:
+    """The Distribution section: a table for the DiT and the baselines (none in older reports)."""
+    if not d:
+        return []
+    lines = ["", "## Distribution", ""]
+    if "skipped" in d:
+        return lines + [f"Not computed: {d['skipped']}."]
+    lines += ["| | FD pooled | FD token | precision | recall |", "|---|---|---|---|---|"]
+    for name, label in (("dit", "**DiT**"), ("ridge", "ridge baseline"), ("mean", "mean-token baseline")):
+        m = d[name]
+        lines.append(f"| {label} | {m['fd_pooled']:.4g} | {m['fd_token']:.4g} | {m['precision']:.3f} | "
+                     f"{m['recall']:.3f} |")
+    lines += ["", f"Frechet distances (lower is closer) and k-NN precision / recall (k = {d['k']}) "
+              f"against the targets, on {d['samples']} images. Lower FD and higher recall than "
+              "ridge is what a generator should show; a regressor collapses variance, so it has "
+              "low recall."]
+    if "note" in d:
+        lines.append(f"({d['note']}.)")
+    return lines
 
 
 def _verdict(b: dict) -> str:

@@ -13,7 +13,7 @@ from eva_repro.errors import UserError
 from eva_repro.flags import add_flags, option, values
 from eva_repro.flow import METHODS
 from eva_repro.layout import TOKEN_MODES, drops_cls, mode_of
-from eva_repro.model import BACKBONES, VARIANTS, backbones, model_config
+from eva_repro.model import BACKBONES, VARIANTS, backbones, model_config, plugin
 from eva_repro.shards import Manifest
 
 OVERFIT_DEFAULT_STEPS = 300
@@ -46,7 +46,9 @@ class TrainConfig:
                              required=True)
     backbone: str = option("next-dit", "next-dit: eva-repro's Next-DiT (model/dit.py); "
                            "lumina-next: diffusers' LuminaNextDiT2DModel, BLIP3-o's head (needs "
-                           "the diffusers extra)")
+                           "the diffusers extra); or your own network, package.module:factory or "
+                           "path/to/file.py:factory (model/plugin.py: the preset's sizes and "
+                           "--model_override values are passed to the factory)")
     model_size: str = option("base", "preset: tiny, small, base, large (both backbones); blip3o "
                              "(lumina-next: 1792 wide, 24 layers, 28 heads)")
     model_variant: str = option("eva-repro", "the head's conditioning and prediction: eva-repro "
@@ -129,9 +131,11 @@ class TrainConfig:
 def validate_config(cfg: TrainConfig) -> None:
     """Flag problems that need no data, before anything heavy happens."""
     lumina = cfg.backbone == "lumina-next"
-    sizes = backbones.presets(cfg.backbone) if cfg.backbone in BACKBONES else []
+    own = plugin.is_plugin_spec(cfg.backbone)
+    sizes = backbones.presets(cfg.backbone) if backbones.known_backbone(cfg.backbone) else []
     checks = [
-        (cfg.backbone in BACKBONES, f"unknown --backbone {cfg.backbone!r}; choose one of {BACKBONES}"),
+        (backbones.known_backbone(cfg.backbone), f"unknown --backbone {cfg.backbone!r}; choose one "
+         f"of {BACKBONES} or give an import path, package.module:factory or file.py:factory"),
         (bool(cfg.data_dir), "--data_dir (or --chunked_embeddings_dir) is required"),
         (bool(cfg.output_dir), "--output_dir is required"),
         (cfg.model_variant in VARIANTS, f"unknown --model_variant {cfg.model_variant!r}; choose "
@@ -142,6 +146,9 @@ def validate_config(cfg: TrainConfig) -> None:
          "--model_variant picks a next-dit head; --backbone lumina-next is diffusers' own network"),
         (not lumina or cfg.linear_init == "zero",
          "--linear_init ridge needs the next-dit backbone's linear path; lumina-next has none"),
+        (not own or (cfg.model_variant == "eva-repro" and cfg.linear_init == "zero"),
+         "--model_variant and --linear_init pick parts of the next-dit head; a --backbone "
+         "import path is your own network"),
         (cfg.training_mode in ("auto", *TOKEN_MODES),
          f"--training_mode must be auto, patch_only or cls_patch, got {cfg.training_mode!r}"),
         (cfg.batch_size >= 1, f"--batch_size must be >= 1, got {cfg.batch_size}"),
@@ -171,7 +178,7 @@ def validate_config(cfg: TrainConfig) -> None:
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
-    add_flags(p, TrainConfig(), choices={"backbone": BACKBONES, "model_variant": sorted(VARIANTS),
+    add_flags(p, TrainConfig(), choices={"model_variant": sorted(VARIANTS),
                                          "time_scheme": flow.TIME_SCHEMES,
                                          "loss_weight": flow.LOSS_WEIGHTS})
 

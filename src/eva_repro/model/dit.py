@@ -486,7 +486,7 @@ class DiT(nn.Module):
             y = y + self.linear_cond(aligned) + self.linear_bias.to(y.dtype)
         if cfg.cond_mlp:
             y = y + self.cond_mlp(aligned)
-        return flow.velocity_from_data(y, x, t) if cfg.prediction == "x" else y
+        return flow.velocity_from_prediction(y, x, t, cfg.prediction)
 
     @torch.no_grad()
     def init_whitening(self, mean: torch.Tensor, matrix: torch.Tensor) -> None:

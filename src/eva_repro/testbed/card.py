@@ -1,0 +1,391 @@
+"""The report card: interface checks, learning on known-answer problems, controls, distribution.
+
+    card = run_card(backbone, output_dir, budget="quick")     # check.json, check.md, curves.png
+
+Learning runs go through `eva-repro train` itself (the trainer, its EMA, its held-out split) and
+are scored on their held-out samples, beside three references on the same samples:
+
+    mean    the mean target token per position (fitted on the training split)
+    ridge   per-token ridge regression on the condition (fitted on the training split)
+    oracle  a draw from the problem's true p(y | c): the score of a perfect generator
+
+A learning check passes when the DiT closes `LEARN_BAR` of the gap from mean to oracle. The
+controls re-sample the grid problem's model with one input broken (the condition shuffled across
+images or permuted within one, t held fixed, the null condition) and ask how much of the score
+goes; the distribution check asks whether the samples have the spread of p(y | c), which a
+regressor of the mean lacks.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from eva_repro import data as data_mod
+from eva_repro import flow, metrics
+from eva_repro.baselines import fit_baselines
+from eva_repro.checkpoint import load_model
+from eva_repro.devices import autocast, pick_device
+from eva_repro.files import atomic_write_bytes, atomic_write_json
+from eva_repro.lockfile import DirectoryLock
+from eva_repro.model import build_model, model_config
+from eva_repro.testbed.interface import declared, interface_checks, relative
+from eva_repro.testbed.problems import Problem, problems
+from eva_repro.testbed.verdict import Check
+from eva_repro.train import train
+from eva_repro.train_config import OVERFIT_BAR
+
+HELDOUT_FRACTION = 0.2
+LEARN_BAR = 0.6  # fraction of the mean -> oracle gap a learning check needs
+REAL_BAR = 0.5  # on real shards (no oracle): fraction of the mean -> ridge gap
+CONTROL_BAR = 0.5  # fraction of the score above the mean baseline a broken input must remove
+POSITION_BAR = 0.25  # the same, for the within-image permutations (a partial dependence)
+T_FIXED_BAR = 0.01  # relative change of the samples when the network sees a fixed t
+CHECKPOINTED = "passed"
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Network size (the factory's hints), data and training length of one card."""
+
+    width: int
+    depth: int
+    heads: int
+    samples: int  # per problem, HELDOUT_FRACTION of them held out
+    steps: int
+    batch: int
+    overfit_steps: int
+    sampler_steps: int  # heun steps for every score
+    eval_every: int
+    extra_hints: tuple[tuple[str, Any], ...] = ()  # more factory arguments (the zoo's head)
+
+    def hints(self) -> dict[str, Any]:
+        return {"hidden": self.width, "depth": self.depth, "n_heads": self.heads,
+                "n_kv_heads": max(1, self.heads // 2), **dict(self.extra_hints)}
+
+
+BUDGETS = {
+    "toy": Budget(32, 1, 2, 160, 120, 16, 60, 4, 60),  # the test suite's
+    "quick": Budget(64, 2, 4, 640, 2500, 32, 1000, 10, 500),  # minutes on a 2-core CPU
+    "full": Budget(256, 4, 4, 4096, 6000, 64, 1500, 20, 500),  # a GPU
+}
+
+
+@dataclass
+class Scored:
+    """One trained problem's held-out samples and the references' scores beside them."""
+
+    problem: str
+    model: nn.Module
+    clip: torch.Tensor
+    target: torch.Tensor  # normalised
+    ids: list[int]
+    samples: torch.Tensor
+    references: dict[str, torch.Tensor]  # mean, ridge (and oracle) predictions
+    curve: list[tuple[int, float]]
+
+    def cosine(self, pred: torch.Tensor, target: torch.Tensor | None = None) -> float:
+        return float(flow.token_cosine(pred, self.target if target is None else target).mean())
+
+    @property
+    def scores(self) -> dict[str, float]:
+        return {"dit": self.cosine(self.samples),
+                **{k: self.cosine(v) for k, v in self.references.items()}}
+
+
+def sample(model: nn.Module, clip: torch.Tensor, ids: list[int], budget: Budget) -> torch.Tensor:
+    device = next(model.parameters()).device
+    with autocast(device):
+        out = [flow.sample(model, clip[i:i + 256].to(device), ids[i:i + 256],
+                           budget.sampler_steps, "heun")[0].cpu() for i in range(0, len(ids), 256)]
+    return torch.cat(out)
+
+
+def train_options(backbone: str, variant: str, data_dir: Path, run_dir: Path, budget: Budget,
+                  device: str, **extra: Any) -> dict[str, Any]:
+    return dict(data_dir=str(data_dir), output_dir=str(run_dir), backbone=backbone,
+                model_variant=variant, model_size="tiny", model_overrides=budget.hints(),
+                batch_size=budget.batch, max_steps=budget.steps, eval_every=budget.eval_every,
+                eval_samples=64, eval_sampler_steps=budget.sampler_steps,
+                eval_fraction=HELDOUT_FRACTION, num_workers=0, progress=False, tensorboard=False,
+                save_every=10**9, keep_checkpoints=1, log_every=10**9, device=device, **extra)
+
+
+def learn(name: str, data_dir: Path, run_dir: Path, options: dict[str, Any], budget: Budget,
+          problem: Problem | None) -> Scored:
+    """Train on `data_dir` with the trainer, then score its EMA model on the held-out split."""
+    shutil.rmtree(run_dir, ignore_errors=True)  # this card's own earlier run of the problem
+    train(options)
+    loaded = load_model(run_dir)
+    model = loaded.model.to(pick_device(options["device"]))
+    td = data_mod.open_training_data(data_dir, HELDOUT_FRACTION)
+    mean_b, ridge_b = fit_baselines(td.reader, td.train_rows, progress=False)
+    ids, clip, eva = data_mod.load_rows(td.reader, td.heldout_rows, td.keys)
+    references = {"mean": mean_b.predict(clip), "ridge": ridge_b.predict(clip)}
+    if problem is not None:
+        references["oracle"] = flow.normalize_target(problem.draw_target(clip, [-1 - i for i in ids]))
+    curve = [(r["step"], r["heldout_cosine"]) for r in _records(run_dir / "metrics.jsonl")
+             if r.get("heldout_cosine") is not None]
+    return Scored(name, model, clip, flow.normalize_target(eva), ids,
+                  sample(model, clip, ids, budget), references, curve)
+
+
+def _records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def learning_check(s: Scored, grid_dependent: bool, by_design_set: bool) -> Check:
+    sc = s.scores
+    top = "oracle" if "oracle" in sc else "ridge"
+    bar = LEARN_BAR if top == "oracle" else REAL_BAR
+    gain = (sc["dit"] - sc["mean"]) / max(sc[top] - sc["mean"], 1e-6)
+    detail = ", ".join(f"{k} {v:.4f}" for k, v in sc.items())
+    if grid_dependent and by_design_set:
+        return Check(f"learns_{s.problem}", "learning", None, gain, f">= {bar} of mean -> {top}",
+                     "not applicable by design: the target needs the condition's positions, "
+                     "which a condition read as a set does not have", detail)
+    return Check(f"learns_{s.problem}", "learning", gain >= bar, gain, f">= {bar} of mean -> {top}",
+                 PROBLEM_MEANING.get(s.problem, "the DiT does not learn these real shards "
+                                     "beyond the mean baseline"), detail)
+
+
+PROBLEM_MEANING = {
+    "global": "one token per image: the condition does not reach the output, or t / the "
+              "sampler is wrong (a bug everywhere, not in the positions)",
+    "grid": "each target token follows the condition token at its place: cross-attention does "
+            "not find it (positions, RoPE, the condition path)",
+    "neighbour": "each target token needs the condition's 4-neighbours: the model does not "
+                 "combine neighbouring positions (2D positions, attention)",
+    "wide": "the target is 4x the network width: the output layer or the prediction type cannot "
+            "carry a target wider than the model",
+}
+
+
+WIDE_FOR_V = Check("learns_wide", "learning", None, None, "prediction 'x' only",
+                   "not applicable by design: v = x1 - x0 carries the full-width noise, which a "
+                   "network narrower than its target cannot output (JiT, Li & He 2025); a "
+                   "v-predicting DiT needs hidden >= target width (BLIP3-o: 1792 = EVA-CLIP-E)")
+
+
+class FixedTime(nn.Module):
+    """The model with its network shown one t; the x -> v mapping keeps the true t."""
+
+    def __init__(self, model: nn.Module, t: float = 0.5):
+        super().__init__()
+        self.model, self.t, self.config = model, t, model.config
+
+    def forward(self, x, t, cond, drop_cond=None):
+        fixed = torch.full_like(t, self.t)
+        y = flow.prediction_from_velocity(self.model(x, fixed, cond, drop_cond=drop_cond), x, fixed,
+                                          self.config.prediction)
+        return flow.velocity_from_prediction(y, x, t, self.config.prediction)
+
+
+class NullCondition(nn.Module):
+    """The model with every condition dropped (the null condition of guidance)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model, self.config = model, model.config
+
+    def forward(self, x, t, cond, drop_cond=None):
+        return self.model(x, t, cond, drop_cond=torch.ones(x.shape[0], dtype=torch.bool,
+                                                           device=x.device))
+
+
+def controls(s: Scored, budget: Budget) -> list[Check]:
+    """Re-sample the trained grid model with one input broken; how much of its score goes."""
+    sc = s.scores
+    above = max(sc["dit"] - sc["mean"], 1e-6)
+    perm = torch.randperm(s.clip.shape[1], generator=torch.Generator().manual_seed(3))
+    model = s.model
+
+    def lost(pred: torch.Tensor, target: torch.Tensor | None = None) -> float:
+        return (sc["dit"] - s.cosine(pred, target)) / above
+
+    checks = [Check("condition_shuffled_across_images", "control",
+                    (v := lost(sample(model, s.clip.roll(1, 0), s.ids, budget))) >= CONTROL_BAR, v,
+                    f">= {CONTROL_BAR} of the score above mean lost", "the score does not come "
+                    "from the image's own condition")]
+    if declared(model, "condition_as_set"):
+        checks.append(Check("condition_permuted_within_image", "control", None, None, "declared "
+                            "condition_as_set", "the design reads the condition as a set"))
+    else:
+        v = lost(sample(model, s.clip[:, perm], s.ids, budget))
+        checks.append(Check("condition_permuted_within_image", "control", v >= POSITION_BAR, v,
+                            f">= {POSITION_BAR} of the score above mean lost", "the score does not "
+                            "depend on where the condition tokens are: positions unused"))
+    checks.append(Check("target_positions_permuted", "control",
+                        (v := lost(s.samples, s.target[:, perm])) >= POSITION_BAR, v,
+                        f">= {POSITION_BAR} of the score above mean lost", "the samples are the "
+                        "same at every position: the score says nothing about the grid"))
+    if declared(model, "noise_unconditional"):
+        checks.append(Check("t_fixed_while_sampling", "control", None, None,
+                            "declared noise-unconditional", "the design does not read t"))
+    else:
+        fixed = sample(FixedTime(model), s.clip, s.ids, budget)
+        v = relative(fixed, s.samples)
+        checks.append(Check("t_fixed_while_sampling", "control", v >= T_FIXED_BAR, v,
+                            f"samples change by >= {T_FIXED_BAR} (relative)", "the trained network "
+                            "ignores t: its samples do not change when it is shown one t "
+                            "throughout (t or the modulation is dead)",
+                            f"score with t fixed {s.cosine(fixed):.4f}"))
+    uncond = sample(NullCondition(model), s.clip, s.ids, budget)
+    checks.append(Check("guidance_null_condition", "control", (v := lost(uncond)) >= CONTROL_BAR, v,
+                        f">= {CONTROL_BAR} of the score above mean lost without the condition",
+                        "the null condition still carries the condition (or the condition is "
+                        "always dropped), so guidance has nothing to push against",
+                        f"unconditional score {s.cosine(uncond):.4f}"))
+    return checks
+
+
+def distribution_check(s: Scored) -> Check:
+    """The samples' token distribution against the real held-out one, beside ridge's."""
+    scores = {k: metrics.distribution_scores(v, s.target)
+              for k, v in {"dit": s.samples, **s.references}.items()}
+    fd = {k: v["fd_token"] for k, v in scores.items()}
+    detail = "; ".join(f"{k}: FD token {v['fd_token']:.3g}, pooled {v['fd_pooled']:.3g}, precision "
+                       f"{v['precision']:.2f}, recall {v['recall']:.2f}" for k, v in scores.items())
+    return Check(f"distribution_{s.problem}", "distribution", fd["dit"] < fd["ridge"],
+                 fd["dit"], f"token FD < ridge's {fd['ridge']:.4g}", "the samples are further from "
+                 "the real distribution than a regressor of the mean: the DiT does not generate "
+                 "(collapsed or wrong spread)", detail)
+
+
+def overfit_check(backbone: str, variant: str, data_dir: Path, run_dir: Path, budget: Budget,
+                  device: str) -> Check:
+    shutil.rmtree(run_dir, ignore_errors=True)
+    options = train_options(backbone, variant, data_dir, run_dir, budget, device,
+                            overfit_test_size=16)
+    summary = train({**options, "max_steps": budget.overfit_steps})
+    v = summary.get("overfit_cosine") or 0.0
+    return Check("overfits_16_samples", "learning", v > OVERFIT_BAR, v, f"> {OVERFIT_BAR}",
+                 "the network cannot memorise 16 samples: a bug upstream of any data question")
+
+
+def build_for(backbone: str, variant: str, problem: Problem, budget: Budget) -> nn.Module:
+    cfg = model_config(backbone, "tiny", variant, target_dim=problem.eva_dim,
+                       cond_dim=problem.clip_dim, tokens=problem.tokens, token_mode="patch_only",
+                       **budget.hints())
+    return build_model(cfg)
+
+
+def run_card(backbone: str, output_dir: str | Path, budget: str | Budget = "quick",
+             device: str = "auto", variant: str = "eva-repro", real_data: list[str] | None = None,
+             seed: int = 0, say=print) -> dict[str, Any]:
+    """The whole card; writes check.json, check.md and curves.png in `output_dir`."""
+    b = BUDGETS[budget] if isinstance(budget, str) else budget
+    out = Path(output_dir)
+    with DirectoryLock(out, "eva-repro check"):
+        return _card(backbone, out, b, budget if isinstance(budget, str) else "custom",
+                     device, variant, real_data or [], seed, say)
+
+
+def _card(backbone, out, b, budget_name, device, variant, real_data, seed, say) -> dict[str, Any]:
+    fams = problems(b.width, b.samples, seed)
+    model = build_for(backbone, variant, fams["grid"], b)
+    checks = interface_checks(model, fams["grid"].tokens)
+    as_set = declared(model, "condition_as_set")
+    say(f"interface: {sum(c.passed is True for c in checks)} of {len(checks)} passed")
+    scored: dict[str, Scored] = {}
+    for name, problem in fams.items():
+        if name == "wide" and model.config.prediction == "v":
+            checks.append(WIDE_FOR_V)
+            continue
+        data_dir = problem.write(out / "data" / name)
+        say(f"learning: {name} ({problem.tokens} tokens, target {problem.eva_dim}-d), "
+            f"{b.steps} steps")
+        options = train_options(backbone, variant, data_dir, out / "runs" / name, b, device,
+                                seed=seed)
+        scored[name] = s = learn(name, data_dir, out / "runs" / name, options, b, problem)
+        checks.append(learning_check(s, name != "global", as_set))
+        say(f"  {checks[-1].mark}: " + ", ".join(f"{k} {v:.3f}" for k, v in s.scores.items()))
+    for i, path in enumerate(real_data):
+        name = f"real{i}"
+        options = train_options(backbone, variant, Path(path), out / "runs" / name, b, device,
+                                seed=seed)
+        scored[name] = s = learn(name, Path(path), out / "runs" / name, options, b, None)
+        checks.append(replace(learning_check(s, False, False), detail=f"{path}: "
+                              + learning_check(s, False, False).detail))
+    checks.append(overfit_check(backbone, variant, out / "data" / "grid", out / "runs" / "overfit",
+                                b, device))
+    checks += controls(scored["grid"], b)
+    checks.append(distribution_check(scored["grid"]))
+    card = _card_record(backbone, variant, budget_name, b, checks, scored, model)
+    atomic_write_json(out / "check.json", card)
+    atomic_write_bytes(out / "check.md", markdown(card).encode())
+    plot_curves(scored, out / "curves.png")
+    say(f"{'PASSED' if card['passed'] else 'FAILED'}: {card['summary']}; card in {out}")
+    return card
+
+
+def _card_record(backbone, variant, budget_name, b, checks, scored, model) -> dict[str, Any]:
+    failed = [c.name for c in checks if c.passed is False]
+    applicable = [c for c in checks if c.passed is not None]
+    return {
+        CHECKPOINTED: not failed,
+        "summary": (f"{len(applicable) - len(failed)} of {len(applicable)} checks passed"
+                    + (f"; failed: {', '.join(failed)}" if failed else "")),
+        "backbone": backbone, "variant": variant, "budget": budget_name,
+        "budget_settings": {k: v for k, v in b.__dict__.items() if k != "extra_hints"},
+        "hints": b.hints(),
+        "declared": {k: declared(model, k) for k in ("noise_unconditional", "condition_as_set")},
+        "prediction": model.config.prediction,
+        "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 4),
+        "checks": [c.to_dict() for c in checks],
+        "scores": {k: {n: round(v, 4) for n, v in s.scores.items()} for k, s in scored.items()},
+        "curves": {k: s.curve for k, s in scored.items()},
+    }
+
+
+def markdown(card: dict[str, Any]) -> str:
+    lines = [f"# eva-repro check: {card['backbone']}", "",
+             f"**{'PASSED' if card['passed'] else 'FAILED'}**: {card['summary']} "
+             f"(budget {card['budget']}, prediction {card['prediction']}, "
+             f"{card['params_m']}M parameters).", "",
+             "| check | group | verdict | value | threshold | a failure means |",
+             "|---|---|---|---|---|---|"]
+    for c in card["checks"]:
+        value = "" if c["value"] is None else f"{c['value']:.4g}"
+        mark = {True: "pass", False: "**FAIL**", None: "n/a"}[c["passed"]]
+        lines.append(f"| {c['name']} | {c['group']} | {mark} | {value} | {c['threshold']} | "
+                     f"{c['meaning']} |")
+    lines += ["", "Held-out cosine per problem (mean and ridge fitted on the training split; "
+              "oracle: a draw from the true p(y | c)):", "",
+              "| problem | dit | mean | ridge | oracle |", "|---|---|---|---|---|"]
+    for name, s in card["scores"].items():
+        lines.append(f"| {name} | {s['dit']:.4f} | {s['mean']:.4f} | {s['ridge']:.4f} | "
+                     f"{s.get('oracle', float('nan')):.4f} |")
+    lines += ["", "Details:", ""] + [f"- {c['name']}: {c['detail']}" for c in card["checks"]
+                                     if c["detail"]]
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(scored: dict[str, Scored], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(scored), figsize=(3.2 * len(scored), 3), squeeze=False)
+    for ax, (name, s) in zip(axes[0], scored.items(), strict=True):
+        if s.curve:
+            ax.plot(*zip(*s.curve, strict=True), marker="o", label="dit (EMA)")
+        for ref, style in (("mean", ":"), ("ridge", "--"), ("oracle", "-.")):
+            if ref in s.references:
+                ax.axhline(s.scores[ref], linestyle=style, color="gray", label=ref)
+        ax.set_title(name)
+        ax.set_xlabel("step")
+    axes[0][0].set_ylabel("held-out cosine")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    tmp.replace(path)

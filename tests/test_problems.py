@@ -1,0 +1,58 @@
+"""The known-answer problems: p(y | c) is what the docstring says, and the shards carry it."""
+
+import pytest
+import torch
+
+from eva_repro import flow
+from eva_repro.shards import ShardReader, read_manifest
+from eva_repro.testbed.problems import problems
+
+
+def test_draws_scatter_around_the_conditional_mean_in_a_rank_r_subspace():
+    p = problems(16, 8)["grid"]
+    clip = p.condition(0, 4)
+    draws = torch.stack([p.draw_target(clip, [4 * s + i for i in range(4)]) for s in range(400)])
+    mean = p.mean_target(clip)
+    torch.testing.assert_close(draws.mean(0), mean, atol=0.15, rtol=0)  # 6 sigma of 400 draws
+    spread = (draws - mean).reshape(-1, p.eva_dim)
+    assert torch.linalg.matrix_rank(spread.T @ spread, rtol=1e-4) == 4
+    assert not torch.equal(p.draw_target(clip, [1] * 4), p.draw_target(clip, [2] * 4))
+
+
+def test_the_neighbour_problem_reads_the_neighbours_and_the_grid_one_does_not():
+    fams = problems(16, 8)
+    clip = fams["grid"].condition(0, 2)
+    for name, reads in (("grid", False), ("neighbour", True)):
+        p = fams[name]
+        moved = clip.clone()
+        moved[:, 1] += 1.0  # change token 1 only: token 0 is its neighbour
+        changed = not torch.allclose(p.mean_target(moved)[:, 0], p.mean_target(clip)[:, 0])
+        assert changed == reads, name
+
+
+def test_an_oracle_draw_scores_above_the_mean_and_below_the_conditional_mean():
+    p = problems(32, 64)["grid"]
+    clip, target = p.pairs(0, 64)
+    y = flow.normalize_target(target)
+    score = lambda pred: float(flow.token_cosine(pred, y).mean())  # noqa: E731
+    mean = y.mean(0, keepdim=True).expand_as(y)
+    oracle = flow.normalize_target(p.draw_target(clip, range(1000, 1064)))
+    assert score(mean) < score(oracle) < score(flow.normalize_target(p.mean_target(clip)))
+
+
+def test_written_shards_hold_the_pairs(tmp_path):
+    p = problems(16, 40)["global"]
+    out = p.write(tmp_path / "global", shard_size=16)
+    manifest = read_manifest(out)
+    assert (manifest.tokens, manifest.clip_dim, manifest.eva_dim, manifest.num_samples) == (1, 32, 16, 40)
+    clip, eva = p.pairs(0, 40)  # one call equals the shard-sized chunks
+    got = ShardReader(manifest).gather(list(range(40)))
+    torch.testing.assert_close(got["clip"], clip)
+    torch.testing.assert_close(got["eva"], eva)
+
+
+@pytest.mark.parametrize("name", ["global", "grid", "neighbour", "wide"])
+def test_each_family_is_the_documented_size(name):
+    p = problems(48, 10)[name]
+    assert p.tokens == (1 if name == "global" else 16)
+    assert p.eva_dim == (4 * 48 if name == "wide" else 48)
