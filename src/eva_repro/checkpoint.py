@@ -61,6 +61,14 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
 
 
+RUN_FILES = ("run_config.json", CHECKPOINTS, "metrics.jsonl")  # what makes a directory a run
+
+
+def run_files(run_dir: str | os.PathLike) -> list[str]:
+    """The files of an earlier training run in run_dir (empty when it holds none)."""
+    return [name for name in RUN_FILES if (Path(run_dir) / name).exists()]
+
+
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
