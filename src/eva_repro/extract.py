@@ -151,6 +151,10 @@ class Settings:
         for name in ("grid", "shard_size", "batch_size", "min_size", "max_pixels"):
             if getattr(self, name) < 1:
                 raise ExtractError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_workers is not None and self.num_workers < 0:
+            raise ExtractError(f"--num_workers must be >= 0, got {self.num_workers}")
+        if self.limit is not None and self.limit < 1:
+            raise ExtractError(f"--limit must be >= 1 (the first N inputs), got {self.limit}")
 
 
 @dataclass
@@ -468,6 +472,8 @@ def run_extraction(inputs: Any, output_dir: str | os.PathLike, settings: Setting
     Pass `encoders` (eva, clip) to reuse already built ones (benchmarks)."""
     settings.validate()
     out_dir = Path(output_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExtractError(f"{out_dir}: is a file, not a directory; choose another --output_dir")
     single = isinstance(inputs, (str, os.PathLike))
     inputs_list = [str(inputs)] if single else [str(p) for p in inputs]
     discovery = discover(inputs)  # missing inputs fail here, before any model is built

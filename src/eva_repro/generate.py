@@ -209,6 +209,11 @@ def _resume(out: Path, settings: dict) -> dict[int, shards.ShardInfo]:
 
 def run(args: argparse.Namespace) -> int:
     resolve_sampler(args)
+    for flag in ("batch_size", "steps"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
+        raise UserError(f"{args.output_dir}: is a file, not a directory; choose another --output_dir")
     loaded = load_model(args.model_path)
     model = loaded.model.to(pick_device(args.device)).eval()
     manifest = shards.read_manifest(args.input_dir)
