@@ -69,8 +69,10 @@ from eva_repro.train_config import (
 )
 
 
-class TrainingDiverged(RuntimeError):
-    """Too many consecutive non-finite steps; the message names the step and the batch."""
+class TrainingDiverged(TrainingError, RuntimeError):
+    """Too many consecutive non-finite steps; the message names the step, the batch and the fix.
+    A TrainingError, so the CLI prints one `error:` line and exits 2 (still a RuntimeError, as
+    it always was, for callers that catch that)."""
 
 
 # ---------------------------------------------------------------------------------------------
