@@ -247,21 +247,23 @@ def _sample_shards(args: argparse.Namespace, model: torch.nn.Module, loaded: Any
     bar = progress_bar(total=len(reader), desc="sample", unit="img", disable=not args.progress)
     offset = 0
     with StopSignals() as signals:
-        for index, entry in enumerate(manifest.shards):
+        for position, entry in enumerate(manifest.shards):
             n = int(entry["num_samples"])
+            index = int(entry.get("index", position))  # what the output shard is written as
             if index in done and done[index].num_samples == n:  # resumed: this shard is finished
                 bar.update(n)
                 offset += n
                 continue
             sidecar = manifest.sidecar(entry)
-            clip = tokens_for_model(reader.read_rows(index, 0, n)["clip"], settings["cls_dropped"])
+            clip = tokens_for_model(reader.read_rows(position, 0, n)["clip"],
+                                    settings["cls_dropped"])
             gen = []
             for s in range(0, n, args.batch_size):
                 x, _ = generate_batch(model, clip[s:s + args.batch_size], args.steps, args.method,
                                       args.cfg_scale, args.shift, args.seed, offset=offset + s)
                 gen.append(x.cpu())
                 bar.update(min(args.batch_size, n - s))
-            shards.write_shard(out, entry.get("index", index), clip, torch.cat(gen), sidecar.keys,
+            shards.write_shard(out, index, clip, torch.cat(gen), sidecar.keys,
                                sidecar.captions, dtype=args.dtype)
             written += n
             offset += n
