@@ -193,3 +193,24 @@ def test_sample_resume_matches_shards_by_their_index_not_their_position(tmp_path
     assert resumed.num_samples == 36 and len(shards.ShardReader(resumed).keys()) == 36
     assert resumed.data["shards"] == whole["shards"]  # the same files, sha256 for sha256
     shards.verify_checksums(resumed)
+
+
+def test_a_rerun_removes_the_temp_file_of_a_shard_write_that_was_killed(tmp_path, capsys):
+    import tempfile
+
+    src, out, model_dir = tmp_path / "in", tmp_path / "out", tmp_path / "model"
+    write_synthetic_shards(src, 12, grid=4, clip_dim=16, eva_dim=24, seed=0, shard_size=5)
+    _model().save_pretrained(model_dir)
+    argv = ["sample", "--model_path", str(model_dir), "--input_dir", str(src), "--output_dir",
+            str(out), "--steps", "2", "--method", "euler", "--device", "cpu", "--no_progress"]
+    assert cli.main(argv) == 0
+    (out / "manifest.json").unlink()  # SIGKILL while writing shard 2: its tensors never landed
+    (out / "shard-00002.json").unlink()
+    (out / "shard-00002.safetensors").unlink()
+    fd, tmp = tempfile.mkstemp(prefix=".shard-00002.safetensors.", suffix=".tmp", dir=out)
+    os.write(fd, b"half a shard")
+    os.close(fd)
+    capsys.readouterr()
+    assert cli.main(argv) == 0
+    assert f"removed 1 temp file(s) a killed run left in {out}" in capsys.readouterr().err
+    assert not list(out.glob("*.tmp")) and shards.read_manifest(out).num_samples == 12

@@ -59,3 +59,17 @@ def test_synth_refuses_a_directory_that_is_not_empty(tmp_path, one_line_error):
                        "new --output_dir or empty this one")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # old shards untouched
     assert shards.read_manifest(out).num_samples == 20
+
+
+def test_synth_removes_a_killed_runs_temp_files_before_writing(tmp_path):
+    import os
+    import tempfile
+
+    out = tmp_path / "synth"
+    out.mkdir()
+    fd, _ = tempfile.mkstemp(prefix=".shard-00000.safetensors.", suffix=".tmp", dir=out)
+    os.close(fd)  # all a synth killed in its first shard write leaves
+    write_synthetic_shards(out, 10, grid=2, clip_dim=4, eva_dim=4, shard_size=8)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "manifest.json", "shard-00000.json", "shard-00000.safetensors", "shard-00001.json",
+        "shard-00001.safetensors"]

@@ -256,6 +256,12 @@ def _config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return diff
 
 
+def _report_leftovers(out_dir: Path, removed: list[str]) -> None:
+    if removed:
+        print(f"removed {len(removed)} temp file(s) a killed run left in {out_dir} "
+              f"({', '.join(removed[:3])}{' ...' if len(removed) > 3 else ''})", file=sys.stderr)
+
+
 def _prepare_output(out_dir: Path, config: dict[str, Any], ctx: DistContext) -> None:
     """Write the config on a fresh directory; refuse to resume one made with other settings."""
     path = out_dir / CONFIG
@@ -502,6 +508,7 @@ def run_extraction(inputs: Any, output_dir: str | os.PathLike, settings: Setting
         config = _make_config(settings, inputs_list, discovery, {"eva": eva, "clip": clip})
         if ctx.rank == 0:  # one writer per directory; the ranks of this job are that writer
             lock = DirectoryLock(out_dir, "eva-repro extract").acquire()
+            _report_leftovers(out_dir, files.remove_leftovers(out_dir))
         out_dir.mkdir(parents=True, exist_ok=True)
         _prepare_output(out_dir, config, ctx)
         ctx.barrier()  # no rank writes a shard before rank 0 has checked the directory

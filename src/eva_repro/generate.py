@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
@@ -242,6 +243,9 @@ def run(args: argparse.Namespace) -> int:
 def _sample_shards(args: argparse.Namespace, model: torch.nn.Module, loaded: Any,
                    manifest: shards.Manifest, reader: shards.ShardReader, out: Path,
                    settings: dict) -> int:
+    removed = files.remove_leftovers(out)  # a killed run's half-written shard, never committed
+    if removed:
+        print(f"removed {len(removed)} temp file(s) a killed run left in {out}", file=sys.stderr)
     done = _resume(out, settings)
     start_time, written = time.time(), 0
     bar = progress_bar(total=len(reader), desc="sample", unit="img", disable=not args.progress)

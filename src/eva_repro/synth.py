@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from eva_repro import shards
+from eva_repro import files, shards
 from eva_repro.errors import UserError
 from eva_repro.layout import TOKEN_MODES, neighbour_mean
 from eva_repro.lockfile import LOCK_NAME, DirectoryLock
@@ -85,6 +85,7 @@ def write_synthetic_shards(
             raise UserError(f"--{flag} must be >= 1, got {value}")
     out = Path(output_dir)
     with DirectoryLock(out, "eva-repro synth"):  # one writer; the shards of no other run mixed in
+        files.remove_leftovers(out)  # a killed synth's half-written shard
         held = sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME)
         if held:
             listed = ", ".join(held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
