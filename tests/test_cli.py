@@ -47,3 +47,28 @@ def test_stage_errors_share_the_one_base_class():
 
     assert all(issubclass(e, UserError) and issubclass(e, ValueError)
                for e in (CheckpointError, ShardError, TrainingError))
+
+
+def test_a_diverged_run_is_one_line_and_exit_code_2(tmp_path, capsys, monkeypatch, synth_shards):
+    import dataclasses
+
+    from eva_repro import train
+
+    data = synth_shards(40, grid=2, clip_dim=8, eva_dim=8, seed=0)
+    real = train.flow.velocity_loss
+
+    def poisoned(*args, **kwargs):
+        out = real(*args, **kwargs)
+        return dataclasses.replace(out, loss=out.loss * float("nan"))
+
+    monkeypatch.setattr(train.flow, "velocity_loss", poisoned)
+    code = cli.main(["train", "--data_dir", str(data), "--output_dir", str(tmp_path / "run"),
+                     "--model_size", "tiny", "--model_override", "hidden=32", "--model_override",
+                     "depth=1", "--model_override", "n_heads=2", "--model_override", "n_kv_heads=1",
+                     "--batch_size", "4", "--max_steps", "5", "--max_nonfinite_steps", "2",
+                     "--num_workers", "0", "--no_tensorboard", "--no_progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert err.splitlines()[-1] == (
+        "error: 2 non-finite steps in a row, the last at step 2, batch 1 of epoch 0; lower "
+        "--learning_rate, check the data, or resume from an earlier checkpoint")

@@ -340,3 +340,23 @@ def test_recipe_blip3o_writes_blip3o_target_tokens(tmp_path, capsys):
     assert cli.main([*args, "--eva", "EVA02-L-14"]) == 2
     err = capsys.readouterr().err
     assert "--recipe blip3o sets --eva EVA02-E-14-plus" in err and len(err.splitlines()) == 1
+
+
+def test_a_rerun_removes_the_temp_files_a_killed_shard_write_left(tmp_path, capsys):
+    import tempfile
+
+    write_images(tmp_path / "in", 2)
+    out = tmp_path / "out"
+    kw = dict(SMALL, shard_size=1, grid=2)
+    extract(tmp_path / "in", out, **kw)
+    (out / "manifest.json").unlink()  # SIGKILL while writing shard 1's tensors
+    (out / "shard-00001.json").unlink()
+    (out / "shard-00001.safetensors").unlink()
+    fd, tmp = tempfile.mkstemp(prefix=".shard-00001.safetensors.", suffix=".tmp", dir=out)
+    os.write(fd, b"half a shard")
+    os.close(fd)
+    capsys.readouterr()
+    assert extract(tmp_path / "in", out, **kw)["num_samples"] == 2
+    assert (f"removed 1 temp file(s) a killed run left in {out} ({Path(tmp).name})"
+            in capsys.readouterr().err)
+    assert not list(out.glob(".*.tmp"))

@@ -156,3 +156,61 @@ def test_sample_cli_drops_the_cls_row_for_a_patch_only_model(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "manifest.json: 16 tokens is not a square grid plus a CLS token" in err
     assert "\n" not in err and not (tmp_path / "o2").exists()
+
+
+def test_sample_resume_matches_shards_by_their_index_not_their_position(tmp_path):
+    """Input shards 1-3 (shard 0 gone): a rerun after the last output shard was lost rewrites it
+    (it used to match 'finished' by position, skip it and report success with 24 of 36)."""
+    src, model_dir = tmp_path / "in", tmp_path / "model"
+    write_synthetic_shards(src, 48, grid=4, clip_dim=16, eva_dim=24, seed=0, shard_size=12)
+    manifest = json.loads((src / "manifest.json").read_text())
+    first = manifest["shards"].pop(0)
+    assert first["index"] == 0
+    (src / first["file"]).unlink()
+    (src / "shard-00000.json").unlink()
+    manifest["num_samples"] = 36
+    (src / "manifest.json").write_text(json.dumps(manifest))
+    _model().save_pretrained(model_dir)
+
+    def sample(out):
+        return cli.main(["sample", "--model_path", str(model_dir), "--input_dir", str(src),
+                         "--output_dir", str(out), "--steps", "2", "--method", "euler",
+                         "--device", "cpu", "--no_progress"])
+
+    assert sample(tmp_path / "whole") == 0
+    whole = json.loads((tmp_path / "whole" / "manifest.json").read_text())
+    assert [s["index"] for s in whole["shards"]] == [1, 2, 3] and whole["num_samples"] == 36
+    out = tmp_path / "out"
+    assert sample(out) == 0
+    written = json.loads((out / "manifest.json").read_text())
+    last = written["shards"].pop()  # an interruption before the last shard was committed
+    (out / last["file"]).unlink()
+    (out / "shard-00003.json").unlink()
+    written["num_samples"] -= last["num_samples"]
+    (out / "manifest.json").write_text(json.dumps(written))
+    assert sample(out) == 0
+    resumed = shards.read_manifest(out)
+    assert resumed.num_samples == 36 and len(shards.ShardReader(resumed).keys()) == 36
+    assert resumed.data["shards"] == whole["shards"]  # the same files, sha256 for sha256
+    shards.verify_checksums(resumed)
+
+
+def test_a_rerun_removes_the_temp_file_of_a_shard_write_that_was_killed(tmp_path, capsys):
+    import tempfile
+
+    src, out, model_dir = tmp_path / "in", tmp_path / "out", tmp_path / "model"
+    write_synthetic_shards(src, 12, grid=4, clip_dim=16, eva_dim=24, seed=0, shard_size=5)
+    _model().save_pretrained(model_dir)
+    argv = ["sample", "--model_path", str(model_dir), "--input_dir", str(src), "--output_dir",
+            str(out), "--steps", "2", "--method", "euler", "--device", "cpu", "--no_progress"]
+    assert cli.main(argv) == 0
+    (out / "manifest.json").unlink()  # SIGKILL while writing shard 2: its tensors never landed
+    (out / "shard-00002.json").unlink()
+    (out / "shard-00002.safetensors").unlink()
+    fd, tmp = tempfile.mkstemp(prefix=".shard-00002.safetensors.", suffix=".tmp", dir=out)
+    os.write(fd, b"half a shard")
+    os.close(fd)
+    capsys.readouterr()
+    assert cli.main(argv) == 0
+    assert f"removed 1 temp file(s) a killed run left in {out}" in capsys.readouterr().err
+    assert not list(out.glob("*.tmp")) and shards.read_manifest(out).num_samples == 12

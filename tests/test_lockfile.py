@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from eva_repro import train as train_mod
+from eva_repro.errors import UserError
 from eva_repro.evaluate import evaluate
 from eva_repro.extract import extract
 from eva_repro.lockfile import LOCK_NAME, DirectoryLock, DirectoryLocked
@@ -66,11 +67,87 @@ def test_train_and_extract_refuse_a_directory_another_process_writes(tmp_path):
     with (DirectoryLock(report_dir, "eva-repro evaluate"),
           pytest.raises(DirectoryLocked, match="eva-repro evaluate on host")):
         evaluate(run_dir, data, report_dir, steps=2, sweep="none", plots=False, progress=False)
-    assert list(report_dir.iterdir()) == [report_dir / LOCK_NAME]
+    assert not report_dir.exists()  # the holder made it for its lock and removed both
     shards_dir, image = tmp_path / "shards", tmp_path / "photo.png"
     Image.fromarray(np.full((64, 64, 3), 128, dtype=np.uint8)).save(image)
     with (DirectoryLock(shards_dir, "eva-repro extract"),
           pytest.raises(DirectoryLocked, match="eva-repro extract on host")):
         extract([image], shards_dir, eva="EVA02-B-16", clip="ViT-B-16", eva_weights="random",
                 clip_weights="random", encoder_depth=1, grid=2, num_workers=0, progress=False)
-    assert list(shards_dir.iterdir()) == [shards_dir / LOCK_NAME]
+    assert not shards_dir.exists()
+
+
+def test_a_killed_holders_forked_children_do_not_keep_the_lock(tmp_path):
+    """DataLoader workers are forked: a SIGKILLed train's live workers must not block --resume."""
+    script = textwrap.dedent(f"""
+        import os, sys, time
+        from eva_repro.lockfile import DirectoryLock
+        DirectoryLock({str(tmp_path)!r}, "eva-repro train").acquire()
+        child = os.fork()
+        if child == 0:
+            time.sleep(600)
+            os._exit(0)
+        print(child, flush=True)
+        time.sleep(600)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    grandchild = int(proc.stdout.readline())
+    try:
+        with pytest.raises(DirectoryLocked, match=f"pid {proc.pid}"):
+            DirectoryLock(tmp_path, "eva-repro train").acquire()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        os.kill(grandchild, 0)  # the forked worker still lives ...
+        with DirectoryLock(tmp_path, "eva-repro train --resume auto") as lock:  # ... and blocks nothing
+            assert lock.path.exists()
+    finally:
+        proc.kill()
+        proc.wait()
+        os.kill(grandchild, signal.SIGKILL)
+
+
+def test_a_second_lock_in_the_same_process_is_refused_and_keeps_the_first(tmp_path):
+    with DirectoryLock(tmp_path, "eva-repro train") as first:
+        with pytest.raises(DirectoryLocked, match="eva-repro train on host .*pid " + str(os.getpid())):
+            DirectoryLock(tmp_path, "eva-repro extract").acquire()
+        proc = _probe(tmp_path)  # the refusal did not drop the first lock (closing any fd would)
+        assert proc.returncode == 3, proc.stderr
+        assert first.path.exists()
+
+
+def _probe(directory: Path) -> subprocess.CompletedProcess:
+    script = textwrap.dedent(f"""
+        import sys
+        from eva_repro.lockfile import DirectoryLock, DirectoryLocked
+        try:
+            DirectoryLock({str(directory)!r}, "probe").acquire()
+        except DirectoryLocked:
+            sys.exit(3)
+    """)
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+
+
+def test_release_removes_the_lock_file_and_the_directories_it_made(tmp_path):
+    target = tmp_path / "a" / "b"
+    with DirectoryLock(target, "eva-repro train") as lock:
+        assert lock.path.exists()
+    assert list(tmp_path.iterdir()) == []  # a failed command leaves no trace
+    target.mkdir(parents=True)
+    (target / "keep.txt").write_text("x")
+    with DirectoryLock(target, "eva-repro train"):
+        pass
+    assert sorted(p.name for p in target.iterdir()) == ["keep.txt"]  # an existing dir keeps its files
+    with DirectoryLock(tmp_path / "c", "eva-repro train"):
+        (tmp_path / "c" / "out.json").write_text("{}")
+    assert (tmp_path / "c" / "out.json").exists()  # a directory with output stays
+
+
+def test_a_command_that_fails_after_taking_the_lock_leaves_no_lock_file(tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = dict(data_dir=str(tmp_path / "missing"), output_dir=str(run_dir), model_size="tiny",
+               max_steps=1, num_workers=0, progress=False, tensorboard=False)
+    with pytest.raises(UserError, match="missing"):  # raised by setup, with the lock held
+        train_mod.train(cfg)
+    assert not run_dir.exists()

@@ -1,6 +1,8 @@
 """The shard format: atomic writes, manifest, bounded-memory reads, checksums, held-out split."""
 
+import json
 import pickle
+import re
 
 import pytest
 import torch
@@ -184,3 +186,22 @@ def test_gather_and_batches_return_the_rows_asked_for_in_order_across_shards(tmp
         assert rows["eva"].dtype == torch.float32 and rows["eva"].shape[0] == len(batch)
     assert seen == wanted and torch.equal(torch.cat(got), one_by_one["clip"].float())
     assert reader.gather([])["eva"].shape == (0, 4, 12)
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda m: m.pop("tokens"), "'tokens' is missing; rewrite it"),
+    (lambda m: m.update(clip_dim="16"), "'clip_dim' is '16', not a positive integer; rewrite it"),
+    (lambda m: m.update(shards={"0": "shard-00000.safetensors"}),
+     "'shards' is a dict, not a list of shards; rewrite it"),
+    (lambda m: m.update(shards=["shard-00000.safetensors"]),
+     "shard entry 'shard-00000.safetensors' lacks 'file' / 'num_samples'; rewrite it"),
+])
+def test_a_malformed_manifest_is_one_line_naming_the_field(tmp_path, one_line_error, edit,
+                                                           message):
+    _write(tmp_path, 0, 2)
+    manifest = shards.write_manifest(tmp_path, {"grid": 2, "include_cls": True})
+    edit(manifest)
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    text = one_line_error(lambda: shards.read_manifest(tmp_path), re.escape(message),
+                          shards.ShardError)
+    assert text.startswith(f"{tmp_path / 'manifest.json'}: ")

@@ -46,3 +46,30 @@ def test_cli_reports_user_errors_in_one_line(tmp_path, capsys):
     assert cli(["synth", "--output_dir", str(tmp_path), "--num_samples", "0"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --num_samples must be >= 1") and "Traceback" not in err
+
+
+def test_synth_refuses_a_directory_that_is_not_empty(tmp_path, one_line_error):
+    out = tmp_path / "synth"
+    write_synthetic_shards(out, 20, grid=2, clip_dim=4, eva_dim=4, shard_size=8, seed=0)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    message = one_line_error(lambda: write_synthetic_shards(out, 10, grid=2, clip_dim=4, eva_dim=4,
+                                                            shard_size=8, seed=1), "not empty")
+    assert message == (f"{out}: not empty (holds manifest.json, shard-00000.json, shard-00000."
+                       "safetensors and 4 more); synth writes a fresh shard directory: choose a "
+                       "new --output_dir or empty this one")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # old shards untouched
+    assert shards.read_manifest(out).num_samples == 20
+
+
+def test_synth_removes_a_killed_runs_temp_files_before_writing(tmp_path):
+    import os
+    import tempfile
+
+    out = tmp_path / "synth"
+    out.mkdir()
+    fd, _ = tempfile.mkstemp(prefix=".shard-00000.safetensors.", suffix=".tmp", dir=out)
+    os.close(fd)  # all a synth killed in its first shard write leaves
+    write_synthetic_shards(out, 10, grid=2, clip_dim=4, eva_dim=4, shard_size=8)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "manifest.json", "shard-00000.json", "shard-00000.safetensors", "shard-00001.json",
+        "shard-00001.safetensors"]

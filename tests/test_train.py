@@ -333,6 +333,24 @@ def test_bad_inputs_fail_before_training_with_one_line(tmp_path, small_data, one
     assert not (out / "checkpoints").exists()
 
 
+def test_a_fresh_run_refuses_a_directory_holding_another_run(tmp_path, small_data, one_line_error):
+    out = tmp_path / "run"
+    train_mod.train(_cfg(small_data, out, max_steps=2, save_every=2))
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    message = one_line_error(lambda: train_mod.train(_cfg(small_data, out, max_steps=1)),
+                             "holds another training run")
+    assert message == (f"{out}: holds another training run (run_config.json, checkpoints, "
+                       "metrics.jsonl); pass --resume auto to continue it, or a new --output_dir")
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before  # nothing truncated, no checkpoint rotated away
+    assert train_mod.train(_cfg(small_data, out, max_steps=3, resume="auto"))["steps"] == 3
+    partial = tmp_path / "partial"  # killed before its first checkpoint: still a run
+    partial.mkdir()
+    (partial / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    one_line_error(lambda: train_mod.train(_cfg(small_data, partial)), r"\(metrics.jsonl\); pass")
+    assert (partial / "metrics.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n'
+
+
 def test_seed_script_accepts_the_seed_flags_and_reports_errors_in_one_line(tmp_path):
     import argparse
 

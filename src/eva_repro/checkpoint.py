@@ -35,7 +35,7 @@ import torch
 from safetensors.torch import load_file
 
 from eva_repro.errors import UserError
-from eva_repro.files import atomic_save_safetensors, atomic_write_json, sha256_file
+from eva_repro.files import atomic_save_safetensors, atomic_write_json, fsync_path, sha256_file
 from eva_repro.model import build_model, config_from_dict, from_pretrained, is_saved_model
 
 CHECKPOINTS = "checkpoints"
@@ -59,6 +59,14 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
         return []
     found = [p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / COMPLETE).exists()]
     return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+
+
+RUN_FILES = ("run_config.json", CHECKPOINTS, "metrics.jsonl")  # what makes a directory a run
+
+
+def run_files(run_dir: str | os.PathLike) -> list[str]:
+    """The files of an earlier training run in run_dir (empty when it holds none)."""
+    return [name for name in RUN_FILES if (Path(run_dir) / name).exists()]
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
@@ -164,7 +172,7 @@ def save_checkpoint(run_dir: str | os.PathLike, state: TrainingState, keep: int 
     if final.exists():  # e.g. the final save of a run resumed at exactly this step
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_dir(root)
+    fsync_path(root)
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -182,14 +190,6 @@ def _write_files(tmp: Path, state: TrainingState) -> None:
         "step": state.step, "optimizer": opt_other, "rng": rng_scalars, **state.meta})
     digests = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
     atomic_write_json(tmp / COMPLETE, {"step": state.step, "sha256": digests})
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def verify_checkpoint(path: str | os.PathLike) -> None:

@@ -302,8 +302,13 @@ def evaluate(
         raise UserError(f"--method {opts.method!r}: choose one of {METHODS}")
     if opts.sweep not in SWEEP_SIZES:
         raise UserError(f"--sweep {opts.sweep!r}: choose one of {SWEEP_SIZES}")
-    if opts.num_samples < 1:
-        raise UserError(f"--num_samples must be >= 1, got {opts.num_samples}")
+    for flag in ("num_samples", "batch_size", "steps", "retrieval_pool", "baseline_samples"):
+        if getattr(opts, flag) < 1:
+            raise UserError(f"--{flag} must be >= 1, got {getattr(opts, flag)}")
+    if opts.control_samples < 0:
+        raise UserError(f"--control_samples must be >= 0, got {opts.control_samples}")
+    if output_dir is not None and Path(output_dir).exists() and not Path(output_dir).is_dir():
+        raise UserError(f"{output_dir}: is a file, not a directory; choose another --output_dir")
     with contextlib.ExitStack() as stack:
         if output_dir is not None:  # one writer per report directory
             stack.enter_context(DirectoryLock(output_dir, "eva-repro evaluate"))

@@ -151,6 +151,10 @@ class Settings:
         for name in ("grid", "shard_size", "batch_size", "min_size", "max_pixels"):
             if getattr(self, name) < 1:
                 raise ExtractError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_workers is not None and self.num_workers < 0:
+            raise ExtractError(f"--num_workers must be >= 0, got {self.num_workers}")
+        if self.limit is not None and self.limit < 1:
+            raise ExtractError(f"--limit must be >= 1 (the first N inputs), got {self.limit}")
 
 
 @dataclass
@@ -250,6 +254,12 @@ def _config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     if old.get("inputs_sha256") != new["inputs_sha256"]:
         diff.append(f"input list ({old.get('num_inputs')} -> {new['num_inputs']} inputs)")
     return diff
+
+
+def _report_leftovers(out_dir: Path, removed: list[str]) -> None:
+    if removed:
+        print(f"removed {len(removed)} temp file(s) a killed run left in {out_dir} "
+              f"({', '.join(removed[:3])}{' ...' if len(removed) > 3 else ''})", file=sys.stderr)
 
 
 def _prepare_output(out_dir: Path, config: dict[str, Any], ctx: DistContext) -> None:
@@ -468,6 +478,8 @@ def run_extraction(inputs: Any, output_dir: str | os.PathLike, settings: Setting
     Pass `encoders` (eva, clip) to reuse already built ones (benchmarks)."""
     settings.validate()
     out_dir = Path(output_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExtractError(f"{out_dir}: is a file, not a directory; choose another --output_dir")
     single = isinstance(inputs, (str, os.PathLike))
     inputs_list = [str(inputs)] if single else [str(p) for p in inputs]
     discovery = discover(inputs)  # missing inputs fail here, before any model is built
@@ -496,6 +508,7 @@ def run_extraction(inputs: Any, output_dir: str | os.PathLike, settings: Setting
         config = _make_config(settings, inputs_list, discovery, {"eva": eva, "clip": clip})
         if ctx.rank == 0:  # one writer per directory; the ranks of this job are that writer
             lock = DirectoryLock(out_dir, "eva-repro extract").acquire()
+            _report_leftovers(out_dir, files.remove_leftovers(out_dir))
         out_dir.mkdir(parents=True, exist_ok=True)
         _prepare_output(out_dir, config, ctx)
         ctx.barrier()  # no rank writes a shard before rank 0 has checked the directory

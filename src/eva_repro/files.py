@@ -1,8 +1,10 @@
-"""Files written whole or not at all: a temp file in the same directory, fsync, atomic rename.
+"""Files written whole or not at all: a temp file in the same directory, fsync, atomic rename,
+fsync of the directory (so the rename itself survives a power cut).
 
 A full disk (or a file-size limit) becomes one line, DiskFullError, naming the file, the bytes
 and the free space, and leaves nothing partial behind. Every writer of eva-repro goes through
-here: shards, manifests, checkpoints, models, reports.
+here: shards, manifests, checkpoints, models, reports. A writer killed mid-write leaves only its
+temp file (`.<name>.<random>.tmp`); `remove_leftovers` deletes those on the next run.
 """
 
 from __future__ import annotations
@@ -43,12 +45,40 @@ def _out_of_space(path: Path, nbytes: int, error: BaseException) -> DiskFullErro
                          "(nothing partial was kept)")
 
 
+TEMP_GLOB = ".*.tmp"  # the temp files below: .<name>.<random>.tmp beside their target
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """fsync a file's data, or a directory's entries (what makes a rename in it durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_leftovers(directory: str | os.PathLike) -> list[str]:
+    """Delete the temp files a killed writer left in `directory` (never renamed into place, so
+    never part of any output); returns their names. Call it holding the directory's lock."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    removed = []
+    for tmp in sorted(directory.glob(TEMP_GLOB)):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp.name)
+    return removed
+
+
 def _publish(tmp: str, path: Path) -> None:
-    """Rename a finished temp file into place with normal permissions (mkstemp makes it 0600)."""
+    """Rename a finished (fsynced) temp file into place with normal permissions (mkstemp makes
+    it 0600), then fsync the directory so the rename survives a crash."""
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, path)
+    fsync_path(path.parent)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -83,6 +113,7 @@ def atomic_save_safetensors(
     os.close(fd)
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        fsync_path(tmp)
         _publish(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)

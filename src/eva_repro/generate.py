@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
@@ -211,6 +212,11 @@ def _resume(out: Path, settings: dict) -> dict[int, shards.ShardInfo]:
 
 def run(args: argparse.Namespace) -> int:
     resolve_sampler(args)
+    for flag in ("batch_size", "steps"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
+        raise UserError(f"{args.output_dir}: is a file, not a directory; choose another --output_dir")
     loaded = load_model(args.model_path, args.backbone)
     model = loaded.model.to(pick_device(args.device)).eval()
     manifest = shards.read_manifest(args.input_dir)
@@ -239,26 +245,31 @@ def run(args: argparse.Namespace) -> int:
 def _sample_shards(args: argparse.Namespace, model: torch.nn.Module, loaded: Any,
                    manifest: shards.Manifest, reader: shards.ShardReader, out: Path,
                    settings: dict) -> int:
+    removed = files.remove_leftovers(out)  # a killed run's half-written shard, never committed
+    if removed:
+        print(f"removed {len(removed)} temp file(s) a killed run left in {out}", file=sys.stderr)
     done = _resume(out, settings)
     start_time, written = time.time(), 0
     bar = progress_bar(total=len(reader), desc="sample", unit="img", disable=not args.progress)
     offset = 0
     with StopSignals() as signals:
-        for index, entry in enumerate(manifest.shards):
+        for position, entry in enumerate(manifest.shards):
             n = int(entry["num_samples"])
+            index = int(entry.get("index", position))  # what the output shard is written as
             if index in done and done[index].num_samples == n:  # resumed: this shard is finished
                 bar.update(n)
                 offset += n
                 continue
             sidecar = manifest.sidecar(entry)
-            clip = tokens_for_model(reader.read_rows(index, 0, n)["clip"], settings["cls_dropped"])
+            clip = tokens_for_model(reader.read_rows(position, 0, n)["clip"],
+                                    settings["cls_dropped"])
             gen = []
             for s in range(0, n, args.batch_size):
                 x, _ = generate_batch(model, clip[s:s + args.batch_size], args.steps, args.method,
                                       args.cfg_scale, args.shift, args.seed, offset=offset + s)
                 gen.append(x.cpu())
                 bar.update(min(args.batch_size, n - s))
-            shards.write_shard(out, entry.get("index", index), clip, torch.cat(gen), sidecar.keys,
+            shards.write_shard(out, index, clip, torch.cat(gen), sidecar.keys,
                                sidecar.captions, dtype=args.dtype)
             written += n
             offset += n

@@ -223,15 +223,28 @@ def read_manifest(root: str | os.PathLike) -> Manifest:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ShardError(f"{path}: not valid JSON ({e}); re-run `eva-repro extract --merge`") from e
-    if data.get("format") != FORMAT:
-        raise ShardError(f"{path}: not an {FORMAT} manifest (format={data.get('format')!r})")
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise ShardError(f"{path}: not an {FORMAT} manifest (format={found!r})")
     if data.get("format_version", 0) > FORMAT_VERSION:
         raise ShardError(f"{path}: format version {data['format_version']} is newer than this "
                          f"eva-repro understands ({FORMAT_VERSION}); upgrade eva-repro")
+    fix = (f"rewrite it (`eva-repro extract --merge --output_dir {root}` for an extraction) or "
+           "write these shards again")
+    if "shards" in data and not isinstance(data["shards"], list):
+        raise ShardError(f"{path}: 'shards' is a {type(data['shards']).__name__}, not a list of "
+                         f"shards; {fix}")
     if not data.get("shards") or data.get("num_samples", 0) == 0:
         raise ShardError(f"{path}: lists no samples; the extraction produced nothing usable "
                          f"(see {root / FAILURES})")
+    for key in ("num_samples", "tokens", "clip_dim", "eva_dim"):
+        if not isinstance(data.get(key), int) or isinstance(data[key], bool) or data[key] < 1:
+            state = "missing" if key not in data else f"{data[key]!r}, not a positive integer"
+            raise ShardError(f"{path}: '{key}' is {state}; {fix}")
     for shard in data["shards"]:
+        if not (isinstance(shard, dict) and isinstance(shard.get("file"), str)
+                and isinstance(shard.get("num_samples"), int)):
+            raise ShardError(f"{path}: shard entry {shard!r} lacks 'file' / 'num_samples'; {fix}")
         if not (root / shard["file"]).exists():
             raise ShardError(f"{root / shard['file']}: listed in the manifest but missing; "
                              "restore it or re-run extraction into this directory")

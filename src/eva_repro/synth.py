@@ -20,9 +20,10 @@ from pathlib import Path
 
 import torch
 
-from eva_repro import shards
+from eva_repro import files, shards
 from eva_repro.errors import UserError
 from eva_repro.layout import TOKEN_MODES, neighbour_mean
+from eva_repro.lockfile import LOCK_NAME, DirectoryLock
 
 
 def _function_weights(grid: int, clip_dim: int, eva_dim: int, seed: int,
@@ -78,10 +79,24 @@ def write_synthetic_shards(
     gain: float = 1.5,
 ) -> dict:
     """Write `num_samples` synthetic pairs as shards in the extraction format; returns the manifest."""
-    if num_samples < 1:
-        raise UserError(f"--num_samples must be >= 1, got {num_samples}")
+    for flag, value in (("num_samples", num_samples), ("grid", grid), ("clip_dim", clip_dim),
+                        ("eva_dim", eva_dim), ("shard_size", shard_size)):
+        if value < 1:
+            raise UserError(f"--{flag} must be >= 1, got {value}")
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    with DirectoryLock(out, "eva-repro synth"):  # one writer; the shards of no other run mixed in
+        files.remove_leftovers(out)  # a killed synth's half-written shard
+        held = sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME)
+        if held:
+            listed = ", ".join(held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
+            raise UserError(f"{out}: not empty (holds {listed}); synth writes a fresh shard "
+                            "directory: choose a new --output_dir or empty this one")
+        return _write(out, num_samples, grid, clip_dim, eva_dim, seed, shard_size, include_cls,
+                      dtype, gain)
+
+
+def _write(out: Path, num_samples: int, grid: int, clip_dim: int, eva_dim: int, seed: int,
+           shard_size: int, include_cls: bool, dtype: str, gain: float) -> dict:
     for index, start in enumerate(range(0, num_samples, shard_size)):
         n = min(shard_size, num_samples - start)
         clip, eva = make_pairs(n, grid, clip_dim, eva_dim, seed, include_cls, start=start,

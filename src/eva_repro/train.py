@@ -60,7 +60,7 @@ from eva_repro.train_config import (
     OVERFIT_BAR,
     OVERFIT_DEFAULT_STEPS,
     TrainConfig,
-    TrainingError,  # noqa: F401 -- raised from setup; callers catch it as train.TrainingError
+    TrainingError,  # raised from setup; callers catch it as train.TrainingError
     build_model_config,
     config_from_args,
     configure_parser,  # noqa: F401 -- `eva-repro train`'s flags: cli finds them here
@@ -69,8 +69,10 @@ from eva_repro.train_config import (
 )
 
 
-class TrainingDiverged(RuntimeError):
-    """Too many consecutive non-finite steps; the message names the step and the batch."""
+class TrainingDiverged(TrainingError, RuntimeError):
+    """Too many consecutive non-finite steps; the message names the step, the batch and the fix.
+    A TrainingError, so the CLI prints one `error:` line and exits 2 (still a RuntimeError, as
+    it always was, for callers that catch that)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,12 +215,23 @@ def _total_steps(cfg: TrainConfig, schedule: BatchSchedule) -> int:
     return max(1, int(cfg.num_epochs * schedule.batches_per_epoch) // cfg.grad_accum)
 
 
+def refuse_existing_run(run_dir: Path) -> None:
+    """A fresh run never writes over another: its metrics would be truncated and checkpoint
+    rotation (by step number) would delete the new run's checkpoints, keeping the old ones."""
+    found = ckpt.run_files(run_dir)
+    if found:
+        raise TrainingError(f"{run_dir}: holds another training run ({', '.join(found)}); pass "
+                            "--resume auto to continue it, or a new --output_dir")
+
+
 def setup(cfg: TrainConfig) -> TrainingRun:
     validate_config(cfg)
     if cfg.learning_rate is None:
         cfg = replace(cfg, learning_rate=DEFAULT_LR.get(cfg.model_size, 3e-4))
     d = setup_distributed(cfg.device, need_group=cfg.fsdp)
     run_dir = Path(cfg.output_dir)
+    if not cfg.resume:
+        run_on_main(lambda: refuse_existing_run(run_dir), d)
     resume_path = run_on_main(lambda: ckpt.resolve_resume(run_dir, cfg.resume), d)
     seed_everything(cfg.seed)
 

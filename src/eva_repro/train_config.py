@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -155,9 +156,19 @@ def validate_config(cfg: TrainConfig) -> None:
         (cfg.grad_accum >= 1, f"--grad_accum must be >= 1, got {cfg.grad_accum}"),
         (cfg.max_steps is None or cfg.max_steps >= 1, f"--max_steps must be >= 1, got {cfg.max_steps}"),
         (cfg.num_epochs > 0, f"--num_epochs must be > 0, got {cfg.num_epochs}"),
-        (cfg.learning_rate is None or cfg.learning_rate > 0,
-         f"--learning_rate must be > 0, got {cfg.learning_rate}"),
+        (cfg.learning_rate is None or 0 < cfg.learning_rate < math.inf,
+         f"--learning_rate must be finite and > 0, got {cfg.learning_rate}"),
+        (0 <= cfg.min_lr_ratio <= 1, f"--min_lr_ratio must be in [0, 1], got {cfg.min_lr_ratio}"),
+        (0 <= cfg.weight_decay < math.inf,
+         f"--weight_decay must be finite and >= 0, got {cfg.weight_decay}"),
+        (cfg.grad_clip > 0, f"--grad_clip must be > 0, got {cfg.grad_clip}"),
         (0 <= cfg.ema_decay < 1, f"--ema_decay must be in [0, 1), got {cfg.ema_decay}"),
+        (0 <= cfg.flow.cfg_dropout <= 1,
+         f"--cfg_dropout must be in [0, 1], got {cfg.flow.cfg_dropout}"),
+        (cfg.flow.time_std > 0, f"--time_std must be > 0, got {cfg.flow.time_std}"),
+        (0 < cfg.flow.time_shift < math.inf,
+         f"--time_shift must be finite and > 0, got {cfg.flow.time_shift}"),
+        (math.isfinite(cfg.flow.time_mean), f"--time_mean must be finite, got {cfg.flow.time_mean}"),
         (cfg.linear_init in LINEAR_INITS, f"--linear_init must be one of {LINEAR_INITS}"),
         (cfg.flow.time_scheme in flow.TIME_SCHEMES,
          f"--time_scheme must be one of {flow.TIME_SCHEMES}"),
