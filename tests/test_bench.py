@@ -48,5 +48,10 @@ def test_quality_suite_scores_against_both_baselines_and_keeps_finished_problems
     assert low <= round(run["dit"] - run["ridge"], 4) <= high
     monkeypatch.setattr(quality, "PROBLEMS", {"a": problem})
     monkeypatch.setattr(quality, "QUICK", {"a": 3})
+    monkeypatch.setattr(quality, "CONFIGS", {"eva-repro": {}, "blip3o": quality.CONFIGS["blip3o"]})
+    monkeypatch.setattr(quality, "run_problem", real)
     result = quality.run(tmp_path, quick=True)
     assert result["complete"] is True and (tmp_path / "quality.png").stat().st_size > 0
+    # the pure recipe learns later: it trains LENGTH times as long, not into a budget artefact
+    steps = {r["variant"]: r["steps"] for r in result["problems"]["a"]}
+    assert steps == {"eva-repro": 3, "blip3o": 3 * quality.LENGTH["blip3o"]}

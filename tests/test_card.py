@@ -15,14 +15,16 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 TOY = BUDGETS["toy"]
 
 
-def test_the_cli_writes_the_card_and_exits_with_its_verdict(tmp_path, capsys):
-    out = tmp_path / "card"
+def test_the_cli_writes_the_card_and_exits_with_its_verdict(tmp_path, capsys, synth_shards):
+    out, real = tmp_path / "card", synth_shards(96, grid=2, clip_dim=16, eva_dim=24, seed=0)
     code = cli.main(["check", "--backbone", "next-dit", "--output_dir", str(out), "--budget", "toy",
-                     "--device", "cpu"])
+                     "--device", "cpu", "--data", str(real)])
     card = json.loads((out / "check.json").read_text())
     assert code == (0 if card["passed"] else 1)
     names = [c["name"] for c in card["checks"]]
-    assert len(names) == 22 and len(set(names)) == 22
+    assert len(names) == 23 and len(set(names)) == 23
+    shards = next(c for c in card["checks"] if c["name"] == "learns_real0")  # --data: vs ridge
+    assert shards["detail"].startswith(f"{real}: dit ") and "oracle" not in shards["detail"]
     assert {"learns_global", "learns_grid", "learns_neighbour", "learns_wide", "overfits_16_samples",
             "t_fixed_while_sampling", "guidance_null_condition", "distribution_grid"} <= set(names)
     for c in card["checks"]:
@@ -30,10 +32,8 @@ def test_the_cli_writes_the_card_and_exits_with_its_verdict(tmp_path, capsys):
     assert card["passed"] == all(c["passed"] is not False for c in card["checks"])
     assert card["scores"]["grid"]["dit"] > card["scores"]["grid"]["mean"] + 0.1  # it learned
     md = (out / "check.md").read_text()
-    assert md.startswith("# eva-repro check: next-dit") and md.count("| learns_") == 4
+    assert md.startswith("# eva-repro check: next-dit") and md.count("| learns_") == 5
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
-    assert code == cli.main(["check", "--backbone", "next-dit", "--output_dir", str(out),
-                             "--budget", "toy", "--device", "cpu"])  # a rerun replaces its runs
 
 
 @pytest.fixture(scope="module")

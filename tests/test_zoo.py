@@ -82,3 +82,5 @@ def test_the_table_lists_what_caught_each_mutant():
     cards = {"correct": {"passed": True, "checks": [{"name": "uses_t", "passed": True}]},
              "t_ignored": {"passed": False, "checks": [{"name": "uses_t", "passed": False}]}}
     assert zoo.table(cards).splitlines()[2:] == ["| correct | passes | - |", "| t_ignored | FAILS | uses t |"]
+    cards["t_ignored"] = {"passed": True, "checks": [{"name": "uses_t", "passed": True}]}  # flagged
+    assert zoo.table(cards).splitlines()[3] == "| t_ignored | passes (unexpected) | - |"

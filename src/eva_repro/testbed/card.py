@@ -360,8 +360,8 @@ def markdown(card: dict[str, Any]) -> str:
               "oracle: a draw from the true p(y | c)):", "",
               "| problem | dit | mean | ridge | oracle |", "|---|---|---|---|---|"]
     for name, s in card["scores"].items():
-        lines.append(f"| {name} | {s['dit']:.4f} | {s['mean']:.4f} | {s['ridge']:.4f} | "
-                     f"{s.get('oracle', float('nan')):.4f} |")
+        oracle = f"{s['oracle']:.4f}" if "oracle" in s else "-"
+        lines.append(f"| {name} | {s['dit']:.4f} | {s['mean']:.4f} | {s['ridge']:.4f} | {oracle} |")
     lines += ["", "Details:", ""] + [f"- {c['name']}: {c['detail']}" for c in card["checks"]
                                      if c["detail"]]
     return "\n".join(lines) + "\n"

@@ -5,7 +5,10 @@ Each mutant is a plugin factory (`--backbone eva_repro.testbed.zoo:NAME`); the o
 a training pipeline rather than in the network also patch the trainer while their card runs
 (`pipeline`). `correct` is the unmodified head, the reference every mutant is compared with.
 
-    eva-repro zoo --output_dir zoo [--mutant NAME ...] [--budget quick]   # zoo.json, zoo.md
+    eva-repro zoo --output_dir zoo [--mutant NAME ...] [--reference BACKBONE ...]   # zoo.json, zoo.md
+
+`--reference` judges correct implementations beside the mutants (every one must pass): the
+built-in backbones, examples/*.py:build, any plugin.
 """
 
 from __future__ import annotations
@@ -254,28 +257,30 @@ def judge(mutant: Mutant, output_dir: Path, budget: str, device: str = "auto",
           head: str = "lumina-next", say: Callable[[str], None] = print) -> dict[str, Any]:
     """The card of one mutant of `head` (its pipeline patch active while it runs)."""
     b = BUDGETS[budget]
-    b = replace(b, extra_hints=(("head", head),)) if head != "lumina-next" else b
+    if head != "lumina-next" and mutant.factory.startswith(HERE):
+        b = replace(b, extra_hints=(("head", head),))
     with mutant.pipeline() if mutant.pipeline else contextlib.nullcontext():
         return run_card(mutant.factory, output_dir, b, device, say=say)
 
 
 def table(cards: dict[str, dict[str, Any]]) -> str:
-    """mutant x check, markdown: which check caught which bug."""
-    names = list(next(iter(cards.values()))["checks"][i]["name"]
-                 for i in range(len(next(iter(cards.values()))["checks"])))
-    short = {n: n.replace("_", " ") for n in names}
-    lines = ["| mutant | verdict | caught by |", "|---|---|---|"]
+    """One row per card, markdown: its verdict, and which checks failed (caught the bug)."""
+    lines = ["| DiT | verdict | failed checks |", "|---|---|---|"]
     for name, card in cards.items():
-        caught = [short[c["name"]] for c in card["checks"] if c["passed"] is False]
-        lines.append(f"| {name} | {'passes' if card['passed'] else 'FAILS'} | "
-                     f"{', '.join(caught) or '-'} |")
+        failed = [c["name"].replace("_", " ") for c in card["checks"] if c["passed"] is False]
+        expected = card.get("must_pass", name == "correct")
+        verdict = ("passes" if card["passed"] else "FAILS") + ("" if card["passed"] == expected
+                                                               else " (unexpected)")
+        lines.append(f"| {name} | {verdict} | {', '.join(failed) or '-'} |")
     return "\n".join(lines) + "\n"
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output_dir", required=True, help="one card per mutant, zoo.json, zoo.md")
     p.add_argument("--mutant", action="append", choices=sorted(MUTANTS),
-                   help="judge only these (repeatable); default: all")
+                   help="judge only these (repeatable); default: all, unless --reference is given")
+    p.add_argument("--reference", action="append", default=[], metavar="BACKBONE",
+                   help="also judge this correct implementation (a --backbone; repeatable)")
     p.add_argument("--budget", default="quick", choices=[b for b in BUDGETS if b != "toy"])
     p.add_argument("--device", default="auto")
     p.add_argument("--head", default="lumina-next", choices=sorted(VARIANTS),
@@ -287,13 +292,20 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     results = json.loads((out / "zoo.json").read_text()) if (out / "zoo.json").exists() else {}
-    for name in args.mutant or list(MUTANTS):
+    jobs = [(name, MUTANTS[name]) for name in args.mutant or ([] if args.reference else MUTANTS)]
+    jobs += [(spec, Mutant(spec, spec, "reference implementation (must pass)")) for spec in args.reference]
+    for name, mutant in jobs:
         start = time.time()
-        card = judge(MUTANTS[name], out / name, args.budget, args.device, args.head)
-        results[name] = {"what": MUTANTS[name].what, "wall_s": round(time.time() - start, 1),
+        card = judge(mutant, out / _slug(name), args.budget, args.device, args.head)
+        results[name] = {"what": mutant.what, "wall_s": round(time.time() - start, 1),
+                         "must_pass": name == "correct" or name in args.reference,
                          **{k: card[k] for k in ("passed", "summary", "checks", "scores")}}
         atomic_write_json(out / "zoo.json", results)  # after each card: a crash keeps the rest
         atomic_write_bytes(out / "zoo.md", table(results).encode())
-    bad = [n for n, r in results.items() if r["passed"] != (n == "correct")]
+    wrong = [n for n, r in results.items() if r["passed"] != r["must_pass"]]
     print(table(results))
-    return 1 if bad else 0
+    return 1 if wrong else 0
+
+
+def _slug(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name.split("/")[-1])
