@@ -87,6 +87,10 @@ class TrainConfig:
                                    "draws, loss weight, CFG dropout)")
     eval_fraction: float = option(0.05, "held-out fraction of the samples (by key hash)",
                                   group="data")
+    group_by: str | None = option(None, "hold out keys in groups: 'prefix' (the key up to its last "
+                                  "/ _ or -, extension dropped: frames of one video) or a regex "
+                                  "whose first group names the key's group; default: each key "
+                                  "alone", metavar="prefix|REGEX")
     max_samples: int | None = option(None, "use only the first N samples (quick runs)")
     overfit_test_size: int = option(0, "train on N fixed samples (default 300 steps); summary "
                                     "overfit_cosine (sampled, on those samples, at most "
