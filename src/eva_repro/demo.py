@@ -46,7 +46,7 @@ class DemoError(UserError):
 @dataclass(frozen=True)
 class DemoPlan:
     """What the demo does. FULL must fit 15 minutes and QUICK 3 on an idle 2-core CPU (the
-    README has the measured times per stage)."""
+    docs/results.md has the measured times per stage, experiments/demo.sh measures them)."""
 
     num_images: int
     encoder_depth: int | None  # None: the full architectures
