@@ -1,15 +1,16 @@
-# The two commands: `make demo` and `make test`. Both create/reuse .venv and install what they need.
+# The two commands: `make demo` and `make test`. Both create/reuse .venv and install what they need
+# (eva-repro with its test and docs extras).
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test test-gpu demo bench lint venv clean
+.PHONY: test test-gpu demo bench lint docs venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,docs]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -17,6 +18,11 @@ venv: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q --timeout=900 tests
+	$(MAKE) docs
+
+# The docs site (docs/, mkdocs.yml) into site/; --strict: a broken link or reference fails.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 # On a GPU machine: the CUDA tests, then the benchmarks on the GPU (JSON in bench_results_gpu/).
 test-gpu: $(STAMP)
@@ -34,4 +40,4 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache site

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# README "Results -> Learning", the benchmark: every synthetic family for the defaults and for
+# docs/results.md "The quality benchmark": every synthetic family for the defaults and for
 # BLIP3-o's own recipe, JSON + PNG of the held-out curves with steps and seconds to each baseline.
 #   experiments/quality.sh [OUT] [SHARD_DIR...]   (add real photos as shard directories)
 set -euo pipefail

@@ -41,6 +41,11 @@ def test_split_is_by_key_hash_and_heldout_is_never_trained_on(synth_dir):
     assert record["heldout_keys"] == [keys[i] for i in data.heldout_rows]
     assert (record["num_train"], record["num_heldout"], record["salt"]) == (
         len(data.train_rows), len(data.heldout_rows), "eva-repro")
+    assert (record["group_by"], record["num_groups"]) == (None, 100)  # each key its own group
+    grouped = open_training_data(synth_dir, eval_fraction=0.2, group_by=r"-\d{5}(\d)")
+    tens = {keys[i][-2] for i in grouped.heldout_rows}  # synth-0000042 -> group "4"
+    assert {i for i, k in enumerate(keys) if k[-2] in tens} == set(grouped.heldout_rows)
+    assert grouped.split_record()["num_heldout_groups"] == len(tens) >= 2
     small = open_training_data(synth_dir, eval_fraction=0.2, max_samples=80)
     assert max(small.train_rows + small.heldout_rows) < 80 and small.split_record()["max_samples"] == 80
     # the split of a key does not depend on max_samples (while the fraction alone holds out at

@@ -14,7 +14,7 @@ import pytest
 
 from eva_repro import cli
 from eva_repro.demo import QUICK
-from eva_repro.demo_images import PHOTOS, view_paths, write_demo_images
+from eva_repro.demo_images import PHOTOS, VIEW_GROUP, view_paths, write_demo_images
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -66,6 +66,14 @@ def test_report_has_finite_headline_numbers(demo):
     for name, weights in announced.items():  # random init here (no cache), hf-cache elsewhere
         assert recorded[name] == ("random-init, seed 0" if weights == "RANDOM INIT" else "hf-cache")
     assert report["data"]["tokens"] == 64 and report["data"]["grid"] == 8
+    # whole photos are held out: no photo has a view on both sides of the split
+    split = json.loads((out / "run" / "split.json").read_text())
+    photo = {p.name: p.name.split("-view")[0] for p in view_paths(out / "images", QUICK.num_images)}
+    held = {photo[k] for k in split["heldout_keys"]}
+    assert split["group_by"] == report["split"]["group_by"] == VIEW_GROUP
+    assert report["split"]["num_heldout_groups"] == len(held) >= 1
+    assert not held & {v for k, v in photo.items() if k not in split["heldout_keys"]}
+    assert f"4 of {len(PHOTOS)} groups held out" in (out / "report" / "report.md").read_text()
 
 
 def test_outputs_exist_and_plots_are_png(demo):

@@ -1,6 +1,17 @@
-"""experiments/: the scripts that reproduce README's results call the CLI with flags it takes."""
+"""experiments/: the scripts behind the docs' results tables run, at toy size, end to end.
+
+Each script runs under bash with `EVA_REPRO` pointing at a stub that records its argv and runs
+nothing: every command must parse with the real parser (a renamed flag fails here). The recorded
+commands are then replayed in this process, in order, with toy sizes appended (argparse keeps the
+last value of a flag: fewer samples, steps and encoder blocks; the quality suite's problem list
+swapped for one toy problem), so the script's own directories chain stage to stage, and the
+outputs the docs quote (report.json, quality.json, DEMO.md) must exist and hold finite numbers.
+"""
+
+from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -8,24 +19,127 @@ from pathlib import Path
 import pytest
 
 from eva_repro import cli
+from eva_repro.demo_images import write_demo_images
 
-SCRIPTS = sorted((Path(__file__).resolve().parents[1] / "experiments").glob("*.sh"))
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = sorted((ROOT / "experiments").glob("*.sh"))
+TINY_MODEL = ["--model_override", "hidden=32", "--model_override", "depth=1",
+              "--model_override", "n_heads=2", "--model_override", "n_kv_heads=1"]
+# appended to each command: the last value of a flag wins
+TOY = {
+    "synth": ["--num_samples", "40", "--grid", "2", "--clip_dim", "8", "--eva_dim", "8"],
+    "extract": ["--encoder_depth", "1", "--limit", "10", "--batch_size", "10"],
+    "train": ["--max_steps", "2", "--batch_size", "4", "--eval_every", "2", "--eval_samples", "2",
+              "--eval_sampler_steps", "2", "--save_every", "2", "--no_tensorboard", *TINY_MODEL],
+    "evaluate": ["--num_samples", "8", "--steps", "2", "--control_samples", "4",
+                 "--baseline_samples", "64", "--sweep", "none", "--no_plots"],
+    "demo": ["--quick", "--num_images", "10", "--steps", "2"],
+    "bench": ["--quick"],
+}
 
 
-@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
-def test_every_command_of_the_script_parses(script, tmp_path):
+def _record(script: Path, tmp_path: Path, *args: str) -> list[list[str]]:
+    subprocess.run(["bash", "-n", str(script)], check=True)  # the whole script parses
     calls = tmp_path / "calls.jsonl"
     stub = tmp_path / "stub.py"  # stands in for `eva-repro`: records its argv, runs nothing
     stub.write_text("import json, sys\n"
                     f"open({str(calls)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n")
-    subprocess.run(["bash", str(script), str(tmp_path / "out")], check=True, cwd=tmp_path,
+    subprocess.run(["bash", str(script), *args], check=True, cwd=tmp_path,
                    env={"PATH": "/usr/bin:/bin", "EVA_REPRO": f"{sys.executable} {stub}"})
     argvs = [json.loads(line) for line in calls.read_text().splitlines()]
     assert argvs, f"{script.name} ran no eva-repro command"
     for argv in argvs:
-        args = cli.build_parser(argv).parse_args(argv)  # a renamed flag exits here
-        assert args.command == argv[0]
+        args_ = cli.build_parser(argv).parse_args(argv)  # a renamed flag exits here
+        assert args_.command == argv[0]
+    return argvs
 
 
-def test_the_scripts_cover_the_readme_results():
-    assert {p.name for p in SCRIPTS} >= {"learning.sh", "imagenet.sh", "quality.sh"}
+def _toy(argv: list[str]) -> list[str]:
+    return argv + TOY.get(argv[0], [])
+
+
+@pytest.fixture
+def toy_quality(monkeypatch):
+    from eva_repro.bench import quality
+
+    problem = dict(num_samples=40, grid=2, clip_dim=8, eva_dim=8, seed=0)
+    monkeypatch.setattr(quality, "PROBLEMS", {"toy": problem})
+    monkeypatch.setattr(quality, "QUICK", {"toy": 2})
+    # the toy model keeps steps cheap; the suite's train options still go through the trainer
+    real = quality.run_problem
+    monkeypatch.setattr(quality, "run_problem", lambda data, steps, label, work, **kw: real(
+        data, steps, label, work, model_overrides={"hidden": 32, "depth": 1, "n_heads": 2,
+                                                   "n_kv_heads": 1}, **kw))
+
+
+def _replay(argvs: list[list[str]]) -> None:
+    done = set()
+    for argv in argvs:
+        if json.dumps(argv) in done:  # a rerun of the same command (demo.sh): reuse, skip
+            continue
+        done.add(json.dumps(argv))
+        assert cli.main(_toy(argv)) == 0, argv
+
+
+def _finite(report: dict) -> None:
+    for value in (report["cosine"]["token_mean"], report["baselines"]["mean"]["token_mean"],
+                  report["baselines"]["ridge"]["token_mean"]):
+        assert isinstance(value, float) and math.isfinite(value) and -1 <= value <= 1
+
+
+def test_every_script_is_tested():
+    assert {p.name for p in SCRIPTS} == {"demo.sh", "imagenet.sh", "learning.sh", "quality.sh"}
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_learning_runs_every_family_at_toy_size(tmp_path):
+    out = tmp_path / "out"
+    argvs = _record(ROOT / "experiments" / "learning.sh", tmp_path, str(out))
+    assert [a[0] for a in argvs] == ["synth", "train", "evaluate"] * 4
+    _replay(argvs)
+    families = sorted(p.name for p in out.iterdir())
+    assert len(families) == 4
+    for family in families:
+        _finite(json.loads((out / family / "report" / "report.json").read_text()))
+        curve = [json.loads(line) for line in (out / family / "run" / "metrics.jsonl").read_text()
+                 .splitlines() if "heldout_cosine" in line]
+        assert curve and all(math.isfinite(c["heldout_cosine"]) for c in curve)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_imagenet_extracts_trains_and_evaluates_at_toy_size(tmp_path):
+    images, out = tmp_path / "images", tmp_path / "out"
+    write_demo_images(images, 10)
+    argvs = _record(ROOT / "experiments" / "imagenet.sh", tmp_path, str(images), str(out))
+    assert [a[0] for a in argvs] == ["extract", "train", "evaluate"] * 2
+    _replay(argvs)
+    for grid, tokens in ((8, 64), (16, 256)):
+        report = json.loads((out / f"in{grid}" / "report" / "report.json").read_text())
+        _finite(report)
+        assert report["data"]["tokens"] == tokens
+
+
+@pytest.mark.usefixtures("one_thread", "toy_quality")
+def test_quality_writes_its_json_at_toy_size(tmp_path):
+    out = tmp_path / "out"
+    argvs = _record(ROOT / "experiments" / "quality.sh", tmp_path, str(out))
+    assert argvs == [["bench", "--suite", "quality", "--output_dir", str(out)]]
+    _replay(argvs)
+    result = json.loads((out / "quality.json").read_text())
+    assert result["complete"] is True and set(result["problems"]) == {"toy"}
+    runs = result["problems"]["toy"]
+    assert [r["variant"] for r in runs] == ["eva-repro", "blip3o"]
+    assert all(math.isfinite(r["dit"]) and r["steps"] == 2 for r in runs), runs
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+def test_demo_runs_full_and_quick_at_toy_size(tmp_path):
+    out = tmp_path / "out"
+    argvs = _record(ROOT / "experiments" / "demo.sh", tmp_path, str(out))
+    assert [a[:1] + a[-2:] for a in argvs] == [["demo", "--output_dir", str(out / "demo_200")],
+                                               ["demo", "--output_dir", str(out / "demo_quick")]] * 2
+    _replay(argvs)
+    for name in ("demo_200", "demo_quick"):
+        _finite(json.loads((out / name / "report" / "report.json").read_text()))
+        assert "Grouping: keys held out in groups" in (out / name / "DEMO.md").read_text()

@@ -123,3 +123,13 @@ def test_markdown_flags_what_went_wrong(report):
     assert "Not computed: needs more than 3 images, got 1." in md and "FD pooled" not in md
     del r["distribution"]  # a report from before the distribution metrics
     assert "## Distribution" not in markdown(r)
+
+
+def test_markdown_says_how_the_split_grouped_its_keys(report):
+    r = copy.deepcopy(report)
+    assert "Grouping: not recorded" in markdown(r)  # a report from before --group_by
+    r["split"].update(group_by=None, num_groups=40, num_heldout_groups=8)
+    assert "Grouping: none: each key held out on its own" in markdown(r)
+    r["split"].update(group_by=r"(.+)-view\d{4,}\.jpg$", num_groups=20, num_heldout_groups=4)
+    assert ("Grouping: keys held out in groups by `--group_by (.+)-view\\d{4,}\\.jpg$`: 4 of 20 "
+            "groups held out, every key of a group on one side.") in markdown(r)

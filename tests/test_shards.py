@@ -205,3 +205,64 @@ def test_a_malformed_manifest_is_one_line_naming_the_field(tmp_path, one_line_er
     text = one_line_error(lambda: shards.read_manifest(tmp_path), re.escape(message),
                           shards.ShardError)
     assert text.startswith(f"{tmp_path / 'manifest.json'}: ")
+
+
+def _ungrouped_split_before_group_by(keys, eval_fraction, salt=shards.SPLIT_SALT):
+    """split_indices as it was before --group_by: the default must stay exactly this."""
+    scores = [shards.heldout_score(key, salt) for key in keys]
+    floor = min(shards.MIN_HELDOUT, len(keys) // 5) if eval_fraction > 0 else 0
+    by_score = sorted(range(len(keys)), key=scores.__getitem__)
+    held = set(by_score[:max(floor, sum(s < eval_fraction for s in scores))])
+    return [i for i in range(len(keys)) if i not in held], sorted(held)
+
+
+@pytest.mark.parametrize("n", [4, 20, 57, 400])
+@pytest.mark.parametrize("fraction", [0.0, 0.05, 0.2])
+def test_the_default_split_is_unchanged_by_group_by(n, fraction):
+    keys = [f"img-{i}" for i in range(n)]
+    expected = _ungrouped_split_before_group_by(keys, fraction)
+    assert shards.split_indices(keys, fraction) == expected
+    assert shards.split_indices(keys, fraction, group_by=None) == expected
+    # a regex that puts every key in a group of its own makes the same split
+    assert shards.split_indices(keys, fraction, group_by=r"^(.*)$") == expected
+
+
+def _groups(keys, rows, group_by):
+    return {shards.group_of(keys[i], group_by) for i in rows}
+
+
+@pytest.mark.parametrize(("group_by", "keys", "group"), [
+    ("prefix", [f"video{v}/frame_{f:04d}.jpg" for v in range(30) for f in range(7)],
+     lambda k: k.split("/")[0] + "/frame"),
+    ("prefix", [f"clip{v:02d}_{f:03d}" for v in range(30) for f in range(5)], lambda k: k[:6]),
+    (r"(.+)-view\d+", [f"photo{p}-view{i:04d}.jpg" for i in range(200) for p in [i % 20]],
+     lambda k: k.split("-view")[0]),
+])
+def test_keys_sharing_a_group_are_held_out_together(group_by, keys, group):
+    assert {shards.group_of(k, group_by) for k in keys} == {group(k) for k in keys}
+    train, heldout = shards.split_indices(keys, 0.2, group_by=group_by)
+    assert sorted(train + heldout) == list(range(len(keys))) and heldout and train
+    held, trained = _groups(keys, heldout, group_by), _groups(keys, train, group_by)
+    assert not held & trained  # no group straddles train / held-out
+    n_groups = len(held | trained)
+    assert len(held) >= min(shards.MIN_HELDOUT, n_groups // 5)  # the floor counts groups
+    # the split without grouping does put views of one source on both sides
+    plain_train, plain_held = shards.split_indices(keys, 0.2)
+    assert _groups(keys, plain_held, group_by) & _groups(keys, plain_train, group_by)
+    # membership depends on the group only: reordering the keys keeps it
+    _, again = shards.split_indices(list(reversed(keys)), 0.2, group_by=group_by)
+    assert {keys[len(keys) - 1 - i] for i in again} == {keys[i] for i in heldout}
+    record = shards.split_grouping(keys, heldout, group_by)
+    assert record == {"group_by": group_by, "num_groups": n_groups, "num_heldout_groups": len(held)}
+
+
+def test_group_by_prefix_and_regex_errors():
+    assert shards.group_of("video1/frame_0042.jpg", "prefix") == "video1/frame"
+    assert shards.group_of("hubble_deep_field-view0001.jpg", "prefix") == "hubble_deep_field"
+    assert shards.group_of("tarname/000123", "prefix") == "tarname"
+    assert shards.group_of("lonely.jpg", "prefix") == "lonely"
+    assert shards.group_of("cam2-0007.png", r"^cam\d+") == "cam2"  # no group: the whole match
+    with pytest.raises(shards.UserError, match="does not match the key 'other.jpg'"):
+        shards.split_indices(["cam1-0001.png", "other.jpg"], 0.2, group_by=r"^(cam\d+)-")
+    with pytest.raises(shards.UserError, match="not a regular expression"):
+        shards.group_of("a", "(")

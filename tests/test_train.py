@@ -351,6 +351,25 @@ def test_a_fresh_run_refuses_a_directory_holding_another_run(tmp_path, small_dat
     assert (partial / "metrics.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n'
 
 
+def test_group_by_holds_out_whole_groups_and_a_resume_must_keep_the_split(tmp_path, small_data,
+                                                                         one_line_error):
+    out, group_by = tmp_path / "run", r"(\d)$"  # synth-0000042 -> group "2": 10 groups
+    train_mod.train(_cfg(small_data, out, max_steps=2, save_every=2, eval_fraction=0.2,
+                         group_by=group_by))
+    split = json.loads((out / "split.json").read_text())
+    assert (split["group_by"], split["num_groups"]) == (group_by, 10)
+    held = {k[-1] for k in split["heldout_keys"]}
+    assert len(held) == split["num_heldout_groups"] >= 2  # the floor: a fifth of the groups
+    keys = ShardReader(small_data).keys()
+    assert {k for k in keys if k[-1] in held} == set(split["heldout_keys"])  # whole groups only
+    assert json.loads((out / "run_config.json").read_text())["args"]["group_by"] == group_by
+    one_line_error(lambda: train_mod.train(_cfg(small_data, out, max_steps=3, resume="auto",
+                                                eval_fraction=0.2)),
+                   "resume with the run's own split flags")
+    assert train_mod.train(_cfg(small_data, out, max_steps=3, resume="auto", eval_fraction=0.2,
+                                group_by=group_by))["steps"] == 3
+
+
 def test_seed_script_accepts_the_seed_flags_and_reports_errors_in_one_line(tmp_path):
     import argparse
 

@@ -2,7 +2,7 @@
 ones inside functions), any import cycle and any import that points up the pipeline:
 `python tools/import_graph.py [--check]`.
 
-LAYERS is the pipeline, top to bottom (README's "Code layout" table): a module may import modules
+LAYERS is the pipeline, top to bottom (docs/layout.md's table): a module may import modules
 of its own layer or of the layers above it, never below. A module that no layer names is an
 error too, so a new module is placed on purpose. --check exits 1 on a cycle, an upward import
 or an unplaced module (tests/test_imports.py runs it in CI)."""

@@ -79,6 +79,7 @@ class TrainData:
     eval_fraction: float
     max_samples: int | None
     salt: str = SPLIT_SALT
+    group_by: str | None = None  # keys held out together (shards.group_of); None: each key alone
 
     @property
     def tokens(self) -> int:
@@ -101,6 +102,7 @@ class TrainData:
             "data_dir": str(self.manifest.root.resolve()),
             "eval_fraction": self.eval_fraction,
             "salt": self.salt,
+            **shards.split_grouping(self.keys, self.heldout_rows, self.group_by),
             "num_train": len(self.train_rows),
             "num_heldout": len(self.heldout_rows),
             "heldout_keys": [self.keys[i] for i in self.heldout_rows],
@@ -114,6 +116,7 @@ def open_training_data(
     max_samples: int | None = None,
     verify_checksums: bool = True,
     salt: str = SPLIT_SALT,
+    group_by: str | None = None,
 ) -> TrainData:
     """Open and validate a shard directory; every problem is a one-line `ShardError`."""
     manifest = shards.read_manifest(data_dir)  # missing dir / manifest / empty / missing files
@@ -131,16 +134,18 @@ def open_training_data(
         keys = keys[:max_samples]
     if not 0.0 <= eval_fraction < 1.0:
         raise DataError(f"--eval_fraction must be in [0, 1), got {eval_fraction}")
-    train, heldout = shards.split_indices(keys, eval_fraction, salt)
+    train, heldout = shards.split_indices(keys, eval_fraction, salt, group_by)
     if not train:
         raise DataError(f"{manifest.root}: no training rows left after the {eval_fraction:.0%} "
-                        "held-out split; lower --eval_fraction or add data")
+                        "held-out split" + (f" by --group_by {group_by!r} "
+                        f"({shards.count_groups(keys, group_by)} group(s))" if group_by else "")
+                        + "; lower --eval_fraction or add data")
     if eval_fraction > 0 and not heldout:  # refuse now, not after a run nothing can score
         raise DataError(f"{manifest.root}: {len(keys)} samples are too few to hold any out (the "
                         f"floor is a fifth of them, up to {shards.MIN_HELDOUT}); add data, or pass "
                         "--eval_fraction 0 to train without held-out evaluation")
     return TrainData(manifest, reader, keys, train, heldout, eval_fraction,
-                     max_samples, salt)
+                     max_samples, salt, group_by)
 
 
 # ---------------------------------------------------------------------------------------------

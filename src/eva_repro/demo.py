@@ -14,6 +14,10 @@ A second run with the same arguments redoes nothing: the images are kept, extrac
 (every chunk is already done), a finished run (summary.json with the planned steps) is not
 retrained and an up-to-date report is reused; an interrupted run continues where it stopped
 (training with `--resume auto`). Another --output_dir starts from scratch.
+
+The bundled views are split by photo (`--group_by demo_images.VIEW_GROUP` on train, recorded in
+split.json and the report): every view of a held-out photo is held out, so the held-out cosine is
+measured on photos the model never saw. `--input_dir` images are split one by one.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from eva_repro import encoders, files, shards
-from eva_repro.demo_images import PHOTOS, write_demo_images
+from eva_repro.demo_images import PHOTOS, VIEW_GROUP, write_demo_images
 from eva_repro.errors import UserError
 from eva_repro.extract import extract
 
@@ -42,7 +46,7 @@ class DemoError(UserError):
 @dataclass(frozen=True)
 class DemoPlan:
     """What the demo does. FULL must fit 15 minutes and QUICK 3 on an idle 2-core CPU (the
-    README has the measured times per stage)."""
+    docs/results.md has the measured times per stage, experiments/demo.sh measures them)."""
 
     num_images: int
     encoder_depth: int | None  # None: the full architectures
@@ -205,11 +209,11 @@ def _extract(images: str, shard_dir: Path, weights: str, plan: DemoPlan, device:
     return manifest, reused == len(manifest["shards"])
 
 
-def _split_sizes(manifest: dict[str, Any], shard_dir: Path, eval_fraction: float
-                 ) -> tuple[int, int]:
+def _split_sizes(manifest: dict[str, Any], shard_dir: Path, eval_fraction: float,
+                 group_by: str | None = None) -> tuple[int, int]:
     """(train, held-out) sample counts of the split the trainer will make (same function)."""
     keys = shards.ShardReader(shard_dir).keys()
-    train, heldout = shards.split_indices(keys, eval_fraction)
+    train, heldout = shards.split_indices(keys, eval_fraction, group_by=group_by)
     if not heldout or len(train) < 2:
         raise DemoError(f"{shard_dir}: {manifest['num_samples']} images give {len(train)} "
                         f"training and {len(heldout)} held-out samples; the demo needs more "
@@ -226,8 +230,8 @@ def _finished_run(run_dir: Path, steps: int) -> dict[str, Any] | None:
     return summary if summary.get("steps") == steps else None
 
 
-def _train(out: Path, plan: DemoPlan, num_train: int, device: str | None
-           ) -> tuple[dict[str, Any], bool]:
+def _train(out: Path, plan: DemoPlan, num_train: int, device: str | None,
+           group_by: str | None = None) -> tuple[dict[str, Any], bool]:
     run_dir = out / "run"
     done = _finished_run(run_dir, plan.steps)
     if done is not None:
@@ -245,6 +249,8 @@ def _train(out: Path, plan: DemoPlan, num_train: int, device: str | None
             "--log_every", str(max(plan.steps // 10, 1)),
             # the data is a few MB in memory: loader processes would only compete for the cores
             "--num_workers", "0"]
+    if group_by:
+        argv += ["--group_by", group_by]
     if device:
         argv += ["--device", device]
     _run_command(argv)
@@ -341,7 +347,9 @@ def _write_summary(out: Path, weights: dict[str, str], report: dict[str, Any],
                      "ridge_baseline": report["baselines"]["ridge"]["token_mean"],
                      "shuffled": report["controls"].get("shuffled", {}).get("token_mean"),
                      "recall_at_1": report["retrieval"]["recall_at_1"],
-                     "recall_at_5": report["retrieval"]["recall_at_5"]},
+                     "recall_at_5": report["retrieval"]["recall_at_5"],
+                     "group_by": report["split"].get("group_by"),
+                     "heldout_groups": report["split"].get("num_heldout_groups")},
         "paths": {k: str(out / k) for k in ("images", "shards", "run", "report")}})
     return report_md
 
@@ -355,8 +363,10 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         raise DemoError(f"--input_dir {args.input_dir}: not a folder; pass a folder of images")
     start = time.perf_counter()
     weights_found = _announce_weights(weights)
+    # the bundled views: every view of a photo in one group, so held-out photos are unseen ones
+    group_by = None if input_dir else VIEW_GROUP
     config = {"plan": asdict(plan), "input_dir": input_dir, "weights": weights, "eva": EVA,
-              "clip": CLIP, "grid": GRID}
+              "clip": CLIP, "grid": GRID, "group_by": group_by}
     _check_config(out, config)
     log = StageLog(out)
     state: dict[str, int] = {}
@@ -384,13 +394,13 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         print(f"{manifest['num_failures']} images could not be used; see "
               f"{out / 'shards' / shards.FAILURES}")
     _save_config(out, config)
-    num_train, num_heldout = _split_sizes(manifest, out / "shards", plan.eval_fraction)
+    num_train, num_heldout = _split_sizes(manifest, out / "shards", plan.eval_fraction, group_by)
     done("extract", t0, reused)
 
     t0 = time.perf_counter()
     _stage(3, f"train: tiny DiT, {plan.steps} steps, {num_train} training / {num_heldout} "
               f"held-out images -> {out / 'run'}", args, state)
-    train_summary, reused = _train(out, plan, num_train, args.device)
+    train_summary, reused = _train(out, plan, num_train, args.device, group_by)
     done("train", t0, reused)
 
     t0 = time.perf_counter()
@@ -404,8 +414,9 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
                                log.stages, manifest, plan, total)
     print("\n" + report_md)
     if not input_dir:
-        print("Note: held-out images are other views of the same photos as the training images,"
-              "\nso the held-out numbers are optimistic; use --input_dir for your own images.")
+        print(f"Held out: every view of {report['split'].get('num_heldout_groups')} of the "
+              f"{len(PHOTOS)} photos (--group_by {VIEW_GROUP!r}); no view of a held-out photo "
+              "was trained on.")
     print(f"demo finished in {total / 60:.1f} min ({manifest['num_samples']} images; "
           f"encoders: {', '.join(f'{k} {v}' for k, v in weights_found.items())})")
     print(f"  summary {out / 'DEMO.md'}\n  shards  {out / 'shards'}\n  run     {out / 'run'}\n"

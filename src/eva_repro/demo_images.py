@@ -4,8 +4,9 @@ scikit-image bundles about twenty photos inside its wheel (astronaut, coffee, a 
 the Hubble deep field, a retina, coins, the moon, textures, ...). The demo needs a few hundred
 distinct images without a network, so each photo yields many views: random-resized crops at
 several scales, horizontal flips and small rotations, all drawn from a seeded generator. Views of
-one photo are correlated, which makes the held-out split optimistic for the demo (the demo says
-so), and `eva-repro demo --input_dir` uses the user's own images instead.
+one photo are correlated, so the demo holds out whole photos: it trains and evaluates with
+`--group_by VIEW_GROUP`, which puts every view of a photo in one group and so on one side of the
+split. `eva-repro demo --input_dir` uses the user's own images instead (each image on its own).
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ PHOTOS: dict[str, Callable[[], np.ndarray]] = {
     "motorcycle": _stereo_left,
 }
 VIEW_NAME = re.compile(r"^(?P<photo>.+)-view(?P<index>\d{4,})\.jpg$")
+# `--group_by` of the demo's train and evaluate: a view's group is its photo (`chelsea-view0042.jpg`
+# -> `chelsea`), so all views of a held-out photo are held out
+VIEW_GROUP = r"(.+)-view\d{4,}\.jpg$"
 
 
 def load_photos() -> dict[str, Image.Image]:

@@ -95,6 +95,10 @@ class EvalOptions(SamplerOptions):
     device: str | None = option(None, "default: cuda if available, else cpu")
     eval_fraction: float = option(0.1, "held-out fraction when the model path carries no split "
                                   "for this data")
+    group_by: str | None = option(None, "with that key-hash split, hold out keys in groups as "
+                                  "`train --group_by` does ('prefix' or a regex); default: the "
+                                  "run's own grouping, else each key alone",
+                                  metavar="prefix|REGEX")
     baseline_samples: int = option(2000, "training samples to fit the baselines on (at most)")
     control_samples: int = option(256, "images for the shuffled-condition control and diversity")
     retrieval_pool: int = option(1000, "images per retrieval pool")
@@ -113,10 +117,16 @@ class EvalOptions(SamplerOptions):
 
 
 def resolve_split(
-    loaded: Any, manifest: shards.Manifest, keys: list[str], eval_fraction: float
+    loaded: Any, manifest: shards.Manifest, keys: list[str], eval_fraction: float,
+    group_by: str | None = None,
 ) -> tuple[list[int], list[int], dict]:
-    """(heldout rows, training rows, description) for this model and shard directory."""
+    """(heldout rows, training rows, description) for this model and shard directory.
+
+    The description names the grouping (`group_by`: None = every key on its own, with the
+    number of groups in all and held out): the run's own when its split is used, else
+    `group_by`, falling back to the run's."""
     split, root = loaded.split, manifest.root.resolve()
+    run_group_by = split.get("group_by") if split else None
     if split is not None:
         split_dir = Path(split.get("data_dir", "")).resolve() if split.get("data_dir") else None
         if split_dir == root:
@@ -133,6 +143,7 @@ def resolve_split(
                     "evaluated_on": f"the run's held-out split ({len(heldout)} samples, never "
                     "trained on)",
                     "baselines_fit_on": "the run's training split",
+                    **shards.split_grouping(keys, heldout, run_group_by),
                 }
             reason = f"split.json lists no held-out key present in {root}"
         else:
@@ -141,18 +152,21 @@ def resolve_split(
         reason = f"{loaded.source} at the model path carries no split.json"
     fraction = float(split.get("eval_fraction", eval_fraction)) if split else eval_fraction
     salt = split.get("salt", shards.SPLIT_SALT) if split else shards.SPLIT_SALT
-    train, heldout = shards.split_indices(keys, fraction, salt)
+    group_by = group_by if group_by is not None else run_group_by
+    train, heldout = shards.split_indices(keys, fraction, salt, group_by)
     if not heldout:
         raise shards.ShardError(f"{manifest.root}: none of its {len(keys)} samples falls in the "
                                 f"held-out fraction {fraction}; raise --eval_fraction or use more data")
     return heldout, train, {
         "known": False,
-        "source": f"key-hash split of the given shards (eval_fraction={fraction}, salt {salt!r})",
+        "source": f"key-hash split of the given shards (eval_fraction={fraction}, salt {salt!r}"
+        + (f", group_by {group_by!r}" if group_by else "") + ")",
         "note": f"no training split known ({reason}): the model may have been trained on the "
         "evaluated samples",
         "model_trained_on": "unknown",
         "evaluated_on": f"the key-hash held-out part of {root} ({len(heldout)} samples)",
         "baselines_fit_on": f"the other part of {root} ({len(train)} samples)",
+        **shards.split_grouping(keys, heldout, group_by),
     }
 
 
@@ -326,7 +340,8 @@ def _evaluate(model_path: str | Path, embeddings_dir: str | Path, output_dir: st
     model = loaded.model.to(device).eval()
     reader = shards.ShardReader(manifest)
     keys = reader.keys()
-    heldout, train, split_info = resolve_split(loaded, manifest, keys, opts.eval_fraction)
+    heldout, train, split_info = resolve_split(loaded, manifest, keys, opts.eval_fraction,
+                                                 opts.group_by)
 
     warnings = []
     if opts.num_samples > len(heldout):

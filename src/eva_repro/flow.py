@@ -142,7 +142,7 @@ def sample_time(
 @dataclass
 class FlowConfig:
     """Training-time draws and the loss: t ~ time_scheme (logit-normal(-1.5, 1) by default: most
-    draws near noise, where only the condition informs; measured, README "Learning"), shifted by
+    draws near noise, where only the condition informs; docs/results.md), shifted by
     time_shift; the loss weight of t; classifier-free guidance's condition dropout."""
 
     time_scheme: str = "logit_normal"

@@ -194,6 +194,7 @@ def markdown(r: dict) -> str:
     lines += ["", f"Split: {sp['source']}. Model trained on: {sp['model_trained_on']}. Evaluated on: "
               f"{sp['evaluated_on']}. Baselines fitted on: {sp['baselines_fit_on']} "
               f"({r['baselines']['ridge']['fit']['num_train_samples']} samples used)."]
+    lines.append(grouping_line(sp))
     if "note" in sp:
         lines.append(f"**Note:** {sp['note']}.")
     if r["data"].get("cls_dropped"):
@@ -241,3 +242,15 @@ def _row(label: str, m: dict, beat: str) -> str:
     glob = f"{m['global_mean']:.3f}" if "global_mean" in m else "-"
     return (f"| {label} | {m['token_mean']:.3f} | {m['token_median']:.3f} | {m['token_p10']:.3f} | "
             f"{m['image_mean']:.3f} | {glob} | {beat} |")
+
+
+def grouping_line(split: dict) -> str:
+    """report.md's line on how keys were grouped for the split (older reports: not recorded)."""
+    if "group_by" not in split:
+        return "Grouping: not recorded (a report from before --group_by)."
+    if split["group_by"] is None:
+        return ("Grouping: none: each key held out on its own (views or frames of one source can "
+                "fall on both sides; see --group_by).")
+    return (f"Grouping: keys held out in groups by `--group_by {split['group_by']}`: "
+            f"{split['num_heldout_groups']} of {split['num_groups']} groups held out, every key of "
+            "a group on one side.")

@@ -20,6 +20,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -401,21 +402,83 @@ def heldout_score(key: str, salt: str = SPLIT_SALT) -> float:
 
 MIN_HELDOUT = 8  # held-out floor when eval_fraction > 0, at most a fifth of the samples
 
+# --group_by: the key up to its last separator, once the basename's extension is dropped
+# ("video1/frame_0042.jpg" -> "video1/frame", "astronaut-view0003.jpg" -> "astronaut")
+GROUP_PREFIX = "prefix"
+GROUP_SEPARATORS = "/_-"
+
+
+def group_of(key: str, group_by: str | None) -> str:
+    """The group a key is held out with: the key itself (no grouping), its prefix up to the last
+    separator (`group_by="prefix"`), or the first capture group of the regex `group_by` (the
+    whole match without one), searched in the key. A key the regex does not match is an error:
+    a silently ungrouped key would leak its group into both sides of the split."""
+    if group_by is None:
+        return key
+    if group_by == GROUP_PREFIX:
+        head, sep, base = key.rpartition("/")
+        stem = base.rsplit(".", 1)[0] if "." in base[1:] else base
+        name = head + sep + stem
+        cut = max(name.rfind(c) for c in GROUP_SEPARATORS)
+        return name[:cut] if cut > 0 else name
+    match = group_pattern(group_by).search(key)
+    if match is None:
+        raise UserError(f"--group_by {group_by!r} does not match the key {key!r}; every key must "
+                        f"match (its first group names the key's group), or use --group_by "
+                        f"{GROUP_PREFIX} (the key up to its last {' '.join(GROUP_SEPARATORS)})")
+    return match.group(1) if match.re.groups else match.group(0)
+
+
+def group_pattern(group_by: str) -> re.Pattern[str]:
+    try:
+        return re.compile(group_by)
+    except re.error as e:
+        raise UserError(f"--group_by {group_by!r} is not a regular expression ({e}); pass a regex "
+                        f"whose first group names the key's group, or {GROUP_PREFIX}") from None
+
 
 def split_indices(
-    keys: Sequence[str], eval_fraction: float, salt: str = SPLIT_SALT
+    keys: Sequence[str], eval_fraction: float, salt: str = SPLIT_SALT, group_by: str | None = None
 ) -> tuple[list[int], list[int]]:
     """Deterministic (train, heldout) row indices by key hash.
 
     A key is held out when its hash score is below eval_fraction. With eval_fraction > 0 on
     small data, the keys of lowest score are added until min(MIN_HELDOUT, len(keys) // 5) are
-    held out, so a run of 20 photos at 5% still has held-out samples (4) to score."""
+    held out, so a run of 20 photos at 5% still has held-out samples (4) to score.
+
+    With `group_by` (see `group_of`) the hash is of each key's group, so every key of a group
+    falls on the same side: all frames of a held-out video, all views of a held-out photo. The
+    floor then counts groups, min(MIN_HELDOUT, groups // 5), and adds them lowest score first
+    (without grouping every key is its own group: the same rule)."""
     if not 0.0 <= eval_fraction < 1.0:
         raise UserError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
-    scores = [heldout_score(key, salt) for key in keys]
     floor = min(MIN_HELDOUT, len(keys) // 5) if eval_fraction > 0 else 0
-    by_score = sorted(range(len(keys)), key=scores.__getitem__)
-    cut = max(floor, sum(s < eval_fraction for s in scores))
-    held = set(by_score[:cut])
+    if group_by is None:  # one key, one group (the split of every run before --group_by)
+        scores = [heldout_score(key, salt) for key in keys]
+        by_score = sorted(range(len(keys)), key=scores.__getitem__)
+        cut = max(floor, sum(s < eval_fraction for s in scores))
+        held = set(by_score[:cut])
+    else:
+        members: dict[str, list[int]] = {}
+        for i, key in enumerate(keys):
+            members.setdefault(group_of(key, group_by), []).append(i)
+        score = {g: heldout_score(g, salt) for g in members}
+        floor = min(MIN_HELDOUT, len(members) // 5) if eval_fraction > 0 else 0
+        held = set()
+        for n, g in enumerate(sorted(members, key=lambda g: (score[g], g))):
+            if score[g] >= eval_fraction and n >= floor:
+                break
+            held.update(members[g])
     train = [i for i in range(len(keys)) if i not in held]
     return train, sorted(held)
+
+
+def count_groups(keys: Iterable[str], group_by: str | None) -> int:
+    return len({group_of(key, group_by) for key in keys})
+
+
+def split_grouping(keys: list[str], heldout_rows: list[int], group_by: str | None) -> dict[str, Any]:
+    """How the split grouped its keys, for split.json and the report: `group_by` (None: every
+    key on its own) and the number of groups in all and held out."""
+    return {"group_by": group_by, "num_groups": count_groups(keys, group_by),
+            "num_heldout_groups": count_groups([keys[i] for i in heldout_rows], group_by)}

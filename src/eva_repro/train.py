@@ -236,7 +236,9 @@ def setup(cfg: TrainConfig) -> TrainingRun:
     seed_everything(cfg.seed)
 
     data = data_mod.open_training_data(cfg.data_dir, cfg.eval_fraction, cfg.max_samples,
-                                       cfg.verify_checksums)
+                                       cfg.verify_checksums, group_by=cfg.group_by)
+    if resume_path is not None:
+        check_same_split(run_dir, data)
     rows = _select_rows(cfg, data, d)
     micro = _micro_batch(cfg, len(rows), d)
     schedule = BatchSchedule(rows, [data.shard_of(r) for r in rows], micro * d.world_size,
@@ -272,6 +274,23 @@ def setup(cfg: TrainConfig) -> TrainingRun:
     if resume_path is not None:
         restore(run, resume_path)
     return run
+
+
+def check_same_split(run_dir: Path, data: data_mod.TrainData) -> None:
+    """A resumed run must hold out what it held out before: another --eval_fraction, --group_by
+    or --max_samples would train on samples the run's earlier steps were scored on."""
+    path = run_dir / "split.json"
+    if not path.exists():
+        return
+    old = json.loads(path.read_text())
+    new = data.split_record()
+    if sorted(old.get("heldout_keys", [])) != sorted(new["heldout_keys"]):
+        raise TrainingError(
+            f"{path}: this run held out {old.get('num_heldout')} samples (eval_fraction "
+            f"{old.get('eval_fraction')}, group_by {old.get('group_by')!r}) and the resumed one "
+            f"would hold out {new['num_heldout']} others (eval_fraction {new['eval_fraction']}, "
+            f"group_by {new['group_by']!r}); resume with the run's own split flags, or train "
+            "into a new --output_dir")
 
 
 def restore(run: TrainingRun, path: Path) -> None:
@@ -437,7 +456,10 @@ def _train(cfg: TrainConfig, on_step: Callable[[int, dict[str, Any]], None] | No
     monitor = DebugMonitor(run.raw, d) if cfg.debug_mode else None
     log(d, f"{cfg.model_size}: {run.raw.num_parameters() / 1e6:.1f}M parameters, "
            f"{len(run.train_rows)} training / {len(run.data.heldout_rows)} held-out samples (key "
-           f"hash < {cfg.eval_fraction:g}, at least min({MIN_HELDOUT}, samples / 5)), "
+           f"hash < {cfg.eval_fraction:g}, at least min({MIN_HELDOUT}, samples / 5)"
+           + (f"; grouped by {cfg.group_by!r}: {run.data.split_record()['num_heldout_groups']} of "
+              f"{run.data.split_record()['num_groups']} groups held out" if cfg.group_by else "")
+           + "), "
            f"global batch {run.schedule.global_batch * cfg.grad_accum}, {run.total_steps} steps "
            f"on {d.world_size} x {d.device} ({'FSDP2' if cfg.fsdp else 'DDP' if d.enabled else 'single'})")
     stats = {"skipped_samples": 0, "nonfinite_steps": 0, "nonfinite_in_a_row": 0}

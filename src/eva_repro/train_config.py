@@ -20,7 +20,7 @@ from eva_repro.shards import Manifest
 OVERFIT_DEFAULT_STEPS = 300
 # Peak AdamW learning rate per preset when --learning_rate is not given: roughly 1/width, the
 # usual transformer practice (wider models need smaller steps). The tiny preset's was measured
-# (README, "Learning"): 3e-3 beat 1e-3 on held-out cosine at 300 steps; the others are not retuned.
+# (docs/troubleshooting.md): 3e-3 was chosen on held-out cosine; the others are not retuned.
 DEFAULT_LR = {"tiny": 3e-3, "small": 6e-4, "base": 3e-4, "large": 2e-4, "blip3o": 1e-4}
 OVERFIT_BAR = 0.8  # the seed's sanity bar for the sampled cosine in overfit mode
 
@@ -60,11 +60,11 @@ class TrainConfig:
         help="override a config field of the preset, e.g. depth=2 (repeatable; JSON values)")
     linear_init: str = option("zero", "eva-repro head: start its linear path at zero (best on "
                               "the synthetic sets) or at the ridge fit of the training "
-                              "split (starts at ridge; see README Learning)", choices=LINEAR_INITS)
+                              "split (starts at ridge; see docs/model.md)", choices=LINEAR_INITS)
     local_min_gain: float = option(0.05, "eva-repro head: train the neighbour mix (cond_local) "
                                    "only where held-in ridge that also reads each token's "
                                    "neighbours has at least this fraction less error than "
-                                   "same-token ridge (0: always; see README Learning)")
+                                   "same-token ridge (0: always; see docs/model.md)")
     training_mode: str = option("auto", "token layout; auto follows the shards (patch_only on CLS "
                                 "shards drops the CLS token)", choices=["auto", *TOKEN_MODES])
     batch_size: int = option(8, "per rank and micro-batch", group="batches and length")
@@ -87,6 +87,10 @@ class TrainConfig:
                                    "draws, loss weight, CFG dropout)")
     eval_fraction: float = option(0.05, "held-out fraction of the samples (by key hash)",
                                   group="data")
+    group_by: str | None = option(None, "hold out keys in groups: 'prefix' (the key up to its last "
+                                  "/ _ or -, extension dropped: frames of one video) or a regex "
+                                  "whose first group names the key's group; default: each key "
+                                  "alone", metavar="prefix|REGEX")
     max_samples: int | None = option(None, "use only the first N samples (quick runs)")
     overfit_test_size: int = option(0, "train on N fixed samples (default 300 steps); summary "
                                     "overfit_cosine (sampled, on those samples, at most "
