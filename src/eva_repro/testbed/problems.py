@@ -65,7 +65,7 @@ class Problem:
             for i in range(start, start + n)])
 
     def mean_target(self, clip: torch.Tensor) -> torch.Tensor:
-        """E[y | c] [N, T, D_target]."""
+        """E(y | c), shape (N, T, D_target)."""
         w = self.weights()
         m = clip + neighbour_mean(clip) if self.neighbours else clip
         return torch.tanh(m @ w["w1"]) @ w["w2"] + w["pos"]
