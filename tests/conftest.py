@@ -76,3 +76,40 @@ def token_only_data(tmp_path_factory):
     shards.write_manifest(out, {"grid": 4, "include_cls": False, "training_mode": "patch_only",
                                 "dtype": "float16"})
     return out
+
+
+@pytest.fixture(scope="session")
+def flip_bytes():
+    """`flip_bytes(path, n=56) -> offset`: invert n bytes in the middle of a file, size unchanged
+    (bit rot, a bad copy): only a checksum can tell."""
+
+    def flip(path, n: int = 56) -> int:
+        data = bytearray(path.read_bytes())
+        start = len(data) // 2 - n // 2
+        data[start:start + n] = bytes(b ^ 0xFF for b in data[start:start + n])
+        path.write_bytes(bytes(data))
+        return start
+
+    return flip
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """`tiny_model_dir(cond_dim, target_dim) -> dir`: a randomly initialised 1-block DiT saved with
+    save_pretrained, once per pair of dims (treat it as read-only; copy it to damage it)."""
+    from eva_repro.model import DiT, DiTConfig
+
+    made: dict[tuple, object] = {}
+
+    def make(cond_dim: int, target_dim: int):
+        if (cond_dim, target_dim) not in made:
+            torch.manual_seed(0)
+            model = DiT(DiTConfig(target_dim=target_dim, cond_dim=cond_dim, hidden=32, depth=1,
+                                  n_heads=4, n_kv_heads=2, target_norm=3.0))
+            for p in model.parameters():  # off the zero init: the output depends on the input
+                p.data.add_(0.1 * torch.randn_like(p))
+            made[cond_dim, target_dim] = tmp_path_factory.mktemp("model")
+            model.save_pretrained(made[cond_dim, target_dim])
+        return made[cond_dim, target_dim]
+
+    return make

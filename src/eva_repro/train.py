@@ -236,7 +236,7 @@ def setup(cfg: TrainConfig) -> TrainingRun:
     seed_everything(cfg.seed)
 
     data = data_mod.open_training_data(cfg.data_dir, cfg.eval_fraction, cfg.max_samples,
-                                       cfg.verify_checksums)
+                                       cfg.verify_checksums, warn=d.is_main)
     rows = _select_rows(cfg, data, d)
     micro = _micro_batch(cfg, len(rows), d)
     schedule = BatchSchedule(rows, [data.shard_of(r) for r in rows], micro * d.world_size,
