@@ -360,3 +360,26 @@ def test_a_rerun_removes_the_temp_files_a_killed_shard_write_left(tmp_path, caps
     assert (f"removed 1 temp file(s) a killed run left in {out} ({Path(tmp).name})"
             in capsys.readouterr().err)
     assert not list(out.glob(".*.tmp"))
+
+
+def test_a_resumed_run_redoes_a_finished_shard_damaged_since(tmp_path, capsys, flip_bytes):
+    """A finished shard corrupted after it was written (size unchanged) is not counted as done:
+    the rerun checks it against its sidecar's sha256, says so and extracts that chunk again."""
+    write_images(tmp_path / "in", 4)
+    kw = dict(SMALL, shard_size=2, grid=2)
+    out = tmp_path / "out"
+    extract(tmp_path / "in", out, **kw)
+    clean = shard_digests(out)
+    damaged = out / "shard-00000.safetensors"
+    flip_bytes(damaged, 56)
+    assert shard_digests(out) != clean
+    capsys.readouterr()
+    result = extract_mod.run_extraction(tmp_path / "in", out, extract_mod.Settings(**kw))
+    assert (result.stats.chunks_skipped, result.stats.chunks_written) == (1, 1)
+    assert result.stats.images == 2  # only the damaged chunk was decoded again
+    why = f"{damaged}: sha256 does not match its sidecar shard-00000.json (damaged after it was written)"
+    assert f"[extract] {why}; extracting chunk 0 again\n" in capsys.readouterr().err
+    log = [json.loads(line) for line in (out / "logs" / "extract-rank0.jsonl").read_text().splitlines()]
+    assert [r["redo"] for r in log if "redo" in r] == [why]
+    assert shard_digests(out) == clean
+    shards.verify_checksums(shards.read_manifest(out))

@@ -7,7 +7,7 @@ import signal
 import pytest
 import torch
 
-from eva_repro import cli, shards
+from eva_repro import cli, files, shards
 from eva_repro.generate import ModelDataMismatch, generate
 from eva_repro.model import DiT, DiTConfig
 from eva_repro.preemption import EXIT_PREEMPTED
@@ -214,3 +214,23 @@ def test_a_rerun_removes_the_temp_file_of_a_shard_write_that_was_killed(tmp_path
     assert cli.main(argv) == 0
     assert f"removed 1 temp file(s) a killed run left in {out}" in capsys.readouterr().err
     assert not list(out.glob("*.tmp")) and shards.read_manifest(out).num_samples == 12
+
+
+def test_sample_resume_regenerates_a_finished_shard_damaged_since(tmp_path, capsys, flip_bytes,
+                                                                   tiny_model_dir):
+    src, out = tmp_path / "in", tmp_path / "out"
+    write_synthetic_shards(src, 12, grid=4, clip_dim=16, eva_dim=24, seed=0, shard_size=5)
+    argv = ["sample", "--model_path", str(tiny_model_dir(16, 24)), "--input_dir", str(src),
+            "--output_dir", str(out), "--steps", "2", "--method", "euler", "--device", "cpu",
+            "--no_progress"]
+    assert cli.main(argv) == 0
+    clean = {p.name: files.sha256_file(p) for p in sorted(out.glob("shard-*"))}
+    damaged = out / "shard-00001.safetensors"
+    flip_bytes(damaged, 56)
+    capsys.readouterr()
+    assert cli.main(argv) == 0
+    captured = capsys.readouterr()
+    assert captured.err == (f"{damaged}: sha256 does not match its sidecar shard-00001.json "
+                            "(damaged after it was written); generating shard 1 again\n")
+    assert "resuming: 2 finished shards" in captured.out and "(5 generated now" in captured.out
+    assert {p.name: files.sha256_file(p) for p in sorted(out.glob("shard-*"))} == clean

@@ -201,6 +201,9 @@ def _resume(out: Path, settings: dict) -> dict[int, shards.ShardInfo]:
             raise UserError(f"{path}: {out} holds shards generated with other settings "
                              f"({previous}); choose a new --output_dir or delete it")
         done = shards.finished_shards(out)
+        for index, why in shards.damaged_shards(out, done.values()).items():
+            print(f"{why}; generating shard {index} again", file=sys.stderr)
+            del done[index]
         if done:
             print(f"resuming: {len(done)} finished shards in {out} are kept")
         return done

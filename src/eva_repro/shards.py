@@ -122,6 +122,19 @@ def finished_shards(out_dir: str | os.PathLike) -> dict[int, ShardInfo]:
     return done
 
 
+def damaged_shards(out_dir: str | os.PathLike, infos: Iterable[ShardInfo]) -> dict[int, str]:
+    """index -> why, for finished shards whose tensors no longer match the sha256 their sidecar
+    recorded (damaged or replaced after they were written): a resumed writer redoes these
+    instead of trusting that a file that exists is the file it wrote."""
+    out_dir, damaged = Path(out_dir), {}
+    for info in infos:
+        path = out_dir / info.file
+        if sha256_file(path) != info.sha256:
+            damaged[info.index] = (f"{path}: sha256 does not match its sidecar "
+                                   f"{Path(info.file).stem}.json (damaged after it was written)")
+    return damaged
+
+
 def append_failures(out_dir: str | os.PathLike, failures: Iterable[dict[str, Any]]) -> None:
     """Append skipped inputs (`{"path": ..., "reason": ...}`) to failures.jsonl."""
     lines = "".join(json.dumps(f) + "\n" for f in failures)
