@@ -113,3 +113,37 @@ def tiny_model_dir(tmp_path_factory):
         return made[cond_dim, target_dim]
 
     return make
+
+
+@pytest.fixture
+def kill_writing(monkeypatch):
+    """`kill_writing(name)`: from now on, the first atomic write of a file called `name` (a
+    shard's .safetensors or .json sidecar, a chunk record, manifest.json) dies the way SIGKILL
+    would: it leaves its half-written temp file and raises KeyboardInterrupt, so nothing after
+    it happens. Arm it once per run; the rerun writes normally."""
+    from pathlib import Path
+
+    from eva_repro import files, shards
+
+    target: list = [None]
+
+    def dying(write):
+        def wrapper(*args, **kwargs):
+            path = Path(args[1] if write is real_tensors else args[0])
+            if path.name == target[0]:
+                target[0] = None
+                (path.parent / f".{path.name}.killed.tmp").write_bytes(b"half a file")
+                raise KeyboardInterrupt(f"killed while writing {path}")
+            return write(*args, **kwargs)
+        return wrapper
+
+    real_tensors, real_json = files.atomic_save_safetensors, files.atomic_write_json
+    monkeypatch.setattr(files, "atomic_write_bytes", dying(files.atomic_write_bytes))
+    for module in (files, shards):  # shards imported the names: patch its references too
+        monkeypatch.setattr(module, "atomic_save_safetensors", dying(real_tensors))
+        monkeypatch.setattr(module, "atomic_write_json", dying(real_json))
+
+    def arm(name: str) -> None:
+        target[0] = name
+
+    return arm

@@ -522,7 +522,8 @@ def run_extraction(inputs: Any, output_dir: str | os.PathLike, settings: Setting
         config = _make_config(settings, inputs_list, discovery, {"eva": eva, "clip": clip})
         if ctx.rank == 0:  # one writer per directory; the ranks of this job are that writer
             lock = DirectoryLock(out_dir, "eva-repro extract").acquire()
-            _report_leftovers(out_dir, files.remove_leftovers(out_dir))
+            _report_leftovers(out_dir, files.remove_leftovers(out_dir) + [  # and a record's
+                f"{CHUNKS}/{name}" for name in files.remove_leftovers(out_dir / CHUNKS)])
         out_dir.mkdir(parents=True, exist_ok=True)
         _prepare_output(out_dir, config, ctx)
         ctx.barrier()  # no rank writes a shard before rank 0 has checked the directory
