@@ -76,3 +76,74 @@ def token_only_data(tmp_path_factory):
     shards.write_manifest(out, {"grid": 4, "include_cls": False, "training_mode": "patch_only",
                                 "dtype": "float16"})
     return out
+
+
+@pytest.fixture(scope="session")
+def flip_bytes():
+    """`flip_bytes(path, n=56) -> offset`: invert n bytes in the middle of a file, size unchanged
+    (bit rot, a bad copy): only a checksum can tell."""
+
+    def flip(path, n: int = 56) -> int:
+        data = bytearray(path.read_bytes())
+        start = len(data) // 2 - n // 2
+        data[start:start + n] = bytes(b ^ 0xFF for b in data[start:start + n])
+        path.write_bytes(bytes(data))
+        return start
+
+    return flip
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """`tiny_model_dir(cond_dim, target_dim) -> dir`: a randomly initialised 1-block DiT saved with
+    save_pretrained, once per pair of dims (treat it as read-only; copy it to damage it)."""
+    from eva_repro.model import DiT, DiTConfig
+
+    made: dict[tuple, object] = {}
+
+    def make(cond_dim: int, target_dim: int):
+        if (cond_dim, target_dim) not in made:
+            torch.manual_seed(0)
+            model = DiT(DiTConfig(target_dim=target_dim, cond_dim=cond_dim, hidden=32, depth=1,
+                                  n_heads=4, n_kv_heads=2, target_norm=3.0))
+            for p in model.parameters():  # off the zero init: the output depends on the input
+                p.data.add_(0.1 * torch.randn_like(p))
+            made[cond_dim, target_dim] = tmp_path_factory.mktemp("model")
+            model.save_pretrained(made[cond_dim, target_dim])
+        return made[cond_dim, target_dim]
+
+    return make
+
+
+@pytest.fixture
+def kill_writing(monkeypatch):
+    """`kill_writing(name)`: from now on, the first atomic write of a file called `name` (a
+    shard's .safetensors or .json sidecar, a chunk record, manifest.json) dies the way SIGKILL
+    would: it leaves its half-written temp file and raises KeyboardInterrupt, so nothing after
+    it happens. Arm it once per run; the rerun writes normally."""
+    from pathlib import Path
+
+    from eva_repro import files, shards
+
+    target: list = [None]
+
+    def dying(write):
+        def wrapper(*args, **kwargs):
+            path = Path(args[1] if write is real_tensors else args[0])
+            if path.name == target[0]:
+                target[0] = None
+                (path.parent / f".{path.name}.killed.tmp").write_bytes(b"half a file")
+                raise KeyboardInterrupt(f"killed while writing {path}")
+            return write(*args, **kwargs)
+        return wrapper
+
+    real_tensors, real_json = files.atomic_save_safetensors, files.atomic_write_json
+    monkeypatch.setattr(files, "atomic_write_bytes", dying(files.atomic_write_bytes))
+    for module in (files, shards):  # shards imported the names: patch its references too
+        monkeypatch.setattr(module, "atomic_save_safetensors", dying(real_tensors))
+        monkeypatch.setattr(module, "atomic_write_json", dying(real_json))
+
+    def arm(name: str) -> None:
+        target[0] = name
+
+    return arm

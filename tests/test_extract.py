@@ -360,3 +360,69 @@ def test_a_rerun_removes_the_temp_files_a_killed_shard_write_left(tmp_path, caps
     assert (f"removed 1 temp file(s) a killed run left in {out} ({Path(tmp).name})"
             in capsys.readouterr().err)
     assert not list(out.glob(".*.tmp"))
+
+
+def test_a_resumed_run_redoes_a_finished_shard_damaged_since(tmp_path, capsys, flip_bytes):
+    """A finished shard corrupted after it was written (size unchanged) is not counted as done:
+    the rerun checks it against its sidecar's sha256, says so and extracts that chunk again."""
+    write_images(tmp_path / "in", 4)
+    kw = dict(SMALL, shard_size=2, grid=2)
+    out = tmp_path / "out"
+    extract(tmp_path / "in", out, **kw)
+    clean = shard_digests(out)
+    damaged = out / "shard-00000.safetensors"
+    flip_bytes(damaged, 56)
+    assert shard_digests(out) != clean
+    capsys.readouterr()
+    result = extract_mod.run_extraction(tmp_path / "in", out, extract_mod.Settings(**kw))
+    assert (result.stats.chunks_skipped, result.stats.chunks_written) == (1, 1)
+    assert result.stats.images == 2  # only the damaged chunk was decoded again
+    why = f"{damaged}: sha256 does not match its sidecar shard-00000.json (damaged after it was written)"
+    assert f"[extract] {why}; extracting chunk 0 again\n" in capsys.readouterr().err
+    log = [json.loads(line) for line in (out / "logs" / "extract-rank0.jsonl").read_text().splitlines()]
+    assert [r["redo"] for r in log if "redo" in r] == [why]
+    assert shard_digests(out) == clean
+    shards.verify_checksums(shards.read_manifest(out))
+
+
+# ---------------------------------------------------------------------------------------------
+# the resume contract: wherever a run is killed, the rerun's output is the uninterrupted run's,
+# byte for byte (logs/ aside: it records timings)
+
+CONTRACT = dict(SMALL, shard_size=2, grid=2)
+
+
+def _extract_digests(out: Path) -> dict[str, str]:
+    return {str(p.relative_to(out)): files.sha256_file(p) for p in sorted(out.rglob("*"))
+            if p.is_file() and p.parts[len(out.parts)] != "logs"}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_extract(tmp_path_factory):
+    root = tmp_path_factory.mktemp("contract")
+    write_images(root / "in", 4)
+    extract(root / "in", root / "out", **CONTRACT)
+    digests = _extract_digests(root / "out")
+    assert sorted(digests) == ["chunks/chunk-00000.json", "chunks/chunk-00001.json",
+                               "extract_config.json", "failures.jsonl", "manifest.json",
+                               "shard-00000.json", "shard-00000.safetensors", "shard-00001.json",
+                               "shard-00001.safetensors"]
+    return root / "in", digests
+
+
+@pytest.mark.parametrize("killed_writing", [
+    "extract_config.json", "shard-00000.safetensors", "chunk-00001.json",
+    "shard-00001.safetensors", "shard-00001.json", "failures.jsonl", "manifest.json"])
+def test_extract_killed_anywhere_resumes_to_the_uninterrupted_output(
+        killed_writing, uninterrupted_extract, tmp_path, capsys, kill_writing):
+    images, whole = uninterrupted_extract
+    out = tmp_path / "out"
+    kill_writing(killed_writing)
+    with pytest.raises(KeyboardInterrupt, match=f"killed while writing .*/{killed_writing}"):
+        extract(images, out, **CONTRACT)
+    assert list(out.rglob(f".{killed_writing}.killed.tmp"))  # what SIGKILL leaves
+    capsys.readouterr()
+    extract(images, out, **CONTRACT)
+    left = ("chunks/" if killed_writing.startswith("chunk-") else "") + f".{killed_writing}.killed.tmp"
+    assert f"removed 1 temp file(s) a killed run left in {out} ({left})" in capsys.readouterr().err
+    assert _extract_digests(out) == whole

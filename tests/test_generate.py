@@ -7,7 +7,7 @@ import signal
 import pytest
 import torch
 
-from eva_repro import cli, shards
+from eva_repro import cli, files, shards
 from eva_repro.generate import ModelDataMismatch, generate
 from eva_repro.model import DiT, DiTConfig
 from eva_repro.preemption import EXIT_PREEMPTED
@@ -214,3 +214,85 @@ def test_a_rerun_removes_the_temp_file_of_a_shard_write_that_was_killed(tmp_path
     assert cli.main(argv) == 0
     assert f"removed 1 temp file(s) a killed run left in {out}" in capsys.readouterr().err
     assert not list(out.glob("*.tmp")) and shards.read_manifest(out).num_samples == 12
+
+
+def test_sample_resume_regenerates_a_finished_shard_damaged_since(tmp_path, capsys, flip_bytes,
+                                                                   tiny_model_dir):
+    src, out = tmp_path / "in", tmp_path / "out"
+    write_synthetic_shards(src, 12, grid=4, clip_dim=16, eva_dim=24, seed=0, shard_size=5)
+    argv = ["sample", "--model_path", str(tiny_model_dir(16, 24)), "--input_dir", str(src),
+            "--output_dir", str(out), "--steps", "2", "--method", "euler", "--device", "cpu",
+            "--no_progress"]
+    assert cli.main(argv) == 0
+    clean = {p.name: files.sha256_file(p) for p in sorted(out.glob("shard-*"))}
+    damaged = out / "shard-00001.safetensors"
+    flip_bytes(damaged, 56)
+    capsys.readouterr()
+    assert cli.main(argv) == 0
+    captured = capsys.readouterr()
+    assert captured.err == (f"{damaged}: sha256 does not match its sidecar shard-00001.json "
+                            "(damaged after it was written); generating shard 1 again\n")
+    assert "resuming: 2 finished shards" in captured.out and "(5 generated now" in captured.out
+    assert {p.name: files.sha256_file(p) for p in sorted(out.glob("shard-*"))} == clean
+
+
+# ---------------------------------------------------------------------------------------------
+# the resume contract: wherever a run is interrupted, the rerun's output is the uninterrupted
+# run's, byte for byte
+
+
+def _sample_argv(model, src, out):
+    return ["sample", "--model_path", str(model), "--input_dir", str(src), "--output_dir",
+            str(out), "--steps", "2", "--method", "euler", "--device", "cpu", "--no_progress"]
+
+
+def _output_digests(out):
+    return {p.name: files.sha256_file(p) for p in sorted(out.iterdir()) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_sample(synth_shards, tiny_model_dir, tmp_path_factory):
+    """(input dir, model dir, sha256 of every file an uninterrupted `sample` wrote): 3 shards."""
+    src = synth_shards(12, grid=4, clip_dim=16, eva_dim=24, seed=0, shard_size=4)
+    model, out = tiny_model_dir(16, 24), tmp_path_factory.mktemp("sample") / "out"
+    assert cli.main(_sample_argv(model, src, out)) == 0
+    digests = _output_digests(out)
+    assert sorted(digests) == ["manifest.json", "sample_settings.json", "shard-00000.json",
+                               "shard-00000.safetensors", "shard-00001.json",
+                               "shard-00001.safetensors", "shard-00002.json",
+                               "shard-00002.safetensors"]
+    return src, model, digests
+
+
+@pytest.mark.parametrize("killed_writing", [
+    "sample_settings.json", "shard-00000.safetensors", "shard-00000.json",
+    "shard-00001.safetensors", "shard-00001.json", "shard-00002.safetensors",
+    "shard-00002.json", "manifest.json"])
+def test_sample_killed_anywhere_resumes_to_the_uninterrupted_output(
+        killed_writing, uninterrupted_sample, tmp_path, capsys, kill_writing):
+    src, model, whole = uninterrupted_sample
+    out = tmp_path / "out"
+    kill_writing(killed_writing)
+    with pytest.raises(KeyboardInterrupt, match=f"killed while writing {out / killed_writing}"):
+        cli.main(_sample_argv(model, src, out))
+    assert (out / f".{killed_writing}.killed.tmp").exists()  # what SIGKILL leaves
+    capsys.readouterr()
+    assert cli.main(_sample_argv(model, src, out)) == 0
+    assert f"removed 1 temp file(s) a killed run left in {out}" in capsys.readouterr().err
+    assert _output_digests(out) == whole
+
+
+@pytest.mark.parametrize("lost", [1, 2, 3])
+def test_sample_resumes_to_the_uninterrupted_output_after_its_last_shards_are_lost(
+        lost, uninterrupted_sample, tmp_path):
+    """Shards and manifest gone (a node's local cache wiped, a partial copy): the rerun writes
+    exactly the missing shards again."""
+    src, model, whole = uninterrupted_sample
+    out = tmp_path / "out"
+    assert cli.main(_sample_argv(model, src, out)) == 0
+    (out / "manifest.json").unlink()
+    for index in range(3 - lost, 3):
+        for suffix in (".json", ".safetensors"):
+            (out / f"shard-{index:05d}{suffix}").unlink()
+    assert cli.main(_sample_argv(model, src, out)) == 0
+    assert _output_digests(out) == whole

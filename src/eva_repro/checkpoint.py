@@ -35,13 +35,21 @@ import torch
 from safetensors.torch import load_file
 
 from eva_repro.errors import UserError
-from eva_repro.files import atomic_save_safetensors, atomic_write_json, fsync_path, sha256_file
+from eva_repro.files import (
+    atomic_save_safetensors,
+    atomic_write_json,
+    fsync_path,
+    load_safetensors,
+    read_json_object,
+    sha256_file,
+)
 from eva_repro.model import build_model, config_from_dict, from_pretrained, is_saved_model
 
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 TENSOR_FILES = ("model", "ema", "optimizer", "rng")
+CHECKPOINT_FIX = "the checkpoint is damaged: use an older one (or the run's exported model/)"
 
 
 class CheckpointError(UserError):
@@ -332,15 +340,17 @@ class LoadedModel:
 
 def _split_of(run_dir: Path | None) -> dict | None:
     if run_dir is not None and (run_dir / "split.json").exists():
-        return json.loads((run_dir / "split.json").read_text())
+        return read_json_object(run_dir / "split.json", "the run's held-out split is damaged: "
+                                "restore it from a copy of the run")
     return None
 
 
 def _model_from_checkpoint(ckpt: Path, backbone: str | None = None) -> torch.nn.Module:
-    config = json.loads((ckpt / "config.json").read_text())
+    config = read_json_object(ckpt / "config.json", CHECKPOINT_FIX)
     model = build_model(config_from_dict(config, backbone))
+    state = load_safetensors(ckpt / "ema.safetensors", CHECKPOINT_FIX)
     try:
-        model.load_state_dict(load_file(str(ckpt / "ema.safetensors")))
+        model.load_state_dict(state)
     except (RuntimeError, OSError) as e:
         raise CheckpointError(f"{ckpt}: EMA weights do not fit its config.json ({e}); the "
                               "checkpoint is damaged: use an older one") from e

@@ -43,30 +43,6 @@ class DataError(ShardError):
 # validation and split
 
 
-def check_shard_shapes(reader: ShardReader) -> None:
-    """Every shard must hold [N, T, D] tensors that agree with the manifest (headers only)."""
-    manifest = reader.manifest
-    want = {"clip": (manifest.tokens, manifest.clip_dim), "eva": (manifest.tokens, manifest.eva_dim)}
-    first_dtypes: dict[str, torch.dtype] = {}
-    for i, shard in enumerate(manifest.shards):
-        path = reader.path(i)
-        specs = {k: reader.spec(k, i) for k in shards.TENSOR_KEYS}
-        dtypes = {k: dtype for k, (dtype, _) in specs.items()}
-        found = {k: tuple(shape) for k, (_, shape) in specs.items()}
-        first_dtypes = first_dtypes or dtypes
-        if dtypes != first_dtypes:
-            raise DataError(f"{path}: dtypes {dtypes} differ from the first shard's {first_dtypes}; "
-                            "re-extract the shards with one --dtype")
-        for key, (tokens, dim) in want.items():
-            n, t, d = (found[key] + (None, None, None))[:3]
-            if len(found[key]) != 3 or (t, d) != (tokens, dim) or n != int(shard["num_samples"]):
-                raise DataError(
-                    f"{path}: {key} has shape {list(found[key])} but {manifest.root / shards.MANIFEST}"
-                    f" says [{shard['num_samples']}, {tokens}, {dim}]; all shards of a directory "
-                    "must come from the same encoders and grid: move this shard elsewhere or "
-                    "re-extract it")
-
-
 @dataclass
 class TrainData:
     """A validated shard directory and its train / held-out split (global row indices)."""
@@ -117,13 +93,13 @@ def open_training_data(
     verify_checksums: bool = True,
     salt: str = SPLIT_SALT,
     group_by: str | None = None,
+    warn: bool = True,
 ) -> TrainData:
-    """Open and validate a shard directory; every problem is a one-line `ShardError`."""
-    manifest = shards.read_manifest(data_dir)  # missing dir / manifest / empty / missing files
-    if verify_checksums:
-        shards.verify_checksums(manifest)
-    reader = ShardReader(manifest)
-    check_shard_shapes(reader)
+    """Open and validate a shard directory (`shards.open_shards`: manifest, sizes and shapes,
+    sha256 unless `verify_checksums` is False, then with a warning unless `warn` is False);
+    every problem is a one-line `ShardError`."""
+    reader = shards.open_shards(data_dir, verify_checksums, warn)  # what every reader checks
+    manifest = reader.manifest
     keys = reader.keys()
     if len(keys) != len(reader):
         raise DataError(f"{manifest.root}: sidecars list {len(keys)} keys for {len(reader)} rows; "

@@ -102,6 +102,7 @@ class EvalOptions(SamplerOptions):
     baseline_samples: int = option(2000, "training samples to fit the baselines on (at most)")
     control_samples: int = option(256, "images for the shuffled-condition control and diversity")
     retrieval_pool: int = option(1000, "images per retrieval pool")
+    verify_checksums: bool = option(True, shards.VERIFY_HELP, aliases=["--no_verify"])
     t_values: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)  # times of the velocity metric
     sweep: str = option("auto", "sampler sweep size (cosine vs NFE); auto: full on CUDA, small "
                         "on CPU", choices=SWEEP_SIZES)
@@ -334,11 +335,11 @@ def _evaluate(model_path: str | Path, embeddings_dir: str | Path, output_dir: st
     torch.manual_seed(opts.seed)
     start_time = time.time()
     device = pick_device(opts.device)
-    manifest = shards.read_manifest(embeddings_dir)
+    reader = shards.open_shards(embeddings_dir, opts.verify_checksums)
+    manifest = reader.manifest
     loaded = load_model(model_path, opts.backbone)
     check_model_fits_data(loaded.model, manifest, model_path)
     model = loaded.model.to(device).eval()
-    reader = shards.ShardReader(manifest)
     keys = reader.keys()
     heldout, train, split_info = resolve_split(loaded, manifest, keys, opts.eval_fraction,
                                                  opts.group_by)

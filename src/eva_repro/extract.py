@@ -4,7 +4,9 @@ The input list (see `eva_repro.images.discover`) is cut into chunks of `shard_si
 chunk i becomes shard i, whatever the number of processes, so shard names are global:
 
 * resume: a chunk is done when its record (`chunks/chunk-00007.json`: inputs, samples,
-  failures) and, if it has samples, its shard exist; a rerun skips done chunks. A killed run
+  failures) and, if it has samples, its shard exist and the shard still matches the sha256 of
+  its sidecar (a shard damaged since is logged and extracted again); a rerun skips done
+  chunks. A killed run
   loses at most the chunks in progress, and a resumed run writes exactly the shards an
   uninterrupted one would (batches never straddle chunks, so even float rounding matches).
 * torchrun: chunk i goes to rank i % world_size; after a barrier rank 0 merges.
@@ -300,6 +302,18 @@ def finished_chunks(out_dir: Path, num_chunks: int) -> dict[int, dict[str, Any]]
     return done
 
 
+def _redo_damaged(out_dir: Path, finished: Sequence[int], rank: int) -> list[int]:
+    """The finished chunks (of this rank) whose shard fails its sidecar's sha256, each logged:
+    a resumed run extracts them again rather than count a damaged file as done."""
+    finished_shards = shards.finished_shards(out_dir)
+    damaged = shards.damaged_shards(out_dir, [finished_shards[c] for c in finished
+                                              if c in finished_shards])
+    for c, why in damaged.items():
+        print(f"[extract] {why}; extracting chunk {c} again", file=sys.stderr)
+        _log(out_dir, rank, {"chunk": c, "redo": why})
+    return sorted(damaged)
+
+
 # ---------------------------------------------------------------------------------------------
 # the pipeline
 
@@ -508,13 +522,16 @@ def run_extraction(inputs: Any, output_dir: str | os.PathLike, settings: Setting
         config = _make_config(settings, inputs_list, discovery, {"eva": eva, "clip": clip})
         if ctx.rank == 0:  # one writer per directory; the ranks of this job are that writer
             lock = DirectoryLock(out_dir, "eva-repro extract").acquire()
-            _report_leftovers(out_dir, files.remove_leftovers(out_dir))
+            _report_leftovers(out_dir, files.remove_leftovers(out_dir) + [  # and a record's
+                f"{CHUNKS}/{name}" for name in files.remove_leftovers(out_dir / CHUNKS)])
         out_dir.mkdir(parents=True, exist_ok=True)
         _prepare_output(out_dir, config, ctx)
         ctx.barrier()  # no rank writes a shard before rank 0 has checked the directory
         chunks = _chunks(discovery.items, settings.shard_size)
         done = finished_chunks(out_dir, len(chunks))
         mine = [c for c in range(len(chunks)) if c % ctx.world == ctx.rank]
+        for c in _redo_damaged(out_dir, [c for c in mine if c in done], ctx.rank):
+            del done[c]
         todo = [c for c in mine if c not in done]
         if settings.num_workers is None:
             settings.num_workers = _default_workers(device, ctx.world)

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from eva_repro.errors import UserError
 
@@ -29,6 +30,37 @@ NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 class DiskFullError(UserError):
     """A write ran out of space or hit a file-size limit; the partial file was removed."""
+
+
+class UnreadableFileError(UserError):
+    """A JSON or safetensors file that exists but cannot be parsed (truncated, overwritten)."""
+
+
+MODEL_FIX = ("the model directory is damaged: copy it again, or export it again from its run "
+             "(save_pretrained)")
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
+
+def read_json_object(path: str | os.PathLike, fix: str) -> dict[str, Any]:
+    """A JSON object from `path`; a file that is not one is a one-line error naming it and `fix`."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UnreadableFileError(f"{path}: not valid JSON ({_one_line(e)}); {fix}") from e
+    if not isinstance(data, dict):
+        raise UnreadableFileError(f"{path}: holds a JSON {type(data).__name__}, not an object; {fix}")
+    return data
+
+
+def load_safetensors(path: str | os.PathLike, fix: str, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """`safetensors.torch.load_file`; a truncated or damaged file is a one-line error naming it."""
+    try:
+        return load_file(str(path), device=device)
+    except (OSError, SafetensorError) as e:
+        raise UnreadableFileError(f"{path}: unreadable safetensors file ({_one_line(e)}); {fix}") from e
 
 
 def _out_of_space(path: Path, nbytes: int, error: BaseException) -> DiskFullError | None:

@@ -138,6 +138,7 @@ class SampleOptions:
     progress: bool = option(True, "no progress bar")
     dtype: str = option("float16", "storage dtype of the written tensors",
                         choices=sorted(shards.DTYPES))
+    verify_checksums: bool = option(True, shards.VERIFY_HELP, aliases=["--no_verify"])
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
@@ -200,6 +201,9 @@ def _resume(out: Path, settings: dict) -> dict[int, shards.ShardInfo]:
             raise UserError(f"{path}: {out} holds shards generated with other settings "
                              f"({previous}); choose a new --output_dir or delete it")
         done = shards.finished_shards(out)
+        for index, why in shards.damaged_shards(out, done.values()).items():
+            print(f"{why}; generating shard {index} again", file=sys.stderr)
+            del done[index]
         if done:
             print(f"resuming: {len(done)} finished shards in {out} are kept")
         return done
@@ -219,7 +223,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{args.output_dir}: is a file, not a directory; choose another --output_dir")
     loaded = load_model(args.model_path, args.backbone)
     model = loaded.model.to(pick_device(args.device)).eval()
-    manifest = shards.read_manifest(args.input_dir)
+    reader = shards.open_shards(args.input_dir, args.verify_checksums)
+    manifest = reader.manifest
     if manifest.clip_dim != model.config.cond_dim:
         raise ModelDataMismatch(
             f"{manifest.root / shards.MANIFEST}: clip_dim {manifest.clip_dim} but the model at "
@@ -228,7 +233,6 @@ def run(args: argparse.Namespace) -> int:
     dropping_cls = drops_cls(manifest.include_cls, model.config.token_mode)
     check_layout(model.config, manifest.tokens - dropping_cls, manifest.clip_dim,
                  str(manifest.root / shards.MANIFEST))
-    reader = shards.ShardReader(manifest)
     out = Path(args.output_dir)
     if out.resolve() == manifest.root.resolve():
         raise UserError(f"{out}: --output_dir must differ from --input_dir (it would overwrite it)")

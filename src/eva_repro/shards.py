@@ -9,8 +9,10 @@ A shard directory holds
 
 A shard is finished when its sidecar exists: the tensors are renamed into place first and the
 sidecar (which records their sha256) second, both atomically, so a killed writer leaves either
-a finished shard or nothing that counts. `ShardReader` maps only the rows it reads, so memory
-stays bounded whatever the data size. No pickle anywhere.
+a finished shard or nothing that counts. Every command that reads shards opens them with
+`open_shards`: manifest, sizes and shapes always, sha256 unless --no_verify (then it warns).
+`ShardReader` maps only the rows it reads, so memory stays bounded whatever the data size. No
+pickle anywhere.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import json
 import math
 import os
 import re
+import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -118,6 +121,19 @@ def finished_shards(out_dir: str | os.PathLike) -> dict[int, ShardInfo]:
         if (out_dir / info.file).exists():
             done[info.index] = info
     return done
+
+
+def damaged_shards(out_dir: str | os.PathLike, infos: Iterable[ShardInfo]) -> dict[int, str]:
+    """index -> why, for finished shards whose tensors no longer match the sha256 their sidecar
+    recorded (damaged or replaced after they were written): a resumed writer redoes these
+    instead of trusting that a file that exists is the file it wrote."""
+    out_dir, damaged = Path(out_dir), {}
+    for info in infos:
+        path = out_dir / info.file
+        if sha256_file(path) != info.sha256:
+            damaged[info.index] = (f"{path}: sha256 does not match its sidecar "
+                                   f"{Path(info.file).stem}.json (damaged after it was written)")
+    return damaged
 
 
 def append_failures(out_dir: str | os.PathLike, failures: Iterable[dict[str, Any]]) -> None:
@@ -252,13 +268,70 @@ def read_manifest(root: str | os.PathLike) -> Manifest:
     return Manifest(root=root, data=data)
 
 
+NO_VERIFY_FIX = "or pass --no_verify to use it unchecked"
+VERIFY_HELP = ("skip the sha256 check of every shard read (sizes and shapes are still checked; "
+               "a warning says what was skipped)")
+
+
 def verify_checksums(manifest: Manifest) -> None:
     """Raise `ShardError` for the first shard whose sha256 differs from the manifest."""
     for shard in manifest.shards:
         path = manifest.root / shard["file"]
         if sha256_file(path) != shard["sha256"]:
             raise ShardError(f"{path}: sha256 does not match {manifest.root / MANIFEST}; the file "
-                             "is corrupt or was replaced: re-extract it or restore it")
+                             "is corrupt or was replaced: re-extract it or restore it, "
+                             f"{NO_VERIFY_FIX}")
+
+
+def check_shapes(reader: ShardReader) -> None:
+    """Every shard holds [N, T, D] tensors that agree with the manifest, in one dtype, and is as
+    long as its header says (a truncated copy fails here, before any row is read)."""
+    manifest = reader.manifest
+    want = {"clip": (manifest.tokens, manifest.clip_dim), "eva": (manifest.tokens, manifest.eva_dim)}
+    first_dtypes: dict[str, torch.dtype] = {}
+    for i, shard in enumerate(manifest.shards):
+        path, base, header = reader._header(i)
+        specs = {k: reader.spec(k, i) for k in TENSOR_KEYS}
+        dtypes = {k: dtype for k, (dtype, _) in specs.items()}
+        found = {k: tuple(shape) for k, (_, shape) in specs.items()}
+        first_dtypes = first_dtypes or dtypes
+        if dtypes != first_dtypes:
+            raise ShardError(f"{path}: dtypes {dtypes} differ from the first shard's {first_dtypes}; "
+                             "re-extract the shards with one --dtype")
+        for key, (tokens, dim) in want.items():
+            n, t, d = (found[key] + (None, None, None))[:3]
+            if len(found[key]) != 3 or (t, d) != (tokens, dim) or n != int(shard["num_samples"]):
+                raise ShardError(
+                    f"{path}: {key} has shape {list(found[key])} but {manifest.root / MANIFEST}"
+                    f" says [{shard['num_samples']}, {tokens}, {dim}]; all shards of a directory "
+                    "must come from the same encoders and grid: move this shard elsewhere or "
+                    "re-extract it")
+            begin, end = header[key]["data_offsets"]
+            if end - begin != math.prod(found[key]) * dtypes[key].itemsize:
+                raise ShardError(f"{path}: {key} spans {end - begin} bytes but shape "
+                                 f"{list(found[key])} needs {math.prod(found[key]) * dtypes[key].itemsize}"
+                                 "; the header is damaged: re-extract it")
+        size = path.stat().st_size
+        expected = base + max(v["data_offsets"][1] for k, v in header.items() if k != "__metadata__")
+        if size != expected:
+            raise ShardError(f"{path}: {size} bytes but its header describes {expected}; the file "
+                             "is truncated or was damaged: re-extract it or restore it")
+
+
+def open_shards(root: str | os.PathLike, verify: bool = True, warn: bool = True) -> ShardReader:
+    """The one way every command opens shards to read (train, evaluate, sample, demo via them):
+    the manifest (`read_manifest`), every shard's size, dtypes and shapes against it
+    (`check_shapes`), and, unless `verify` is False (`--no_verify`), every shard's
+    sha256; skipping that prints a one-line warning on stderr (unless `warn` is False)."""
+    manifest = read_manifest(root)
+    reader = ShardReader(manifest)
+    check_shapes(reader)
+    if verify:
+        verify_checksums(manifest)
+    elif warn:
+        print(f"warning: --no_verify: the sha256 of the {len(manifest.shards)} shard(s) in "
+              f"{manifest.root} was not checked (sizes and shapes were)", file=sys.stderr)
+    return reader
 
 
 class ShardReader:

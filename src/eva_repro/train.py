@@ -236,7 +236,8 @@ def setup(cfg: TrainConfig) -> TrainingRun:
     seed_everything(cfg.seed)
 
     data = data_mod.open_training_data(cfg.data_dir, cfg.eval_fraction, cfg.max_samples,
-                                       cfg.verify_checksums, group_by=cfg.group_by)
+                                       cfg.verify_checksums, group_by=cfg.group_by,
+                                       warn=d.is_main)
     if resume_path is not None:
         check_same_split(run_dir, data)
     rows = _select_rows(cfg, data, d)

@@ -9,7 +9,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from eva_repro import flow
+from eva_repro import flow, shards
 from eva_repro.errors import UserError
 from eva_repro.flags import add_flags, option, values
 from eva_repro.flow import METHODS
@@ -96,7 +96,7 @@ class TrainConfig:
                                     "overfit_cosine (sampled, on those samples, at most "
                                     "--eval_samples of them) should be > 0.8")
     num_workers: int = option(2, "data loader worker processes")
-    verify_checksums: bool = option(True, "skip the sha256 check of every shard at start-up")
+    verify_checksums: bool = option(True, shards.VERIFY_HELP, aliases=["--no_verify"])
     eval_every: int = option(1000, "optimiser steps between held-out evaluations",
                              group="evaluation")
     eval_samples: int = option(64, "held-out samples drawn by the sampler at each evaluation")

@@ -133,7 +133,8 @@ def _evict(path: Path) -> None:
 
 def loader_pass(data_dir: Path, batch_size: int, workers: int) -> dict:
     """One epoch of the trainer's data path (schedule -> DataLoader workers -> fp32 batches)."""
-    data = data_mod.open_training_data(data_dir, eval_fraction=0.0, verify_checksums=False)
+    data = data_mod.open_training_data(data_dir, eval_fraction=0.0, verify_checksums=False,
+                                       warn=False)  # its own fresh shards; times the reads
     schedule = data_mod.BatchSchedule(data.train_rows, [data.shard_of(r) for r in data.train_rows],
                                       batch_size)
     stream = schedule.stream(data_mod.DataPosition())

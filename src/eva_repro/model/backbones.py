@@ -12,13 +12,13 @@ architecture.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import torch.nn as nn
 
 from eva_repro.errors import UserError
+from eva_repro.files import MODEL_FIX, read_json_object
 from eva_repro.model import dit, lumina_next, plugin
 
 BACKBONES = ("next-dit", "lumina-next")
@@ -71,7 +71,7 @@ def from_pretrained(directory: str | os.PathLike, map_location: str = "cpu",
     """A directory written by any backbone's save_pretrained (a plugin's rebuilt from
     `backbone` when given)."""
     path = Path(directory) / dit.CONFIG_FILE
-    architecture = json.loads(path.read_text()).get("architecture") if path.exists() else None
+    architecture = read_json_object(path, MODEL_FIX).get("architecture") if path.exists() else None
     if backbone is not None and architecture != plugin.ARCHITECTURE:
         plugin.with_backbone({"architecture": architecture}, backbone, path)  # raises
     if architecture == lumina_next.ARCHITECTURE:

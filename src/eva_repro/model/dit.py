@@ -71,7 +71,6 @@ content-independent component itself.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import asdict, dataclass, field, fields
@@ -80,12 +79,17 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch.utils.checkpoint import checkpoint
 
 from eva_repro import flow
 from eva_repro.errors import UserError
-from eva_repro.files import atomic_save_safetensors, atomic_write_json
+from eva_repro.files import (
+    MODEL_FIX,
+    atomic_save_safetensors,
+    atomic_write_json,
+    load_safetensors,
+    read_json_object,
+)
 from eva_repro.layout import check_mode, grid_conv, has_cls
 
 ARCHITECTURE = "eva-repro-dit"
@@ -559,12 +563,12 @@ class DiT(nn.Module):
         if not config_path.exists() or not weights_path.exists():
             raise UserError(f"{directory}: not a saved eva-repro model (needs {CONFIG_FILE} and "
                              f"{WEIGHTS_FILE}); pass the directory written by save_pretrained")
-        data = json.loads(config_path.read_text())
+        data = read_json_object(config_path, MODEL_FIX)
         if data.get("architecture") != ARCHITECTURE:
             raise UserError(f"{config_path}: architecture {data.get('architecture')!r} is not "
                              f"{ARCHITECTURE!r}")
         model = cls(DiTConfig.from_dict(data))
-        state = load_file(str(weights_path), device=map_location)
+        state = load_safetensors(weights_path, MODEL_FIX, map_location)
         try:
             missing, unexpected = model.load_state_dict(state, strict=False)
         except RuntimeError as e:  # shape mismatch

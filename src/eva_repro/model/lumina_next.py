@@ -25,7 +25,6 @@ backbone is built.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -36,7 +35,7 @@ import torch
 import torch.nn as nn
 
 from eva_repro.errors import UserError
-from eva_repro.files import atomic_write_json
+from eva_repro.files import MODEL_FIX, atomic_write_json, read_json_object
 from eva_repro.model.dit import PRESETS as DIT_PRESETS
 
 ARCHITECTURE = "diffusers-lumina-next"
@@ -210,7 +209,7 @@ class LuminaNextDiT(nn.Module):
             raise LuminaNextConfigError(f"{directory}: not a saved lumina-next model (needs "
                                         f"{CONFIG_FILE} and {SUBFOLDER}/); pass the directory "
                                         "written by save_pretrained")
-        config = LuminaNextConfig.from_dict(json.loads(config_path.read_text()))
+        config = LuminaNextConfig.from_dict(read_json_object(config_path, MODEL_FIX))
         net = import_diffusers_model().from_pretrained(directory / SUBFOLDER,
                                                        low_cpu_mem_usage=False)
         return cls(config, net).to(map_location)

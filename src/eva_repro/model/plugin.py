@@ -29,7 +29,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
-import json
 import math
 import os
 import sys
@@ -39,11 +38,16 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file
 
 from eva_repro import flow
 from eva_repro.errors import UserError
-from eva_repro.files import atomic_save_safetensors, atomic_write_json
+from eva_repro.files import (
+    MODEL_FIX,
+    atomic_save_safetensors,
+    atomic_write_json,
+    load_safetensors,
+    read_json_object,
+)
 from eva_repro.layout import check_mode
 
 ARCHITECTURE = "eva-repro-plugin"
@@ -220,10 +224,11 @@ class PluginModel(nn.Module):
         if not config_path.exists() or not weights_path.exists():
             raise PluginError(f"{directory}: not a saved plugin model (needs {CONFIG_FILE} and "
                               f"{WEIGHTS_FILE})")
-        model = cls(PluginConfig.from_dict(with_backbone(json.loads(config_path.read_text()),
+        model = cls(PluginConfig.from_dict(with_backbone(read_json_object(config_path, MODEL_FIX),
                                                          backbone, config_path)))
+        state = load_safetensors(weights_path, MODEL_FIX, map_location)
         try:
-            model.load_state_dict(load_file(str(weights_path), device=map_location))
+            model.load_state_dict(state)
         except RuntimeError as e:
             raise PluginError(f"{weights_path}: weights do not fit the network {model.config.backbone} "
                               f"builds from {config_path}: {e}") from e
