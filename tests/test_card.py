@@ -3,16 +3,19 @@ failing on the input it is meant to catch (trained at the toy budget, or scored 
 
 import json
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
+import torch
 
-from eva_repro import cli
+from eva_repro import cli, flow
 from eva_repro.testbed import card as card_mod
-from eva_repro.testbed.card import BUDGETS, FixedTime, NullCondition, Scored
+from eva_repro.testbed.card import BUDGETS, NullCondition, Scored, fixed_time
 from eva_repro.testbed.problems import problems
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TOY = BUDGETS["toy"]
+FINE = replace(TOY, sampler_steps=40)  # the analytic model's ODE, integrated closely
 
 
 def test_the_cli_writes_the_card_and_exits_with_its_verdict(tmp_path, capsys, synth_shards):
@@ -31,43 +34,80 @@ def test_the_cli_writes_the_card_and_exits_with_its_verdict(tmp_path, capsys, sy
         assert set(c) >= {"passed", "value", "threshold", "meaning"} and c["meaning"]
     assert card["passed"] == all(c["passed"] is not False for c in card["checks"])
     assert card["scores"]["grid"]["dit"] > card["scores"]["grid"]["mean"] + 0.1  # it learned
+    runs = sorted(out.glob("runs/*/metrics.jsonl"))
+    stamps = [p.stat().st_mtime_ns for p in runs]
+    again = cli.main(["check", "--backbone", "next-dit", "--output_dir", str(out), "--budget", "toy",
+                      "--device", "cpu", "--data", str(real), "--reuse"])
+    assert again == code and [p.stat().st_mtime_ns for p in runs] == stamps  # judged, not retrained
+    assert json.loads((out / "check.json").read_text())["checks"] == card["checks"]
     md = (out / "check.md").read_text()
     assert md.startswith("# eva-repro check: next-dit") and md.count("| learns_") == 5
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
+class Analytic(torch.nn.Module):
+    """The exact flow model of y ~ N(W c, s^2 I) per token: it predicts the posterior mean
+    E[x1 | x_t] = m + k(t) (x_t - t m), k = t s^2 / ((1 - t)^2 + t^2 s^2), m = W c (0 for the
+    null condition), so its samples are draws of y and every control has a known answer."""
+
+    def __init__(self, w: torch.Tensor, spread: float):
+        super().__init__()
+        self.w, self.spread = torch.nn.Parameter(w), spread
+        self.config = SimpleNamespace(prediction="x", target_dim=w.shape[1])
+
+    def forward(self, x, t, cond, drop_cond=None):
+        m = cond @ self.w
+        if drop_cond is not None:
+            m = torch.where(drop_cond.view(-1, 1, 1), 0.0, m)
+        t3, s2 = t.view(-1, 1, 1), self.spread ** 2
+        k = t3 * s2 / ((1 - t3) ** 2 + t3 ** 2 * s2)
+        return flow.velocity_from_prediction(m + k * (x - t3 * m), x, t, "x")
+
+
 @pytest.fixture(scope="module")
-def grid(tmp_path_factory) -> Scored:
-    """The default head trained on the grid problem at the toy budget, scored held-out."""
-    out = tmp_path_factory.mktemp("grid")
-    p = problems(TOY.width, TOY.samples)["grid"]
-    data = p.write(out / "data")
-    options = card_mod.train_options("next-dit", "eva-repro", data, out / "run", TOY, "cpu")
-    return card_mod.learn("grid", data, out / "run", options, TOY, p)
+def grid() -> Scored:
+    """The analytic model on 48 conditions of a 4 x 4 grid, scored against draws of y."""
+    g = torch.Generator().manual_seed(0)
+    clip, w = torch.randn(48, 16, 8, generator=g), torch.randn(8, 12, generator=g)
+    model = Analytic(w, spread=0.5)
+    draw = lambda: flow.normalize_target(clip @ w + 0.5 * torch.randn(48, 16, 12, generator=g))  # noqa: E731
+    target, oracle = draw(), draw()
+    ids = list(range(48))
+    mean = target.mean(0, keepdim=True).expand_as(target)
+    return Scored("grid", model, clip, target, ids, card_mod.sample(model, clip, ids, FINE),
+                  {"mean": mean, "ridge": flow.normalize_target(clip @ w), "oracle": oracle}, [])
 
 
 def _as(s: Scored, model) -> Scored:
-    return replace(s, model=model, samples=card_mod.sample(model, s.clip, s.ids, TOY))
+    return replace(s, model=model, samples=card_mod.sample(model, s.clip, s.ids, FINE))
 
 
-def test_controls_pass_a_trained_model_and_fail_it_with_t_or_the_condition_removed(grid):
-    verdicts = {c.name: c.passed for c in card_mod.controls(grid, TOY)}
+def test_controls_pass_a_right_model_and_fail_it_with_t_or_the_condition_broken(grid):
+    scores = grid.scores  # its samples are draws of y: they score like the oracle's draw
+    assert scores["dit"] == pytest.approx(scores["oracle"], abs=0.01) and scores["dit"] > 0.8
+    assert card_mod.distribution_check(grid).passed is True
+    verdicts = {c.name: c.passed for c in card_mod.controls(grid, FINE)}
     assert all(verdicts.values()), verdicts
-    blind = {c.name: c.passed for c in card_mod.controls(_as(grid, FixedTime(grid.model)), TOY)}
+    blind = {c.name: c.passed for c in card_mod.controls(_as(grid, fixed_time(grid.model)), FINE)}
     assert blind["t_fixed_while_sampling"] is False
-    uncond = {c.name: c.passed for c in card_mod.controls(_as(grid, NullCondition(grid.model)), TOY)}
+    uncond = {c.name: c.passed for c in card_mod.controls(_as(grid, NullCondition(grid.model)), FINE)}
     assert uncond["condition_shuffled_across_images"] is False
     assert uncond["condition_permuted_within_image"] is False
     assert uncond["guidance_null_condition"] is False
 
 
-def test_the_learning_and_distribution_checks_fail_a_regressor_of_the_mean(grid):
-    ridge = replace(grid, samples=grid.references["ridge"])
-    oracle = replace(grid, samples=grid.references["oracle"])
-    mean = replace(grid, samples=grid.references["mean"])
-    assert card_mod.distribution_check(ridge).passed is False  # no spread around the mean
-    assert card_mod.distribution_check(oracle).passed is True
-    assert card_mod.learning_check(mean, True, False).passed is False
-    assert card_mod.learning_check(mean, True, False).value == pytest.approx(0.0, abs=1e-6)
-    assert card_mod.learning_check(oracle, True, False).value == pytest.approx(1.0, abs=1e-6)
-    assert card_mod.learning_check(oracle, True, True).passed is None  # a set reader, by design
+def test_the_learning_and_distribution_checks_fail_a_regressor_of_the_mean():
+    p = problems(16, 64)["grid"]
+    clip, target = p.pairs(0, 64)
+    target = flow.normalize_target(target)
+    regressor = flow.normalize_target(p.mean_target(clip))  # E[y | c]: no spread
+    oracle = flow.normalize_target(p.draw_target(clip, range(100, 164)))
+    mean = target.mean(0, keepdim=True).expand_as(target)
+    s = Scored("grid", None, clip, target, list(range(64)), oracle,
+               {"mean": mean, "ridge": regressor, "oracle": oracle}, [])
+    assert card_mod.distribution_check(s).passed is True
+    assert card_mod.distribution_check(replace(s, samples=regressor)).passed is False
+    assert card_mod.learning_check(replace(s, samples=mean), True, False).passed is False
+    assert card_mod.learning_check(replace(s, samples=mean), True, False).value == pytest.approx(0, abs=1e-6)
+    assert card_mod.learning_check(s, True, False).value == pytest.approx(1.0, abs=1e-6)
+    assert card_mod.learning_check(s, True, True).passed is None  # a set reader, by design

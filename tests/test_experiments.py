@@ -120,7 +120,7 @@ def test_imagenet_extracts_trains_and_evaluates_at_toy_size(tmp_path):
         assert report["data"]["tokens"] == tokens
 
 
-@pytest.mark.usefixtures("one_thread", "toy_quality")
+@pytest.mark.usefixtures("one_thread")
 def test_testbed_judges_a_mutant_and_collects_its_table_at_toy_size(tmp_path):
     out = tmp_path / "out"
     argvs = _record(ROOT / "experiments" / "testbed.sh", tmp_path, str(out), "toy")

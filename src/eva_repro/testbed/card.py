@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -117,11 +118,33 @@ def train_options(backbone: str, variant: str, data_dir: Path, run_dir: Path, bu
                 save_every=10**9, keep_checkpoints=1, log_every=10**9, device=device, **extra)
 
 
+def reusable(run_dir: Path, options: dict[str, Any]) -> bool:
+    """A finished run in `run_dir` trained with exactly these options (`--reuse`)."""
+    try:
+        saved = json.loads((run_dir / "run_config.json").read_text())["args"]
+        json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError, KeyError):
+        return False
+    same = {k: v for k, v in options.items() if k not in ("data_dir", "output_dir")}
+    flat = {**saved, **saved.get("flow", {})}
+    return all(flat.get(k) == v for k, v in same.items()) and \
+        Path(saved["data_dir"]) == Path(options["data_dir"]).resolve()
+
+
+def train_once(options: dict[str, Any], reuse: bool) -> dict[str, Any]:
+    """The trainer's summary: a matching finished run when `reuse`, else a fresh run (this card's
+    own earlier run of the same problem is replaced)."""
+    run_dir = Path(options["output_dir"])
+    if reuse and reusable(run_dir, options):
+        return json.loads((run_dir / "summary.json").read_text())
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return train(options)
+
+
 def learn(name: str, data_dir: Path, run_dir: Path, options: dict[str, Any], budget: Budget,
-          problem: Problem | None) -> Scored:
+          problem: Problem | None, reuse: bool = False) -> Scored:
     """Train on `data_dir` with the trainer, then score its EMA model on the held-out split."""
-    shutil.rmtree(run_dir, ignore_errors=True)  # this card's own earlier run of the problem
-    train(options)
+    train_once(options, reuse)
     loaded = load_model(run_dir)
     model = loaded.model.to(pick_device(options["device"]))
     td = data_mod.open_training_data(data_dir, HELDOUT_FRACTION)
@@ -173,18 +196,23 @@ WIDE_FOR_V = Check("learns_wide", "learning", None, None, "prediction 'x' only",
                    "v-predicting DiT needs hidden >= target width (BLIP3-o: 1792 = EVA-CLIP-E)")
 
 
-class FixedTime(nn.Module):
-    """The model with its network shown one t; the x -> v mapping keeps the true t."""
+class ShownTime(nn.Module):
+    """The model with its network shown `show(t)` instead of t; the x -> v mapping keeps the
+    true t, so only what the network itself reads changes."""
 
-    def __init__(self, model: nn.Module, t: float = 0.5):
+    def __init__(self, model: nn.Module, show: Callable[[torch.Tensor], torch.Tensor]):
         super().__init__()
-        self.model, self.t, self.config = model, t, model.config
+        self.model, self.show, self.config = model, show, model.config
 
     def forward(self, x, t, cond, drop_cond=None):
-        fixed = torch.full_like(t, self.t)
-        y = flow.prediction_from_velocity(self.model(x, fixed, cond, drop_cond=drop_cond), x, fixed,
+        shown = self.show(t)
+        y = flow.prediction_from_velocity(self.model(x, shown, cond, drop_cond=drop_cond), x, shown,
                                           self.config.prediction)
         return flow.velocity_from_prediction(y, x, t, self.config.prediction)
+
+
+def fixed_time(model: nn.Module, value: float = 0.5) -> ShownTime:
+    return ShownTime(model, lambda t: torch.full_like(t, value))
 
 
 class NullCondition(nn.Module):
@@ -229,7 +257,7 @@ def controls(s: Scored, budget: Budget) -> list[Check]:
         checks.append(Check("t_fixed_while_sampling", "control", None, None,
                             "declared noise-unconditional", "the design does not read t"))
     else:
-        fixed = sample(FixedTime(model), s.clip, s.ids, budget)
+        fixed = sample(fixed_time(model), s.clip, s.ids, budget)
         v = relative(fixed, s.samples)
         checks.append(Check("t_fixed_while_sampling", "control", v >= T_FIXED_BAR, v,
                             f"samples change by >= {T_FIXED_BAR} (relative)", "the trained network "
@@ -259,17 +287,18 @@ def distribution_check(s: Scored) -> Check:
 
 
 def overfit_check(backbone: str, variant: str, data_dir: Path, run_dir: Path, budget: Budget,
-                  device: str) -> Check:
-    shutil.rmtree(run_dir, ignore_errors=True)
+                  device: str, reuse: bool = False) -> Check:
     options = train_options(backbone, variant, data_dir, run_dir, budget, device,
                             overfit_test_size=16)
-    summary = train({**options, "max_steps": budget.overfit_steps})
+    summary = train_once({**options, "max_steps": budget.overfit_steps}, reuse)
     v = summary.get("overfit_cosine") or 0.0
     return Check("overfits_16_samples", "learning", v > OVERFIT_BAR, v, f"> {OVERFIT_BAR}",
                  "the network cannot memorise 16 samples: a bug upstream of any data question")
 
 
-def build_for(backbone: str, variant: str, problem: Problem, budget: Budget) -> nn.Module:
+def build_for(backbone: str, variant: str, problem: Problem, budget: Budget, seed: int = 0
+              ) -> nn.Module:
+    torch.manual_seed(seed)  # the interface checks see the same network on every run
     cfg = model_config(backbone, "tiny", variant, target_dim=problem.eva_dim,
                        cond_dim=problem.clip_dim, tokens=problem.tokens, token_mode="patch_only",
                        **budget.hints())
@@ -278,18 +307,21 @@ def build_for(backbone: str, variant: str, problem: Problem, budget: Budget) -> 
 
 def run_card(backbone: str, output_dir: str | Path, budget: str | Budget = "quick",
              device: str = "auto", variant: str = "eva-repro", real_data: list[str] | None = None,
-             seed: int = 0, say=print) -> dict[str, Any]:
-    """The whole card; writes check.json, check.md and curves.png in `output_dir`."""
+             seed: int = 0, say=print, reuse: bool = False) -> dict[str, Any]:
+    """The whole card; writes check.json, check.md and curves.png in `output_dir`. `reuse`
+    judges the finished runs already there (trained with the same options) instead of training
+    them again: the checks change, the runs do not."""
     b = BUDGETS[budget] if isinstance(budget, str) else budget
     out = Path(output_dir)
     with DirectoryLock(out, "eva-repro check"):
         return _card(backbone, out, b, budget if isinstance(budget, str) else "custom",
-                     device, variant, real_data or [], seed, say)
+                     device, variant, real_data or [], seed, say, reuse)
 
 
-def _card(backbone, out, b, budget_name, device, variant, real_data, seed, say) -> dict[str, Any]:
+def _card(backbone, out, b, budget_name, device, variant, real_data, seed, say, reuse
+          ) -> dict[str, Any]:
     fams = problems(b.width, b.samples, seed)
-    model = build_for(backbone, variant, fams["grid"], b)
+    model = build_for(backbone, variant, fams["grid"], b, seed)
     checks = interface_checks(model, fams["grid"].tokens)
     as_set = declared(model, "condition_as_set")
     say(f"interface: {sum(c.passed is True for c in checks)} of {len(checks)} passed")
@@ -303,18 +335,18 @@ def _card(backbone, out, b, budget_name, device, variant, real_data, seed, say) 
             f"{b.steps} steps")
         options = train_options(backbone, variant, data_dir, out / "runs" / name, b, device,
                                 seed=seed)
-        scored[name] = s = learn(name, data_dir, out / "runs" / name, options, b, problem)
+        scored[name] = s = learn(name, data_dir, out / "runs" / name, options, b, problem, reuse)
         checks.append(learning_check(s, name != "global", as_set))
         say(f"  {checks[-1].mark}: " + ", ".join(f"{k} {v:.3f}" for k, v in s.scores.items()))
     for i, path in enumerate(real_data):
         name = f"real{i}"
         options = train_options(backbone, variant, Path(path), out / "runs" / name, b, device,
                                 seed=seed)
-        scored[name] = s = learn(name, Path(path), out / "runs" / name, options, b, None)
+        scored[name] = s = learn(name, Path(path), out / "runs" / name, options, b, None, reuse)
         checks.append(replace(learning_check(s, False, False), detail=f"{path}: "
                               + learning_check(s, False, False).detail))
     checks.append(overfit_check(backbone, variant, out / "data" / "grid", out / "runs" / "overfit",
-                                b, device))
+                                b, device, reuse))
     checks += controls(scored["grid"], b)
     checks.append(distribution_check(scored["grid"]))
     card = _card_record(backbone, variant, budget_name, b, checks, scored, model)

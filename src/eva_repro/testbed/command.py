@@ -25,9 +25,12 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", action="append", default=[], metavar="SHARDS",
                    help="also learn these shard directories (eva-repro extract output; repeatable)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reuse", action="store_true", help="judge the finished runs already in "
+                   "--output_dir that were trained with the same settings instead of training "
+                   "them again (after a change to the checks)")
 
 
 def run(args: argparse.Namespace) -> int:
     card = run_card(args.backbone, args.output_dir, args.budget, args.device, args.model_variant,
-                    args.data, args.seed)
+                    args.data, args.seed, reuse=args.reuse)
     return 0 if card["passed"] else 1

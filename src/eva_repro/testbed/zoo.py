@@ -83,9 +83,20 @@ def t_ignored(**kw) -> nn.Module:
     return Wrapped(head(**kw), lambda x, t, c, d, tr: (x, torch.zeros_like(t), c, d))
 
 
+class TimeReversedSampler(Wrapped):
+    """Outside training the network is read in the other convention: shown 1 - t and its
+    velocity negated (t = 1 noise, v = x0 - x1), as a sampler written for it would."""
+
+    def forward(self, x, t, cond, drop_cond=None):
+        if self.training:
+            return super().forward(x, t, cond, drop_cond)
+        y = -self.net(x, 1 - t, cond, drop_cond)  # the velocity, read the other way
+        return flow.prediction_from_velocity(y, x, t, self.prediction)
+
+
 def sampler_time_reversed(**kw) -> nn.Module:
-    """Trained in t (0 noise), sampled as if t ran the other way (the public reference's)."""
-    return Wrapped(head(**kw), lambda x, t, c, d, tr: (x, t if tr else 1 - t, c, d))
+    """Trained with t = 0 noise, sampled with t = 1 noise (the public reference's)."""
+    return TimeReversedSampler(head(**kw))
 
 
 def x_t_ignored(**kw) -> nn.Module:
@@ -254,13 +265,14 @@ MUTANTS = {m.name: m for m in [
 
 
 def judge(mutant: Mutant, output_dir: Path, budget: str, device: str = "auto",
-          head: str = "lumina-next", say: Callable[[str], None] = print) -> dict[str, Any]:
+          head: str = "lumina-next", say: Callable[[str], None] = print, reuse: bool = False
+          ) -> dict[str, Any]:
     """The card of one mutant of `head` (its pipeline patch active while it runs)."""
     b = BUDGETS[budget]
     if head != "lumina-next" and mutant.factory.startswith(HERE):
         b = replace(b, extra_hints=(("head", head),))
     with mutant.pipeline() if mutant.pipeline else contextlib.nullcontext():
-        return run_card(mutant.factory, output_dir, b, device, say=say)
+        return run_card(mutant.factory, output_dir, b, device, say=say, reuse=reuse)
 
 
 def table(cards: dict[str, dict[str, Any]]) -> str:
@@ -281,8 +293,11 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="judge only these (repeatable); default: all, unless --reference is given")
     p.add_argument("--reference", action="append", default=[], metavar="BACKBONE",
                    help="also judge this correct implementation (a --backbone; repeatable)")
-    p.add_argument("--budget", default="quick", choices=[b for b in BUDGETS if b != "toy"])
+    p.add_argument("--budget", default="quick", choices=list(BUDGETS),
+                   help="quick: minutes per card on a CPU; full: a GPU; toy: the test suite's")
     p.add_argument("--device", default="auto")
+    p.add_argument("--reuse", action="store_true", help="judge the finished runs already under "
+                   "--output_dir (same settings) instead of training them again")
     p.add_argument("--head", default="lumina-next", choices=sorted(VARIANTS),
                    help="the Next-DiT head the bugs are planted in: the pure BLIP3-o one, or the "
                    "default eva-repro head (what its score depends on)")
@@ -296,7 +311,8 @@ def run(args: argparse.Namespace) -> int:
     jobs += [(spec, Mutant(spec, spec, "reference implementation (must pass)")) for spec in args.reference]
     for name, mutant in jobs:
         start = time.time()
-        card = judge(mutant, out / _slug(name), args.budget, args.device, args.head)
+        card = judge(mutant, out / _slug(name), args.budget, args.device, args.head,
+                     reuse=args.reuse)
         results[name] = {"what": mutant.what, "wall_s": round(time.time() - start, 1),
                          "must_pass": name == "correct" or name in args.reference,
                          **{k: card[k] for k in ("passed", "summary", "checks", "scores")}}
