@@ -26,6 +26,7 @@ def test_quality_suite_scores_against_both_baselines_and_keeps_finished_problems
     problem = dict(num_samples=40, grid=2, clip_dim=8, eva_dim=8, seed=0)
     monkeypatch.setattr(quality, "PROBLEMS", {"a": problem, "b": {**problem, "seed": 1}})
     monkeypatch.setattr(quality, "QUICK", {"a": 3, "b": 3})
+    blip3o = quality.CONFIGS["blip3o"]
     monkeypatch.setattr(quality, "CONFIGS", {"eva-repro": {}})
     real = quality.run_problem
 
@@ -48,8 +49,10 @@ def test_quality_suite_scores_against_both_baselines_and_keeps_finished_problems
     assert low <= round(run["dit"] - run["ridge"], 4) <= high
     monkeypatch.setattr(quality, "PROBLEMS", {"a": problem})
     monkeypatch.setattr(quality, "QUICK", {"a": 3})
-    monkeypatch.setattr(quality, "CONFIGS", {"eva-repro": {}, "blip3o": quality.CONFIGS["blip3o"]})
-    monkeypatch.setattr(quality, "run_problem", real)
+    monkeypatch.setattr(quality, "CONFIGS", {"eva-repro": {}, "blip3o": blip3o})
+    monkeypatch.setattr(quality, "run_problem", lambda data, steps, label, work, **kw: real(
+        data, steps, label, work, model_overrides={"hidden": 32, "depth": 1, "n_heads": 2,
+                                                   "n_kv_heads": 1}, **kw))
     result = quality.run(tmp_path, quick=True)
     assert result["complete"] is True and (tmp_path / "quality.png").stat().st_size > 0
     # the pure recipe learns later: it trains LENGTH times as long, not into a budget artefact
