@@ -351,6 +351,31 @@ def test_a_fresh_run_refuses_a_directory_holding_another_run(tmp_path, small_dat
     assert (partial / "metrics.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n'
 
 
+def test_a_run_removes_the_temp_files_a_killed_run_left_and_nothing_else(tmp_path, small_data,
+                                                                        capsys):
+    import tempfile
+
+    out = tmp_path / "run"
+    train_mod.train(_cfg(small_data, out, max_steps=2, save_every=2))
+    planted = []  # what a run killed mid-write leaves: files.py's atomic-write temp files
+    for where, name in ((out, "summary.json"), (out, "run_config.json"),
+                        (out / "model", "model.safetensors")):
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=where)
+        os.write(fd, b"half written")
+        os.close(fd)
+        planted.append(Path(tmp))
+    kept = {out / "notes.tmp": b"mine", out / ".hidden": b"mine", out / "model" / "README": b"mine"}
+    for path, data in kept.items():
+        path.write_bytes(data)
+    capsys.readouterr()
+    assert train_mod.train(_cfg(small_data, out, max_steps=3, resume="auto"))["steps"] == 3
+    err = capsys.readouterr().err
+    assert f"removed 3 temp file(s) a killed run left in {out} (" in err
+    assert not any(p.exists() for p in planted)
+    assert not list(out.glob(".*.tmp")) and not list((out / "model").glob(".*.tmp"))
+    assert {p: p.read_bytes() for p in kept} == kept  # other files, dot-files included, stay
+
+
 def test_group_by_holds_out_whole_groups_and_a_resume_must_keep_the_split(tmp_path, small_data,
                                                                          one_line_error):
     out, group_by = tmp_path / "run", r"(\d)$"  # synth-0000042 -> group "2": 10 groups

@@ -34,6 +34,7 @@ from eva_repro import encoders, files, shards
 from eva_repro.demo_images import PHOTOS, VIEW_GROUP, write_demo_images
 from eva_repro.errors import UserError
 from eva_repro.extract import extract
+from eva_repro.lockfile import refuse_a_file
 
 EVA, CLIP, GRID = "EVA02-L-14", "ViT-L-14", 8  # 8 x 8 = 64 tokens, the BLIP3-o setting
 CONFIG, SUMMARY, STAGES = "demo_config.json", "demo_summary.json", "demo_stages.json"
@@ -357,6 +358,7 @@ def _write_summary(out: Path, weights: dict[str, str], report: dict[str, Any],
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     plan = make_plan(args)
     out = Path(args.output_dir)
+    refuse_a_file(out)
     weights = "pretrained" if args.pretrained else "auto"
     input_dir = str(Path(args.input_dir).resolve()) if args.input_dir else None
     if input_dir and not Path(input_dir).is_dir():

@@ -48,6 +48,7 @@ from eva_repro.generate import (
     ModelDataMismatch,
     SamplerOptions,
     add_sampler_args,
+    check_sampler,
     generate_batch,
     resolve_sampler,
 )
@@ -320,8 +321,14 @@ def evaluate(
     for flag in ("num_samples", "batch_size", "steps", "retrieval_pool", "baseline_samples"):
         if getattr(opts, flag) < 1:
             raise UserError(f"--{flag} must be >= 1, got {getattr(opts, flag)}")
-    if opts.control_samples < 0:
-        raise UserError(f"--control_samples must be >= 0, got {opts.control_samples}")
+    check_sampler(opts)
+    for flag in ("control_samples", "sweep_samples"):  # sweep_samples 0: the sweep's own size
+        if getattr(opts, flag) < 0:
+            raise UserError(f"--{flag} must be >= 0, got {getattr(opts, flag)}")
+    if not 0 < opts.sweep_shift < math.inf:
+        raise UserError(f"--sweep_shift must be finite and > 0, got {opts.sweep_shift}")
+    if not 0 < opts.eval_fraction < 1:
+        raise UserError(f"--eval_fraction must be in (0, 1), got {opts.eval_fraction}")
     if output_dir is not None and Path(output_dir).exists() and not Path(output_dir).is_dir():
         raise UserError(f"{output_dir}: is a file, not a directory; choose another --output_dir")
     with contextlib.ExitStack() as stack:

@@ -157,6 +157,11 @@ class Settings:
             raise ExtractError(f"--num_workers must be >= 0, got {self.num_workers}")
         if self.limit is not None and self.limit < 1:
             raise ExtractError(f"--limit must be >= 1 (the first N inputs), got {self.limit}")
+        for name in ("encoder_depth", "eva_image_size", "clip_image_size"):  # None: the encoder's
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ExtractError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.seed < 0:
+            raise ExtractError(f"--seed must be >= 0, got {self.seed}")
 
 
 @dataclass

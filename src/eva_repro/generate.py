@@ -189,6 +189,21 @@ def resolve_sampler(args: argparse.Namespace) -> None:
         setattr(args, key, given if given is not None else named.get(key, default))
 
 
+def check_sampler(opts: Any) -> None:
+    """The sampler flags' values (`SamplerOptions`, resolved): one line naming the first bad one.
+    A cfg_scale of 0 samples unconditionally (allowed); negative or non-finite ones are refused."""
+    checks = [
+        (opts.steps >= 1, f"--steps must be >= 1, got {opts.steps}"),
+        (0 < opts.shift < math.inf, f"--shift must be finite and > 0, got {opts.shift}"),
+        (0 <= opts.cfg_scale < math.inf,
+         f"--cfg_scale must be finite and >= 0 (1: off), got {opts.cfg_scale}"),
+        (opts.seed >= 0, f"--seed must be >= 0, got {opts.seed}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+
+
 SETTINGS_FILE = "sample_settings.json"
 
 
@@ -216,9 +231,9 @@ def _resume(out: Path, settings: dict) -> dict[int, shards.ShardInfo]:
 
 def run(args: argparse.Namespace) -> int:
     resolve_sampler(args)
-    for flag in ("batch_size", "steps"):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    check_sampler(args)
+    if args.batch_size < 1:
+        raise UserError(f"--batch_size must be >= 1, got {args.batch_size}")
     if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
         raise UserError(f"{args.output_dir}: is a file, not a directory; choose another --output_dir")
     loaded = load_model(args.model_path, args.backbone)

@@ -42,6 +42,12 @@ def _refusal(directory: Path, holder: str) -> DirectoryLocked:
                            "first, or use another output directory")
 
 
+def refuse_a_file(directory: str | os.PathLike) -> None:
+    """An --output_dir that names an existing file: one line, before anything is written."""
+    if Path(directory).exists() and not Path(directory).is_dir():
+        raise UserError(f"{directory}: is a file, not a directory; choose another --output_dir")
+
+
 class DirectoryLock:
     def __init__(self, directory: str | os.PathLike, command: str):
         self.path = Path(directory) / LOCK_NAME
@@ -52,8 +58,7 @@ class DirectoryLock:
 
     def acquire(self) -> DirectoryLock:
         directory = self.path.parent
-        if directory.exists() and not directory.is_dir():
-            raise UserError(f"{directory}: is a file, not a directory; choose another --output_dir")
+        refuse_a_file(directory)
         try:
             st = os.stat(self.path)
         except FileNotFoundError:

@@ -83,6 +83,10 @@ def write_synthetic_shards(
                         ("eva_dim", eva_dim), ("shard_size", shard_size)):
         if value < 1:
             raise UserError(f"--{flag} must be >= 1, got {value}")
+    if seed < 0:
+        raise UserError(f"--seed must be >= 0, got {seed}")
+    if not 0 < gain < math.inf:
+        raise UserError(f"--gain must be finite and > 0, got {gain}")
     out = Path(output_dir)
     with DirectoryLock(out, "eva-repro synth"):  # one writer; the shards of no other run mixed in
         files.remove_leftovers(out)  # a killed synth's half-written shard

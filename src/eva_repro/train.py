@@ -23,6 +23,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -34,7 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from eva_repro import __version__, flow, layout, optim
+from eva_repro import __version__, files, flow, layout, optim
 from eva_repro import checkpoint as ckpt
 from eva_repro import data as data_mod
 from eva_repro.data import BatchSchedule, DataPosition, TrainData
@@ -445,7 +446,20 @@ def train(config: TrainConfig | dict[str, Any],
     with contextlib.ExitStack() as stack:
         if int(os.environ.get("RANK", "0")) == 0:  # the ranks of one job are one writer
             stack.enter_context(DirectoryLock(cfg.output_dir, "eva-repro train"))
+            remove_leftovers(Path(cfg.output_dir))
         return _train(cfg, on_step)
+
+
+def remove_leftovers(run_dir: Path) -> list[str]:
+    """Delete the temp files (`.<name>.<random>.tmp`) a killed run left in run_dir and
+    run_dir/model/: never renamed into place, so never part of the run; say how many. Rank 0,
+    holding the lock (checkpoints/ cleans its own half-written directories when it saves)."""
+    removed = files.remove_leftovers(run_dir) + [
+        f"model/{name}" for name in files.remove_leftovers(run_dir / "model")]
+    if removed:
+        print(f"removed {len(removed)} temp file(s) a killed run left in {run_dir} "
+              f"({', '.join(removed[:3])}{' ...' if len(removed) > 3 else ''})", file=sys.stderr)
+    return removed
 
 
 def _train(cfg: TrainConfig, on_step: Callable[[int, dict[str, Any]], None] | None) -> dict[str, Any]:

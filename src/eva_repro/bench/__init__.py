@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from eva_repro.files import atomic_write_json
+from eva_repro.lockfile import refuse_a_file
 
 SUITES = ("model", "extract", "train", "evaluate", "quality", "backbones")
 
@@ -30,6 +31,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.output_dir)
+    refuse_a_file(out)
     out.mkdir(parents=True, exist_ok=True)
     for suite in args.suite or SUITES:
         start = time.time()

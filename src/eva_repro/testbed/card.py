@@ -33,6 +33,7 @@ from eva_repro import flow, metrics
 from eva_repro.baselines import fit_baselines
 from eva_repro.checkpoint import load_model
 from eva_repro.devices import autocast, pick_device
+from eva_repro.errors import UserError
 from eva_repro.files import atomic_write_bytes, atomic_write_json
 from eva_repro.lockfile import DirectoryLock
 from eva_repro.model import build_model, model_config
@@ -311,6 +312,8 @@ def run_card(backbone: str, output_dir: str | Path, budget: str | Budget = "quic
     """The whole card; writes check.json, check.md and curves.png in `output_dir`. `reuse`
     judges the finished runs already there (trained with the same options) instead of training
     them again: the checks change, the runs do not."""
+    if seed < 0:
+        raise UserError(f"--seed must be >= 0, got {seed}")
     b = BUDGETS[budget] if isinstance(budget, str) else budget
     out = Path(output_dir)
     with DirectoryLock(out, "eva-repro check"):

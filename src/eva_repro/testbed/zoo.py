@@ -32,6 +32,7 @@ from torch import nn
 from eva_repro import flow, optim
 from eva_repro import train as train_mod
 from eva_repro.files import atomic_write_bytes, atomic_write_json
+from eva_repro.lockfile import refuse_a_file
 from eva_repro.model.dit import (
     VARIANTS,
     Block,
@@ -305,6 +306,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.output_dir)
+    refuse_a_file(out)
     out.mkdir(parents=True, exist_ok=True)
     results = json.loads((out / "zoo.json").read_text()) if (out / "zoo.json").exists() else {}
     jobs = [(name, MUTANTS[name]) for name in args.mutant or ([] if args.reference else MUTANTS)]
