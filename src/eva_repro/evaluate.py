@@ -54,6 +54,7 @@ from eva_repro.generate import (
 )
 from eva_repro.layout import drops_cls, has_cls, pairs_for_model, tokens_for_model
 from eva_repro.lockfile import DirectoryLock
+from eva_repro.model.dit import score_caveat
 from eva_repro.model.plugin import OVERRIDE_HELP
 from eva_repro.progress import progress_bar
 from eva_repro.report import write_outputs
@@ -465,7 +466,7 @@ def build_report(c: Collected, sweep, baselines, opts, manifest, loaded, model_p
         "model": {"path": str(Path(model_path).resolve()), "source": loaded.source,
                   "run_dir": str(loaded.run_dir) if loaded.run_dir else None,
                   "num_parameters": loaded.model.num_parameters(),
-                  "config": cfg.to_dict()},
+                  "config": cfg.to_dict(), "caveat": score_caveat(cfg)},
         "data": {"embeddings_dir": str(manifest.root.resolve()),
                  **{k: manifest.data.get(k) for k in ("num_samples", "tokens", "clip_dim", "eva_dim",
                                                        "grid", "include_cls", "encoders", "dtype")},

@@ -147,9 +147,11 @@ def _pct(x: float) -> str:
 def markdown(r: dict) -> str:
     """report.md: the headline, the table against the baselines and controls, then one line each."""
     cos, s = r["cosine"], r["sampler"]
+    caveat = r["model"].get("caveat")
     lines = [
         f"# Evaluation of `{r['model']['path']}`",
         "",
+        *([f"> {caveat}", ""] if caveat else []),
         f"**Quality: {cos['band']}**: mean per-image cosine **{cos['image_mean']:.3f}** on "
         f"{r['n_samples']} held-out images ({s['method']}, {s['steps']} steps, "
         f"{s['nfe']:.0f} NFE, shift {s['shift']:g}, CFG {s['cfg_scale']:g}, seed {r['seed']}).",

@@ -102,6 +102,20 @@ VARIANTS = {
     "lumina-next": dict(abs_pos_embed=False, prediction="v", cond_align=False, cond_linear=False,
                         cond_whiten=None, cond_local=False),
 }
+# What a score of a head with the aligned condition does not measure (the test bed's finding).
+ALIGNED_HEAD_CAVEAT = (
+    "This is eva-repro's default head: its aligned-condition input and linear path solve "
+    "grid-aligned targets without the BLIP3-o parts, so this score does not depend on its "
+    "cross-attention, 3D RoPE, timestep or adaLN modulation (the test bed measures it: "
+    "`eva-repro zoo --head eva-repro`, docs/testbed.md). To judge a BLIP3-o implementation run "
+    "`eva-repro check`; BLIP3-o's own head is `--model_variant lumina-next`.")
+
+
+def score_caveat(config) -> str | None:
+    """What a held-out score of this model does not measure, for the first lines of a report."""
+    return ALIGNED_HEAD_CAVEAT if getattr(config, "cond_align", False) else None
+
+
 LEGACY = {"abs_pos_embed": False, "prediction": "v", "cond_align": False, "cond_linear": False,
           "cond_whiten": None, "cond_local": False}
 
