@@ -21,7 +21,7 @@ $cli zoo --output_dir "$out/references" --budget "$budget" \
 # the default head with the BLIP3-o parts broken one at a time
 $cli zoo --output_dir "$out/default_head" --budget "$budget" --head eva-repro \
     --mutant correct --mutant cross_attention_dead --mutant rope_1d \
-    --mutant condition_keys_without_positions --mutant t_ignored --mutant adaln_dropped || true
+    --mutant t_ignored --mutant adaln_dropped || true
 
 
 for table in zoo references default_head; do

@@ -44,7 +44,7 @@ from eva_repro.train import train
 from eva_repro.train_config import OVERFIT_BAR
 
 HELDOUT_FRACTION = 0.2
-LEARN_BAR = 0.6  # fraction of the mean -> oracle gap a learning check needs
+LEARN_BAR = 0.4  # fraction of the mean -> oracle gap a learning check needs (docs/testbed.md)
 REAL_BAR = 0.5  # on real shards (no oracle): fraction of the mean -> ridge gap
 CONTROL_BAR = 0.5  # fraction of the score above the mean baseline a broken input must remove
 POSITION_BAR = 0.25  # the same, for the within-image permutations (a partial dependence)
@@ -228,12 +228,42 @@ class NullCondition(nn.Module):
                                                            device=x.device))
 
 
+CONTROLLED = ("condition_shuffled_across_images", "condition_permuted_within_image",
+              "target_positions_permuted", "guidance_null_condition")
+
+
 def controls(s: Scored, budget: Budget) -> list[Check]:
-    """Re-sample the trained grid model with one input broken; how much of its score goes."""
+    """Re-sample a trained model with one input broken; how much of its score above the mean
+    baseline goes (nothing to measure for a model that is not above it)."""
     sc = s.scores
-    above = max(sc["dit"] - sc["mean"], 1e-6)
-    perm = torch.randperm(s.clip.shape[1], generator=torch.Generator().manual_seed(3))
+    top = sc.get("oracle", sc["ridge"])
+    above = sc["dit"] - sc["mean"]
     model = s.model
+    checks = []
+    if above < 0.1 * (top - sc["mean"]):
+        checks = [Check(name, "control", None, None, "a model above the mean baseline",
+                        f"nothing to remove: the model scores {sc['dit']:.3f} against the mean "
+                        f"baseline's {sc['mean']:.3f} on the {s.problem} problem")
+                  for name in CONTROLLED[:3]]
+    else:
+        checks += _condition_controls(s, budget, above)
+    checks += _time_control(s, budget)
+    if above < 0.1 * (top - sc["mean"]):
+        checks.append(Check(CONTROLLED[3], "control", None, None, "a model above the mean baseline",
+                            "nothing to remove: the model is not above the mean baseline"))
+    else:
+        uncond = sample(NullCondition(model), s.clip, s.ids, budget)
+        v = (sc["dit"] - s.cosine(uncond)) / above
+        checks.append(Check("guidance_null_condition", "control", v >= CONTROL_BAR, v,
+                            f">= {CONTROL_BAR} of the score above mean lost without the condition",
+                            "the null condition still carries the condition (or the condition is "
+                            "always dropped), so guidance has nothing to push against",
+                            f"unconditional score {s.cosine(uncond):.4f}"))
+    return checks
+
+
+def _condition_controls(s: Scored, budget: Budget, above: float) -> list[Check]:
+    sc, model, tokens = s.scores, s.model, s.clip.shape[1]
 
     def lost(pred: torch.Tensor, target: torch.Tensor | None = None) -> float:
         return (sc["dit"] - s.cosine(pred, target)) / above
@@ -242,6 +272,10 @@ def controls(s: Scored, budget: Budget) -> list[Check]:
                     (v := lost(sample(model, s.clip.roll(1, 0), s.ids, budget))) >= CONTROL_BAR, v,
                     f">= {CONTROL_BAR} of the score above mean lost", "the score does not come "
                     "from the image's own condition")]
+    if tokens < 2:
+        return checks + [Check(name, "control", None, None, "needs >= 2 tokens", "one token: no "
+                               "position to permute") for name in CONTROLLED[1:3]]
+    perm = torch.randperm(tokens, generator=torch.Generator().manual_seed(3))
     if declared(model, "condition_as_set"):
         checks.append(Check("condition_permuted_within_image", "control", None, None, "declared "
                             "condition_as_set", "the design reads the condition as a set"))
@@ -254,6 +288,12 @@ def controls(s: Scored, budget: Budget) -> list[Check]:
                         (v := lost(s.samples, s.target[:, perm])) >= POSITION_BAR, v,
                         f">= {POSITION_BAR} of the score above mean lost", "the samples are the "
                         "same at every position: the score says nothing about the grid"))
+    return checks
+
+
+def _time_control(s: Scored, budget: Budget) -> list[Check]:
+    model = s.model
+    checks = []
     if declared(model, "noise_unconditional"):
         checks.append(Check("t_fixed_while_sampling", "control", None, None,
                             "declared noise-unconditional", "the design does not read t"))
@@ -265,12 +305,6 @@ def controls(s: Scored, budget: Budget) -> list[Check]:
                             "ignores t: its samples do not change when it is shown one t "
                             "throughout (t or the modulation is dead)",
                             f"score with t fixed {s.cosine(fixed):.4f}"))
-    uncond = sample(NullCondition(model), s.clip, s.ids, budget)
-    checks.append(Check("guidance_null_condition", "control", (v := lost(uncond)) >= CONTROL_BAR, v,
-                        f">= {CONTROL_BAR} of the score above mean lost without the condition",
-                        "the null condition still carries the condition (or the condition is "
-                        "always dropped), so guidance has nothing to push against",
-                        f"unconditional score {s.cosine(uncond):.4f}"))
     return checks
 
 
@@ -350,8 +384,11 @@ def _card(backbone, out, b, budget_name, device, variant, real_data, seed, say, 
                               + learning_check(s, False, False).detail))
     checks.append(overfit_check(backbone, variant, out / "data" / "grid", out / "runs" / "overfit",
                                 b, device, reuse))
-    checks += controls(scored["grid"], b)
-    checks.append(distribution_check(scored["grid"]))
+    # a design that reads the condition as a set learns the global problem only: its controls
+    # and distribution are measured there
+    controlled = scored["global" if as_set else "grid"]
+    checks += controls(controlled, b)
+    checks.append(distribution_check(controlled))
     card = _card_record(backbone, variant, budget_name, b, checks, scored, model)
     atomic_write_json(out / "check.json", card)
     atomic_write_bytes(out / "check.md", markdown(card).encode())
