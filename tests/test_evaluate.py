@@ -15,7 +15,14 @@ from eva_repro.baselines import fit_baselines
 from eva_repro.bench.evaluate import nfe_within
 from eva_repro.checkpoint import CheckpointError
 from eva_repro.data import open_training_data
-from eva_repro.evaluate import Collected, EvalOptions, distribution_report, evaluate, resolve_split
+from eva_repro.evaluate import (
+    PREDICTORS,
+    Distribution,
+    EvalOptions,
+    HeldOutBatch,
+    evaluate,
+    resolve_split,
+)
 from eva_repro.generate import ModelDataMismatch
 from eva_repro.model import DiT, DiTConfig
 from eva_repro.synth import write_synthetic_shards
@@ -118,7 +125,6 @@ def test_distribution_metrics_of_the_dit_and_the_baselines(cli_report):
         assert all(math.isfinite(m[key]) for key in ("fd_pooled", "fd_token")), m
         assert 0 <= m["precision"] <= 1 and 0 <= m["recall"] <= 1
         assert m["samples"] == 64 and m["tokens"] == 64 * 16
-    # seen: FD token dit 0.76, ridge 1.03, mean 41; FD pooled 0.0027, 0.0070, 0.089; recall 1, 1, 0
     assert d["ridge"]["fd_token"] > 0
     assert d["dit"]["fd_token"] < d["ridge"]["fd_token"] < d["mean"]["fd_token"] / 10
     assert d["dit"]["fd_pooled"] < d["ridge"]["fd_pooled"] < d["mean"]["fd_pooled"]
@@ -129,9 +135,11 @@ def test_distribution_metrics_of_the_dit_and_the_baselines(cli_report):
 
 
 def test_distribution_needs_more_images_than_neighbours():
-    c = Collected()
-    pooled = {name: torch.randn(3, 8) for name in ("dit", "mean", "ridge", "target")}
-    d = distribution_report(c, pooled, 3)
+    tokens = torch.randn(3, 4, 8)
+    distribution = Distribution(torch.device("cpu"))
+    distribution.update(HeldOutBatch([0, 1, 2], tokens, tokens, tokens),
+                        {name: tokens for name in PREDICTORS})
+    d = distribution.result()
     assert d["skipped"] == "needs more than 3 images, got 3" and "dit" not in d
 
 

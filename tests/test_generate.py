@@ -160,7 +160,7 @@ def test_sample_cli_drops_the_cls_row_for_a_patch_only_model(tmp_path, capsys):
 
 def test_sample_resume_matches_shards_by_their_index_not_their_position(tmp_path):
     """Input shards 1-3 (shard 0 gone): a rerun after the last output shard was lost rewrites it
-    (it used to match 'finished' by position, skip it and report success with 24 of 36)."""
+    (matching 'finished' by position would skip it and report success with 24 of 36)."""
     src, model_dir = tmp_path / "in", tmp_path / "model"
     write_synthetic_shards(src, 48, grid=4, clip_dim=16, eva_dim=24, seed=0, shard_size=12)
     manifest = json.loads((src / "manifest.json").read_text())

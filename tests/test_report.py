@@ -121,13 +121,13 @@ def test_markdown_flags_what_went_wrong(report):
     md = markdown(r)
     assert "shuffled conditions" not in md and "Diversity" not in md
     assert "Not computed: needs more than 3 images, got 1." in md and "FD pooled" not in md
-    del r["distribution"]  # a report from before the distribution metrics
+    del r["distribution"]  # a report dict without the distribution metrics
     assert "## Distribution" not in markdown(r)
 
 
 def test_markdown_says_how_the_split_grouped_its_keys(report):
     r = copy.deepcopy(report)
-    assert "Grouping: not recorded" in markdown(r)  # a report from before --group_by
+    assert "Grouping: not recorded" in markdown(r)  # a split without group_by
     r["split"].update(group_by=None, num_groups=40, num_heldout_groups=8)
     assert "Grouping: none: each key held out on its own" in markdown(r)
     r["split"].update(group_by=r"(.+)-view\d{4,}\.jpg$", num_groups=20, num_heldout_groups=4)

@@ -28,7 +28,8 @@ import os
 import re
 import sys
 import warnings
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -377,55 +378,198 @@ def _warn_random(spec: EncoderSpec, flag: str, seed: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# builders
+# load_encoder: the request checked, then one builder per backend
 
 
-def _build_timm(spec: EncoderSpec, depth: int | None, seed: int,
-                image_size: int | None = None) -> tuple[nn.Module, int]:
-    import timm
+@dataclass(frozen=True)
+class TowerRequest:
+    """What `load_encoder` asks of a backend's builder, checked (`image_size` None: native)."""
 
-    kwargs = dict(spec.timm_kwargs)
-    if depth is not None:
-        kwargs["depth"] = depth
-    if image_size is not None:
-        kwargs["img_size"] = image_size
+    depth: int | None
+    seed: int
+    image_size: int | None
+    token_source: str
+    flag: str
+    device: torch.device
+
+
+@dataclass(frozen=True)
+class Tower:
+    """A built tower: the module returning its tokens, and what the provenance records of it."""
+
+    tokens: nn.Module
+    width: int
+    patch_size: int
+    image_size: int
+    full_depth: int
+    weights: dict[str, Any]  # the provenance's weights, weights_path, weights_sha256
+
+
+def load_encoder(name: str, weights: str = "auto", *, depth: int | None = None, seed: int = 0,
+                 device: str | torch.device = "cpu", flag: str = "--eva",
+                 image_size: int | None = None, token_source: str = "final_norm") -> FrozenEncoder:
+    """Build a frozen encoder by registry name; `flag` only words the error messages.
+
+    `image_size` (None: the encoder's own) and `token_source` (TOKEN_SOURCES): see the top."""
+    spec = get_spec(name)
+    request = _check_request(spec, TowerRequest(depth, seed, image_size, token_source, flag,
+                                                torch.device(device)))
+    src = resolve_weights(spec, weights, flag)
+    if src.kind == "random" and weights == "auto" and spec.backend != "hf":
+        _warn_random(spec, flag, seed)  # (the hf backend cannot run random: its builder errors)
+    tower = BUILDERS[spec.backend](spec, src, request)
+    return FrozenEncoder(spec, tower.tokens, tower.width, tower.patch_size,
+                         _provenance(spec, tower, request), tower.image_size).to(request.device)
+
+
+def _check_request(spec: EncoderSpec, request: TowerRequest) -> TowerRequest:
+    """The checks that need no weights; an image size equal to the native one becomes None."""
+    if request.depth is not None and request.depth < 1:
+        raise EncoderError(f"--encoder_depth must be >= 1, got {request.depth}")
+    if request.token_source not in TOKEN_SOURCES:
+        raise EncoderError(f"{request.flag}_token_source must be one of {TOKEN_SOURCES}, got "
+                           f"{request.token_source!r}")
+    if request.image_size == spec.image_size:
+        request = replace(request, image_size=None)
+    if request.image_size is not None and spec.backend == "hf":
+        raise EncoderError(f"{request.flag}_image_size: {spec.name} runs at its own "
+                           f"{spec.image_size} px only; drop the flag")
+    return request
+
+
+def _provenance(spec: EncoderSpec, tower: Tower, request: TowerRequest) -> dict[str, Any]:
+    """What the manifest records of an encoder: registry entry, weights, geometry, tokens."""
+    layer = ("final-norm" if request.token_source == "final_norm" else
+             "last-block (pre-final-norm, unnormalised)")
+    summary = ("attention-pool (MAP) output, the model has no CLS" if spec.summary_token == "map"
+               else "CLS")
+    return {
+        "name": spec.name, "backend": spec.backend, "arch": spec.arch,
+        **tower.weights,
+        "width": tower.width, "patch_size": tower.patch_size, "image_size": tower.image_size,
+        "native_image_size": spec.image_size,
+        "native_grid": tower.image_size // tower.patch_size,
+        "token_source": request.token_source,
+        "depth": request.depth or tower.full_depth, "full_depth": tower.full_depth,
+        "truncated": request.depth is not None,
+        "mean": list(spec.mean), "std": list(spec.std), "resize": RESIZE,
+        "token_convention": f"{layer} tokens, pre-projection; token 0 = {summary}, then g*g "
+                            "patches row-major",
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# the steps the timm and open_clip builders share
+
+
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Random init from `seed`, leaving the global RNG as it was."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
+        yield
+
+
+def _check_depth(spec: EncoderSpec, depth: int | None, full: int) -> None:
+    if depth is not None and depth > full:
+        raise EncoderError(f"--encoder_depth {depth} exceeds {spec.name}'s {full} blocks")
+
+
+def _check_image_size(spec: EncoderSpec, request: TowerRequest, patch: int) -> int:
+    """The image size the tower runs at; refused before any weights are read when the patches
+    do not tile it."""
+    size = request.image_size or spec.image_size
+    if size % patch or size < patch:
+        raise EncoderError(f"{request.flag}_image_size {size} is not a multiple of {spec.name}'s "
+                           f"{patch}-px patches; use e.g. {max(patch, size // patch * patch)}")
+    return size
+
+
+def _load_weights(model: nn.Module, spec: EncoderSpec, src: WeightsSource,
+                  request: TowerRequest, full: int,
+                  adapt: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+                  ) -> dict[str, Any]:
+    """Load `src` into `model` (random init: nothing to load), `adapt` mapping the file's keys
+    onto the model's; returns the provenance's weights entries."""
+    if src.kind == "random":
+        return {"weights": f"random-init, seed {request.seed}"}
+    sd = adapt(read_state_dict(src.path))
+    what = f"{src.path}: weights do not match {spec.name} ({spec.arch}, depth {request.depth or full})"
+    _check_and_load(model, _drop_blocks(sd, request.depth),
+                    what + f"; pass weights saved from this architecture or choose the matching "
+                    f"{request.flag} model")
+    return {"weights": src.origin, "weights_path": str(src.path),
+            "weights_sha256": sha256_file(src.path)}
+
+
+# ---------------------------------------------------------------------------------------------
+# the builders
+
+
+def _timm_tower(spec: EncoderSpec, src: WeightsSource, request: TowerRequest) -> Tower:
+    """A timm model (EVA-CLIP, DINOv2, SigLIP); open_clip's `visual.trunk.*` files load too."""
+    import timm
+
+    full = None
+    if request.depth is not None:
+        with torch.device("meta"):  # architecture only, no memory or init time
+            full = len(timm.create_model(spec.arch, pretrained=False, num_classes=0,
+                                         **spec.timm_kwargs).blocks)
+        _check_depth(spec, request.depth, full)
+    kwargs = dict(spec.timm_kwargs)
+    if request.depth is not None:
+        kwargs["depth"] = request.depth
+    if request.image_size is not None:
+        kwargs["img_size"] = request.image_size
+    with _seeded(request.seed):
         model = timm.create_model(spec.arch, pretrained=False, num_classes=0, **kwargs)
-    return model, len(model.blocks)
+    full = full or len(model.blocks)
+    patch = int(model.patch_embed.patch_size[0])
+    size = _check_image_size(spec, request, patch)
+    weights = _load_weights(model, spec, src, request, full, lambda sd: _timm_keys(sd, model))
+    if request.token_source == "last_block":  # after the weights: the norm's are loaded, unused
+        model.norm = nn.Identity()
+    return Tower(_TimmTokens(model, spec.summary_token), int(model.embed_dim), patch, size, full,
+                 weights)
 
 
-def _build_open_clip(spec: EncoderSpec, depth: int | None, seed: int,
-                     image_size: int | None = None) -> tuple[nn.Module, int]:
+def _open_clip_tower(spec: EncoderSpec, src: WeightsSource, request: TowerRequest) -> Tower:
+    """open_clip's own VisionTransformer (OpenAI CLIP), without the contrastive projection."""
     import open_clip
     from open_clip.model import _build_vision_tower
 
     cfg = open_clip.get_model_config(spec.arch)
     vision_cfg = dict(cfg["vision_cfg"])
-    if depth is not None:
-        vision_cfg["layers"] = depth
-    if image_size is not None:
-        vision_cfg["image_size"] = image_size
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    full = int(vision_cfg["layers"])
+    _check_depth(spec, request.depth, full)
+    if request.depth is not None:
+        vision_cfg["layers"] = request.depth
+    if request.image_size is not None:
+        vision_cfg["image_size"] = request.image_size
+    with _seeded(request.seed):
         visual = _build_vision_tower(cfg["embed_dim"], vision_cfg,
                                      quick_gelu=cfg.get("quick_gelu", False))
     visual.proj = None  # the contrastive projection is not part of the token output
-    return visual, vision_cfg["layers"]
+    patch = int(visual.conv1.kernel_size[0])
+    size = _check_image_size(spec, request, patch)
+    weights = _load_weights(visual, spec, src, request, full,
+                            lambda sd: _open_clip_keys(sd, visual, request.image_size is not None))
+    tokens = _OpenClipTokens(visual, final_norm=request.token_source == "final_norm")
+    return Tower(tokens, int(visual.conv1.out_channels), patch, size, full, weights)
 
 
-def _full_depth(spec: EncoderSpec) -> int | None:
-    if spec.backend == "timm":
-        import timm
+def _hf_tower(spec: EncoderSpec, src: WeightsSource, request: TowerRequest) -> Tower:
+    """transformers `trust_remote_code` from a local snapshot (EVA-CLIP-8B), at its own size."""
+    vision, width, patch, full = _load_hf(spec, src, request.depth, request.device, request.flag)
+    files = sorted(p for p in src.path.iterdir() if p.suffix in (".safetensors", ".bin"))
+    weights = {"weights": src.origin, "weights_path": str(src.path),
+               "weights_sha256": _dir_sha256(files)}
+    tokens = _HFTokens(vision, final_norm=request.token_source == "final_norm")
+    return Tower(tokens, width, patch, spec.image_size, full, weights)
 
-        with torch.device("meta"):  # architecture only, no memory or init time
-            return len(timm.create_model(spec.arch, pretrained=False, num_classes=0,
-                                         **spec.timm_kwargs).blocks)
-    if spec.backend == "open_clip":
-        import open_clip
 
-        return int(open_clip.get_model_config(spec.arch)["vision_cfg"]["layers"])
-    return None
+BUILDERS: dict[str, Callable[[EncoderSpec, WeightsSource, TowerRequest], Tower]] = {
+    "timm": _timm_tower, "open_clip": _open_clip_tower, "hf": _hf_tower}
 
 
 def _load_hf(spec: EncoderSpec, src: WeightsSource, depth: int | None, device: torch.device,
@@ -457,90 +601,22 @@ def _load_hf(spec: EncoderSpec, src: WeightsSource, depth: int | None, device: t
     return vision, int(cfg.hidden_size), int(cfg.patch_size), full
 
 
-def load_encoder(name: str, weights: str = "auto", *, depth: int | None = None, seed: int = 0,
-                 device: str | torch.device = "cpu", flag: str = "--eva",
-                 image_size: int | None = None, token_source: str = "final_norm") -> FrozenEncoder:
-    """Build a frozen encoder by registry name; `flag` only words the error messages.
+# ---------------------------------------------------------------------------------------------
+# state-dict surgery: a weights file's keys onto the built tower's
 
-    `image_size` (None: the encoder's own) and `token_source` (TOKEN_SOURCES): see the top."""
-    spec = get_spec(name)
-    device = torch.device(device)
-    if depth is not None and depth < 1:
-        raise EncoderError(f"--encoder_depth must be >= 1, got {depth}")
-    if token_source not in TOKEN_SOURCES:
-        raise EncoderError(f"{flag}_token_source must be one of {TOKEN_SOURCES}, got "
-                           f"{token_source!r}")
-    if image_size == spec.image_size:
-        image_size = None
-    if image_size is not None and spec.backend == "hf":
-        raise EncoderError(f"{flag}_image_size: {spec.name} runs at its own {spec.image_size} px "
-                           "only; drop the flag")
-    src = resolve_weights(spec, weights, flag)
-    if src.kind == "random" and weights == "auto" and spec.backend != "hf":
-        _warn_random(spec, flag, seed)  # (the hf backend cannot run random: it errors below)
 
-    if spec.backend == "hf":
-        vision, width, patch, full = _load_hf(spec, src, depth, device, flag)
-        size = spec.image_size  # (another image size was refused above)
-        tokens: nn.Module = _HFTokens(vision, final_norm=token_source == "final_norm")
-        files = sorted(p for p in src.path.iterdir() if p.suffix in (".safetensors", ".bin"))
-        weights_info = {"weights": src.origin, "weights_path": str(src.path),
-                        "weights_sha256": _dir_sha256(files)}
-    else:
-        full = _full_depth(spec) if depth is not None else None
-        if depth is not None and full is not None and depth > full:
-            raise EncoderError(f"--encoder_depth {depth} exceeds {spec.name}'s {full} blocks")
-        build = _build_timm if spec.backend == "timm" else _build_open_clip
-        model, built = build(spec, depth, seed, image_size)
-        full = full or built
-        patch = int(model.patch_embed.patch_size[0] if spec.backend == "timm"
-                    else model.conv1.kernel_size[0])
-        size = image_size or spec.image_size
-        if size % patch or size < patch:  # before reading any weights
-            raise EncoderError(f"{flag}_image_size {size} is not a multiple of {spec.name}'s "
-                               f"{patch}-px patches; use e.g. {max(patch, size // patch * patch)}")
-        if src.kind == "random":
-            weights_info = {"weights": f"random-init, seed {seed}"}
-        else:
-            sd = read_state_dict(src.path)
-            if spec.backend == "timm":
-                sd = _timm_filter(_strip_prefixes(sd, ("visual.", "trunk.")), model)
-                sd = {k: v for k, v in sd.items() if not k.startswith(("head.", "head_drop."))}
-            else:
-                sd = {k: v for k, v in _strip_prefixes(sd, ("visual.",)).items() if k != "proj"}
-                if image_size is not None:
-                    sd = _open_clip_resize(sd, model)
-            what = (f"{src.path}: weights do not match {spec.name} ({spec.arch}, "
-                    f"depth {depth or full})")
-            _check_and_load(model, _drop_blocks(sd, depth), what + f"; pass weights saved from "
-                            f"this architecture or choose the matching {flag} model")
-            weights_info = {"weights": src.origin, "weights_path": str(src.path),
-                            "weights_sha256": sha256_file(src.path)}
-        if spec.backend == "timm":
-            if token_source == "last_block":  # after the weights: the norm's are loaded, unused
-                model.norm = nn.Identity()
-            tokens = _TimmTokens(model, spec.summary_token)
-            width = int(model.embed_dim)
-        else:
-            tokens = _OpenClipTokens(model, final_norm=token_source == "final_norm")
-            width = int(model.conv1.out_channels)
+def _timm_keys(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """An open_clip (`visual.trunk.*`) or timm file as this timm model's keys, without a head."""
+    sd = _timm_filter(_strip_prefixes(sd, ("visual.", "trunk.")), model)
+    return {k: v for k, v in sd.items() if not k.startswith(("head.", "head_drop."))}
 
-    provenance = {
-        "name": spec.name, "backend": spec.backend, "arch": spec.arch,
-        **weights_info,
-        "width": width, "patch_size": patch, "image_size": size,
-        "native_image_size": spec.image_size, "native_grid": size // patch,
-        "token_source": token_source,
-        "depth": depth or full, "full_depth": full, "truncated": depth is not None,
-        "mean": list(spec.mean), "std": list(spec.std), "resize": RESIZE,
-        "token_convention": (("final-norm" if token_source == "final_norm" else
-                              "last-block (pre-final-norm, unnormalised)")
-                             + " tokens, pre-projection; token 0 = "
-                             + ("attention-pool (MAP) output, the model has no CLS"
-                                if spec.summary_token == "map" else "CLS")
-                             + ", then g*g patches row-major"),
-    }
-    return FrozenEncoder(spec, tokens, width, patch, provenance, size).to(device)
+
+def _open_clip_keys(sd: dict[str, torch.Tensor], visual: nn.Module,
+                    resized: bool) -> dict[str, torch.Tensor]:
+    """A full CLIP or a vision-tower file as this tower's keys, without the projection;
+    `resized`: the tower runs at another image size (position embeddings resampled)."""
+    sd = {k: v for k, v in _strip_prefixes(sd, ("visual.",)).items() if k != "proj"}
+    return _open_clip_resize(sd, visual) if resized else sd
 
 
 def _open_clip_resize(sd: dict[str, torch.Tensor], visual: nn.Module) -> dict[str, torch.Tensor]:

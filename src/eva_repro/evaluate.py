@@ -17,8 +17,11 @@ What (all cosines after per-token L2 normalisation, see `eva_repro.metrics`):
   velocity     cos(predicted v, true v) at fixed t on held-out pairs
   sweep        cosine vs network evaluations for euler / heun / dopri5, time shift, CFG scales
 
-`build_report` puts the numbers in one dict; `eva_repro.report` writes it out (report.json,
-report.md, the plots). Deterministic for a given --seed (noise per sample, seeded subsets).
+`main_pass` is one loop over the held-out batches: each family above (but the sweep) is an
+accumulator, `update(batch, predictions)` per batch for the DiT and both baselines alike, and
+`result()` its report section. `build_report` puts the sections and the provenance in one dict;
+`eva_repro.report` writes it out (report.json, report.md, the plots). Deterministic for a given
+--seed (noise per sample, seeded subsets).
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ import math
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -45,10 +49,10 @@ from eva_repro.flags import add_flags, option, values
 from eva_repro.generate import (
     METHODS,
     SAMPLERS,
-    ModelDataMismatch,
     SamplerOptions,
     add_sampler_args,
     check_sampler,
+    check_shards,
     generate_batch,
     resolve_sampler,
 )
@@ -60,25 +64,6 @@ from eva_repro.progress import progress_bar
 from eva_repro.report import write_outputs
 
 SWEEP_SIZES = ("auto", "none", "small", "full")  # auto: full on CUDA, small on CPU
-
-
-def check_model_fits_data(model: torch.nn.Module, manifest: shards.Manifest, model_path: Any) -> None:
-    """One-line error when the model's dims or token layout do not match the shards."""
-    cfg, where = model.config, manifest.root / shards.MANIFEST
-    problems = []
-    if cfg.cond_dim != manifest.clip_dim:
-        problems.append(f"clip_dim {manifest.clip_dim} vs model cond_dim {cfg.cond_dim}")
-    if cfg.target_dim != manifest.eva_dim:
-        problems.append(f"eva_dim {manifest.eva_dim} vs model target_dim {cfg.target_dim}")
-    if has_cls(cfg.token_mode) and not manifest.include_cls:
-        problems.append(f"include_cls=False vs model token_mode {cfg.token_mode!r}")
-    tokens = manifest.tokens - int(drops_cls(manifest.include_cls, cfg.token_mode))
-    if cfg.fixed_tokens not in (None, tokens):
-        problems.append(f"tokens {tokens} vs the model's {cfg.fixed_tokens}")
-    if problems:
-        raise ModelDataMismatch(f"{where}: shards do not match the model at {model_path} ("
-                                f"{'; '.join(problems)}); evaluate on embeddings from the same "
-                                "encoders and token mode the model was trained on")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,85 +167,288 @@ def seeded_subset(indices: list[int], n: int, seed: int) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------------
-# the main pass
+# the held-out batches and what scores them
 
 
-@dataclass
-class Collected:
-    """Everything the report needs from the main pass, kept small: [N, T] cosines, [N, D] pools,
-    and the streamed mean and covariance of the (normalised) tokens, for the distribution metrics."""
-
-    dit: list[torch.Tensor] = field(default_factory=list)
-    mean: list[torch.Tensor] = field(default_factory=list)
-    ridge: list[torch.Tensor] = field(default_factory=list)
-    shuffled: list[torch.Tensor] = field(default_factory=list)
-    diversity: list[torch.Tensor] = field(default_factory=list)
-    pooled: dict[str, list[torch.Tensor]] = field(
-        default_factory=lambda: {"dit": [], "mean": [], "ridge": [], "target": []})
-    tokens: dict[str, metrics.Moments] = field(
-        default_factory=lambda: {k: metrics.Moments() for k in ("dit", "mean", "ridge", "target")})
-    velocity: dict[str, list[tuple[float, int]]] = field(default_factory=dict)
-    nfe: list[tuple[int, int]] = field(default_factory=list)
-
-    def cat(self, name: str) -> torch.Tensor:
-        return torch.cat(getattr(self, name))
-
-    def add_set(self, name: str, tokens: torch.Tensor, stats_device: torch.device) -> None:
-        """One batch [B, T, D] of a predictor's (or the targets') tokens: its pools and moments.
-        The D x D float64 moments accumulate on `stats_device` (the GPU when there is one)."""
-        self.pooled[name].append(metrics.mean_pool(tokens))
-        self.tokens[name].add(flow.normalize_target(tokens.to(stats_device)))
+PREDICTORS = ("dit", "mean", "ridge")  # the DiT's samples and the two baselines' predictions
+DISTRIBUTION_K = 3  # neighbours of the k-NN precision / recall
 
 
-def main_pass(model, reader, eval_idx, baselines, opts: EvalOptions, device, drop_cls: bool
-              ) -> tuple[Collected, float]:
-    mean_b, ridge_b = baselines
-    c = Collected()
+@dataclass(frozen=True)
+class HeldOutBatch:
+    """One batch of the main pass, as the model takes it: global rows `ids`, conditions [B, T, Dc],
+    targets [B, T, De], and each image's shuffled condition (that of the next image)."""
+
+    ids: list[int]
+    clip: torch.Tensor
+    eva: torch.Tensor
+    shuffled_clip: torch.Tensor
+
+
+def held_out_batches(reader: shards.ShardReader, eval_idx: list[int], batch_size: int,
+                     drop_cls: bool) -> Iterator[HeldOutBatch]:
+    """The held-out images `eval_idx` in batches, each with its shuffled conditions."""
     rolled = eval_idx[1:] + eval_idx[:1]  # image i gets the condition of image i+1
-    n_control = min(opts.control_samples, len(eval_idx)) if len(eval_idx) > 1 else 0
-    bar = progress_bar(total=len(eval_idx), desc="evaluate", unit="img", disable=not opts.progress)
-    stats_device = device if device.type == "cuda" else torch.device("cpu")  # float64 moments
-    start_time, done = time.perf_counter(), 0
-    for (batch, rows), (_, other) in zip(reader.batches(eval_idx, opts.batch_size),
-                                         reader.batches(rolled, opts.batch_size), strict=True):
+    for (ids, rows), (_, other) in zip(reader.batches(eval_idx, batch_size),
+                                       reader.batches(rolled, batch_size), strict=True):
         clip, eva = pairs_for_model(rows["clip"], rows["eva"], drop_cls)
-        # noise is keyed by the global row, so an image gets the same noise whatever --num_samples
-        gen, nfe = generate_batch(model, clip, opts.steps, opts.method, opts.cfg_scale, opts.shift,
-                                  opts.seed, ids=batch)
-        gen = gen.cpu()
-        c.nfe.append((nfe, len(batch)))
-        c.dit.append(flow.token_cosine(gen, eva))
-        c.add_set("dit", gen, stats_device)
-        c.add_set("target", eva, stats_device)
-        mean_pred = mean_b.predict(clip)
-        c.mean.append(flow.token_cosine(mean_pred, eva))
-        c.add_set("mean", mean_pred, stats_device)
-        ridge_pred = ridge_b.predict(clip)
-        c.ridge.append(flow.token_cosine(ridge_pred, eva))
-        c.add_set("ridge", ridge_pred, stats_device)
-        k = max(0, min(len(batch), n_control - done))
-        if k:  # controls on the first n_control images: shuffled conditions, a second sample
-            shuffled, _ = generate_batch(model, tokens_for_model(other["clip"][:k], drop_cls),
-                                         opts.steps, opts.method, opts.cfg_scale, opts.shift,
-                                         opts.seed, ids=batch[:k])
-            c.shuffled.append(flow.token_cosine(shuffled.cpu(), eva[:k]))
-            second, _ = generate_batch(model, clip[:k], opts.steps, opts.method, opts.cfg_scale,
-                                       opts.shift, opts.seed + 1, ids=batch[:k])
-            c.diversity.append(flow.token_cosine(gen[:k], second.cpu()))
-        velocity_fn = flow.guided_velocity(model, clip.to(device))
-        with autocast(device):
-            v = metrics.velocity_cosine(velocity_fn, eva.to(device), opts.t_values,
-                                        flow.sample_noise(batch, *eva.shape[1:], opts.seed))
+        yield HeldOutBatch(ids, clip, eva, tokens_for_model(other["clip"], drop_cls))
+
+
+def predict(model: torch.nn.Module, baselines: tuple, batch: HeldOutBatch,
+            opts: EvalOptions) -> tuple[dict[str, torch.Tensor], int]:
+    """({predictor: tokens [B, T, De] on the CPU}, the sampler's network evaluations)."""
+    mean_b, ridge_b = baselines
+    # noise is keyed by the global row, so an image gets the same noise whatever --num_samples
+    gen, nfe = generate_batch(model, batch.clip, opts.steps, opts.method, opts.cfg_scale, opts.shift,
+                              opts.seed, ids=batch.ids)
+    return {"dit": gen.cpu(), "mean": mean_b.predict(batch.clip),
+            "ridge": ridge_b.predict(batch.clip)}, nfe
+
+
+# ---------------------------------------------------------------------------------------------
+# the metric accumulators: `update(batch, predictions)` once per held-out batch, then `result()`
+
+
+class WeightedMean:
+    """The mean of per-batch values, weighted by the batch sizes."""
+
+    def __init__(self) -> None:
+        self.total, self.count = 0.0, 0
+
+    def update(self, value: float, n: int) -> None:
+        self.total += value * n
+        self.count += n
+
+    def result(self) -> float:
+        return self.total / self.count
+
+
+@dataclass(frozen=True)
+class CosineResult:
+    """The cosine family's report sections, and the DiT's per-token cosines [N, T]."""
+
+    cosine: dict[str, Any]
+    baselines: dict[str, dict[str, Any]]
+    dit_token_cosine: torch.Tensor
+
+
+class CosineScores:
+    """Each predictor's per-token cosines against the targets and the cosine of its mean-pooled
+    embeddings with the targets' (the 'global' cosine); the DiT's gap to each baseline. `cls`:
+    token 0 is CLS; `seed`: the bootstrap's; `fits`: how each baseline was fitted (recorded beside
+    its scores)."""
+
+    def __init__(self, cls: bool, seed: int, fits: dict[str, dict]) -> None:
+        self.cls, self.seed, self.fits = cls, seed, fits
+        self.token: dict[str, list[torch.Tensor]] = {name: [] for name in PREDICTORS}
+        self.pooled_cos: dict[str, list[torch.Tensor]] = {name: [] for name in PREDICTORS}
+
+    def update(self, batch: HeldOutBatch, preds: dict[str, torch.Tensor]) -> None:
+        for name, tokens in preds.items():
+            self.token[name].append(flow.token_cosine(tokens, batch.eva))
+            self.pooled_cos[name].append(metrics.pooled_cosine(tokens, batch.eva))
+
+    def result(self) -> CosineResult:
+        token = {name: torch.cat(rows) for name, rows in self.token.items()}
+        summary = {name: metrics.cosine_summary(token[name], torch.cat(self.pooled_cos[name]))
+                   for name in PREDICTORS}
+        baselines = {name: {**summary[name], "fit": self.fits[name],
+                            **self._gap(summary["dit"], summary[name], token["dit"], token[name])}
+                     for name in ("mean", "ridge")}
+        return CosineResult(self._dit_section(summary["dit"], token["dit"]), baselines, token["dit"])
+
+    def _dit_section(self, summary: dict, token: torch.Tensor) -> dict[str, Any]:
+        per_position = token.mean(dim=0)
+        out = {**summary, "per_position": [round(x, 5) for x in per_position.tolist()]}
+        if self.cls:
+            out["cls_mean"] = per_position[0].item()
+            out["patch_mean"] = per_position[1:].mean().item()
+        return out
+
+    def _gap(self, dit: dict, base: dict, dit_token: torch.Tensor,
+             base_token: torch.Tensor) -> dict[str, Any]:
+        """The DiT's gap to a baseline with a 95% interval (a paired bootstrap over the images),
+        and the share of the baseline's error the DiT removes."""
+        d, b = dit["token_mean"], base["token_mean"]
+        gap = metrics.paired_difference(dit_token.mean(1), base_token.mean(1), seed=self.seed)
+        return {"dit_minus_baseline": d - b, "dit_minus_baseline_ci": [gap["low"], gap["high"]],
+                "error_reduction": 1 - (1 - d) / max(1 - b, 1e-9)}
+
+
+class Retrieval:
+    """Recall@1, @5 of the DiT's and ridge's mean-pooled embeddings finding their own image's
+    target among the targets of a pool of `pool_size` held-out images (the mean baseline predicts
+    the same embedding for every image: nothing to retrieve)."""
+
+    def __init__(self, pool_size: int) -> None:
+        self.pool_size = pool_size
+        self.pooled: dict[str, list[torch.Tensor]] = {"dit": [], "ridge": [], "target": []}
+
+    def update(self, batch: HeldOutBatch, preds: dict[str, torch.Tensor]) -> None:
+        for name in ("dit", "ridge"):
+            self.pooled[name].append(metrics.mean_pool(preds[name]))
+        self.pooled["target"].append(metrics.mean_pool(batch.eva))
+
+    def result(self) -> dict[str, Any]:
+        pooled = {name: torch.cat(rows) for name, rows in self.pooled.items()}
+        pool, n = self.pool_size, pooled["target"].shape[0]
+        recall = {name: metrics.retrieval_recall(pooled[name], pooled["target"], pool_size=pool)
+                  for name in ("dit", "ridge")}
+        return {**recall["dit"], "pool_size": pool, "n_pools": math.ceil(n / pool),
+                "chance_at_1": 1.0 / pool, "chance_at_5": min(1.0, 5.0 / pool),
+                "ridge": recall["ridge"]}
+
+
+class Distribution:
+    """Each predictor's set of outputs against the targets' as distributions: Frechet distances
+    of the mean-pooled embeddings and of the tokens, k-NN precision / recall (the report section).
+    Only [N, D] pools are kept; the tokens' float64 D x D moments stream on `stats_device`."""
+
+    def __init__(self, stats_device: torch.device, k: int = DISTRIBUTION_K) -> None:
+        self.stats_device, self.k = stats_device, k
+        self.pooled: dict[str, list[torch.Tensor]] = {name: [] for name in (*PREDICTORS, "target")}
+        self.moments = {name: metrics.Moments() for name in (*PREDICTORS, "target")}
+
+    def update(self, batch: HeldOutBatch, preds: dict[str, torch.Tensor]) -> None:
+        for name, tokens in {**preds, "target": batch.eva}.items():
+            self.pooled[name].append(metrics.mean_pool(tokens))
+            self.moments[name].add(flow.normalize_target(tokens.to(self.stats_device)))
+
+    def result(self) -> dict[str, Any]:
+        pooled = {name: torch.cat(rows) for name, rows in self.pooled.items()}
+        n, dim = pooled["target"].shape
+        out: dict[str, Any] = {"samples": n, "k": self.k, "pooled_dim": dim,
+                               "how": "Frechet distances of Gaussian fits (mean-pooled embeddings; "
+                               "every token normalised to norm sqrt(D)); k-NN precision/recall of "
+                               "the pooled embeddings against the targets'"}
+        if n <= self.k:
+            out["skipped"] = f"needs more than {self.k} images, got {n}"
+            return out
+        if n <= dim:
+            out["note"] = (f"{n} images <= pooled dim {dim}: the pooled covariances are "
+                           "rank-deficient and fd_pooled is biased upward; compare at equal N")
+        for name in ("dit", "ridge", "mean"):
+            out[name] = metrics.distribution_summary(pooled[name], pooled["target"],
+                                                     self.moments[name], self.moments["target"],
+                                                     self.k)
+        return out
+
+
+class Controls:
+    """The DiT on the first `n` held-out images, sampled again: from the next image's condition
+    (the cosine must fall) and with seed + 1 (diversity: the cosine between the two samples)."""
+
+    def __init__(self, model: torch.nn.Module, opts: EvalOptions, n: int) -> None:
+        self.model, self.opts, self.left = model, opts, n
+        self.shuffled: list[torch.Tensor] = []
+        self.diversity: list[torch.Tensor] = []
+
+    def update(self, batch: HeldOutBatch, preds: dict[str, torch.Tensor]) -> None:
+        k, o = max(0, min(len(batch.ids), self.left)), self.opts
+        if not k:
+            return
+        self.left -= k
+        shuffled, _ = generate_batch(self.model, batch.shuffled_clip[:k], o.steps, o.method,
+                                     o.cfg_scale, o.shift, o.seed, ids=batch.ids[:k])
+        self.shuffled.append(flow.token_cosine(shuffled.cpu(), batch.eva[:k]))
+        second, _ = generate_batch(self.model, batch.clip[:k], o.steps, o.method, o.cfg_scale,
+                                   o.shift, o.seed + 1, ids=batch.ids[:k])
+        self.diversity.append(flow.token_cosine(preds["dit"][:k], second.cpu()))
+
+    def result(self, dit_token_mean: float) -> dict[str, Any]:
+        """The report section ({} without control images); `drop` is how far the shuffled
+        cosine falls below `dit_token_mean`, the DiT's on all held-out images."""
+        if not self.shuffled:
+            return {}
+        shuffled, seed = torch.cat(self.shuffled), self.opts.seed
+        return {
+            "shuffled": {**metrics.cosine_summary(shuffled), "n_samples": shuffled.shape[0],
+                         "how": "image i generated from the condition of image i+1",
+                         "drop": dit_token_mean - shuffled.mean().item()},
+            "diversity": {"token_mean": torch.cat(self.diversity).mean().item(),
+                          "n_samples": shuffled.shape[0],
+                          "how": f"cosine between samples for seeds {seed} and {seed + 1}, same "
+                          "condition (1.0 = deterministic)"},
+        }
+
+
+class VelocityCosine:
+    """cos(predicted v, true v) at each of `opts.t_values` on the held-out pairs (noise keyed by
+    row): the training-time quantity, without sampling."""
+
+    def __init__(self, model: torch.nn.Module, opts: EvalOptions, device: torch.device) -> None:
+        self.model, self.opts, self.device = model, opts, device
+        self.by_t: dict[str, WeightedMean] = {}
+
+    def update(self, batch: HeldOutBatch, preds: dict[str, torch.Tensor]) -> None:
+        clip, eva = batch.clip, batch.eva
+        velocity_fn = flow.guided_velocity(self.model, clip.to(self.device))
+        with autocast(self.device):
+            v = metrics.velocity_cosine(velocity_fn, eva.to(self.device), self.opts.t_values,
+                                        flow.sample_noise(batch.ids, *eva.shape[1:], self.opts.seed))
         for t, value in v.items():
-            c.velocity.setdefault(t, []).append((value, len(batch)))
-        done += len(batch)
-        bar.update(len(batch))
+            self.by_t.setdefault(t, WeightedMean()).update(value, len(batch.ids))
+
+    def result(self) -> dict[str, float]:
+        return {t: mean.result() for t, mean in self.by_t.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# the main pass: one loop over the held-out batches
+
+
+@dataclass(frozen=True)
+class MainPass:
+    """The accumulators' results: the report's sections, and what the plots and the timing need."""
+
+    n_samples: int
+    cosine: dict[str, Any]
+    baselines: dict[str, dict[str, Any]]
+    controls: dict[str, Any]
+    retrieval: dict[str, Any]
+    distribution: dict[str, Any]
+    velocity_cosine: dict[str, float]
+    nfe: float  # network evaluations per sample
+    dit_token_cosine: torch.Tensor  # [N, T]
+    images_per_s: float
+
+
+def main_pass(model: torch.nn.Module, reader: shards.ShardReader, eval_idx: list[int],
+              baselines: tuple, opts: EvalOptions, device: torch.device, drop_cls: bool) -> MainPass:
+    """Every accumulator fed by one loop over the held-out images `eval_idx`; their results."""
+    n = len(eval_idx)
+    cosine = CosineScores(has_cls(model.config.token_mode), opts.seed, baseline_fits(baselines))
+    stats_device = device if device.type == "cuda" else torch.device("cpu")  # float64 moments
+    retrieval, distribution = Retrieval(min(opts.retrieval_pool, n)), Distribution(stats_device)
+    controls = Controls(model, opts, min(opts.control_samples, n) if n > 1 else 0)
+    velocity, nfe = VelocityCosine(model, opts, device), WeightedMean()
+    bar = progress_bar(total=n, desc="evaluate", unit="img", disable=not opts.progress)
+    start_time = time.perf_counter()
+    for batch in held_out_batches(reader, eval_idx, opts.batch_size, drop_cls):
+        preds, calls = predict(model, baselines, batch, opts)
+        nfe.update(calls, len(batch.ids))
+        for accumulator in (cosine, retrieval, distribution, controls, velocity):
+            accumulator.update(batch, preds)
+        bar.update(len(batch.ids))
     bar.close()
-    return c, done / max(time.perf_counter() - start_time, 1e-9)
+    images_per_s = n / max(time.perf_counter() - start_time, 1e-9)
+    scores = cosine.result()
+    return MainPass(n, scores.cosine, scores.baselines, controls.result(scores.cosine["token_mean"]),
+                    retrieval.result(), distribution.result(), velocity.result(), nfe.result(),
+                    scores.dit_token_cosine, images_per_s)
 
 
-def sampler_sweep(model, reader, eval_idx, opts: EvalOptions, device: torch.device,
-                  drop_cls: bool) -> list[dict]:
+def baseline_fits(baselines: tuple) -> dict[str, dict]:
+    """How each baseline was fitted, as the report records it."""
+    _, ridge_b = baselines
+    return {"mean": {"what": "mean unit target token per position",
+                     "num_train_samples": ridge_b.info["num_train_samples"]},
+            "ridge": ridge_b.info}
+
+
+def sampler_sweep(model: torch.nn.Module, reader: shards.ShardReader, eval_idx: list[int],
+                  opts: EvalOptions, device: torch.device, drop_cls: bool) -> list[dict]:
     """Cosine vs network evaluations on a fixed subset, for the samplers, shifts and CFG scales."""
     size = opts.sweep if opts.sweep != "auto" else ("full" if device.type == "cuda" else "small")
     if size == "none":
@@ -346,7 +534,7 @@ def _evaluate(model_path: str | Path, embeddings_dir: str | Path, output_dir: st
     reader = shards.open_shards(embeddings_dir, opts.verify_checksums)
     manifest = reader.manifest
     loaded = load_model(model_path, opts.backbone)
-    check_model_fits_data(loaded.model, manifest, model_path)
+    check_shards(loaded.model.config, manifest, model_path, targets=True)
     model = loaded.model.to(device).eval()
     keys = reader.keys()
     heldout, train, split_info = resolve_split(loaded, manifest, keys, opts.eval_fraction,
@@ -366,113 +554,63 @@ def _evaluate(model_path: str | Path, embeddings_dir: str | Path, output_dir: st
     drop_cls = drops_cls(manifest.include_cls, model.config.token_mode)
     baselines = fit_baselines(reader, train_idx, opts.batch_size, device=device,
                               progress=opts.progress, drop_cls=drop_cls)
-    collected, images_per_s = main_pass(model, reader, eval_idx, baselines, opts, device, drop_cls)
+    scores = main_pass(model, reader, eval_idx, baselines, opts, device, drop_cls)
     sweep = sampler_sweep(model, reader, eval_idx, opts, device, drop_cls)
-    report = build_report(collected, sweep, baselines, opts, manifest, loaded, model_path,
-                          split_info, len(eval_idx), warnings)
+    cls = has_cls(model.config.token_mode)  # token 0 of the scored tokens is CLS
+    report = build_report(scores=scores, sweep=sweep, opts=opts,
+                          model=model_section(loaded, model_path),
+                          data=data_section(manifest, scores.dit_token_cosine.shape[1], cls),
+                          split=split_info, warnings=warnings)
     report["timing"] = {"seconds": round(time.time() - start_time, 2),
-                        "main_pass_images_per_s": round(images_per_s, 2), "device": str(device)}
+                        "main_pass_images_per_s": round(scores.images_per_s, 2),
+                        "device": str(device)}
     if output_dir is not None:
-        write_outputs(report, collected.cat("dit"), Path(output_dir), opts.plots)
+        write_outputs(report, scores.dit_token_cosine, Path(output_dir), opts.plots)
     return report
 
 
-def _weighted(pairs: list[tuple[float, int]]) -> float:
-    return sum(v * n for v, n in pairs) / sum(n for _, n in pairs)
+# ---------------------------------------------------------------------------------------------
+# the report: the provenance sections, then `build_report` puts everything in one dict
 
 
-DISTRIBUTION_K = 3  # neighbours of the k-NN precision / recall
-
-
-def distribution_report(c: Collected, pooled: dict[str, torch.Tensor], n_samples: int) -> dict:
-    """`metrics.distribution_summary` of the DiT's samples and of both baselines' predictions
-    against the held-out targets, with the sizes behind the estimates."""
-    k, dim = DISTRIBUTION_K, pooled["target"].shape[1]
-    out: dict[str, Any] = {"samples": n_samples, "k": k, "pooled_dim": dim,
-                           "how": "Frechet distances of Gaussian fits (mean-pooled embeddings; every "
-                           "token normalised to norm sqrt(D)); k-NN precision/recall of the pooled "
-                           "embeddings against the targets'"}
-    if n_samples <= k:
-        out["skipped"] = f"needs more than {k} images, got {n_samples}"
-        return out
-    if n_samples <= dim:
-        out["note"] = (f"{n_samples} images <= pooled dim {dim}: the pooled covariances are "
-                       "rank-deficient and fd_pooled is biased upward; compare at equal N")
-    for name in ("dit", "ridge", "mean"):
-        out[name] = metrics.distribution_summary(pooled[name], pooled["target"], c.tokens[name],
-                                                 c.tokens["target"], k)
-    return out
-
-
-def build_report(c: Collected, sweep, baselines, opts, manifest, loaded, model_path, split_info,
-                 n_samples, warnings) -> dict:
-    dit_cos = c.cat("dit")
-    pooled = {k: torch.cat(v) for k, v in c.pooled.items()}
-    def pooled_cos(name: str) -> torch.Tensor:
-        return flow.token_cosine(pooled[name], pooled["target"])
-
-    cosine = metrics.cosine_summary(dit_cos, pooled_cos("dit"))
-    per_position = dit_cos.mean(dim=0)
-    cls = has_cls(loaded.model.config.token_mode)  # token 0 of the scored tokens is CLS
-    cosine["per_position"] = [round(x, 5) for x in per_position.tolist()]
-    if cls:
-        cosine["cls_mean"] = per_position[0].item()
-        cosine["patch_mean"] = per_position[1:].mean().item()
-    pool = min(opts.retrieval_pool, n_samples)
-    retrieval = metrics.retrieval_recall(pooled["dit"], pooled["target"], pool_size=pool)
-    retrieval.update({"pool_size": pool, "n_pools": math.ceil(n_samples / pool),
-                      "chance_at_1": 1.0 / pool, "chance_at_5": min(1.0, 5.0 / pool),
-                      "ridge": metrics.retrieval_recall(pooled["ridge"], pooled["target"],
-                                                        pool_size=pool)})
-    _, ridge_b = baselines
-    base = {
-        "mean": {**metrics.cosine_summary(c.cat("mean"), pooled_cos("mean")),
-                 "fit": {"what": "mean unit target token per position",
-                         "num_train_samples": ridge_b.info["num_train_samples"]}},
-        "ridge": {**metrics.cosine_summary(c.cat("ridge"), pooled_cos("ridge")),
-                  "fit": ridge_b.info},
-    }
-    for name, b in base.items():
-        b["dit_minus_baseline"] = cosine["token_mean"] - b["token_mean"]
-        gap = metrics.paired_difference(dit_cos.mean(1), c.cat(name).mean(1), seed=opts.seed)
-        b["dit_minus_baseline_ci"] = [gap["low"], gap["high"]]  # 95%, bootstrap over images
-        b["error_reduction"] = 1 - (1 - cosine["token_mean"]) / max(1 - b["token_mean"], 1e-9)
-    controls: dict[str, Any] = {}
-    if c.shuffled:
-        shuffled = c.cat("shuffled")
-        controls["shuffled"] = {**metrics.cosine_summary(shuffled), "n_samples": shuffled.shape[0],
-                                "how": "image i generated from the condition of image i+1",
-                                "drop": cosine["token_mean"] - shuffled.mean().item()}
-        controls["diversity"] = {"token_mean": c.cat("diversity").mean().item(),
-                                 "n_samples": shuffled.shape[0],
-                                 "how": f"cosine between samples for seeds {opts.seed} and "
-                                 f"{opts.seed + 1}, same condition (1.0 = deterministic)"}
+def model_section(loaded: Any, model_path: str | Path) -> dict[str, Any]:
     cfg = loaded.model.config
+    return {"path": str(Path(model_path).resolve()), "source": loaded.source,
+            "run_dir": str(loaded.run_dir) if loaded.run_dir else None,
+            "num_parameters": loaded.model.num_parameters(),
+            "config": cfg.to_dict(), "caveat": score_caveat(cfg)}
+
+
+def data_section(manifest: shards.Manifest, scored_tokens: int, cls: bool) -> dict[str, Any]:
+    """The shards evaluated on; `cls`: the scored tokens start with CLS."""
+    return {"embeddings_dir": str(manifest.root.resolve()),
+            **{k: manifest.data.get(k) for k in ("num_samples", "tokens", "clip_dim", "eva_dim",
+                                                  "grid", "include_cls", "encoders", "dtype")},
+            "scored_tokens": scored_tokens, "cls_scored": cls,
+            "cls_dropped": manifest.include_cls and not cls}
+
+
+def build_report(*, scores: MainPass, sweep: list[dict], opts: EvalOptions, model: dict,
+                 data: dict, split: dict, warnings: list[str]) -> dict:
+    """The report dict from finished sections (`eva_repro.report` renders it)."""
     return {
-        "n_samples": n_samples,
+        "n_samples": scores.n_samples,
         "n_requested": opts.num_samples,
-        "cosine": cosine,
-        "baselines": base,
-        "controls": controls,
-        "retrieval": retrieval,
-        "distribution": distribution_report(c, pooled, n_samples),
-        "velocity_cosine": {t: _weighted(v) for t, v in c.velocity.items()},
-        "sampler": {"method": opts.method, "steps": opts.steps, "nfe": _weighted(c.nfe),
+        "cosine": scores.cosine,
+        "baselines": scores.baselines,
+        "controls": scores.controls,
+        "retrieval": scores.retrieval,
+        "distribution": scores.distribution,
+        "velocity_cosine": scores.velocity_cosine,
+        "sampler": {"method": opts.method, "steps": opts.steps, "nfe": scores.nfe,
                     "cfg_scale": opts.cfg_scale, "shift": opts.shift,
                     "nfe_note": "network calls per sample; with cfg_scale != 1 each call runs the "
                     "conditional and unconditional branch in one doubled batch"},
         "sweep": sweep,
         "seed": opts.seed,
-        "model": {"path": str(Path(model_path).resolve()), "source": loaded.source,
-                  "run_dir": str(loaded.run_dir) if loaded.run_dir else None,
-                  "num_parameters": loaded.model.num_parameters(),
-                  "config": cfg.to_dict(), "caveat": score_caveat(cfg)},
-        "data": {"embeddings_dir": str(manifest.root.resolve()),
-                 **{k: manifest.data.get(k) for k in ("num_samples", "tokens", "clip_dim", "eva_dim",
-                                                       "grid", "include_cls", "encoders", "dtype")},
-                 "scored_tokens": len(cosine["per_position"]), "cls_scored": cls,
-                 "cls_dropped": manifest.include_cls and not cls},
-        "split": split_info,
+        "model": model,
+        "data": data,
+        "split": split,
         "options": {k: v for k, v in asdict(opts).items() if k not in ("progress",)},
         "warnings": warnings,
         "versions": {"eva_repro": _version, "torch": torch.__version__,

@@ -45,28 +45,51 @@ class ModelDataMismatch(UserError):
     """Condition or target tensors that do not fit the model's config."""
 
 
-def check_condition(config, clip_tokens: torch.Tensor, where: str = "clip tokens") -> None:
+def check_condition(config: Any, clip_tokens: torch.Tensor, where: str = "clip tokens") -> None:
     """Raise ModelDataMismatch when `clip_tokens` [N, T, Dc] cannot condition this model."""
     if clip_tokens.dim() != 3:
         raise ModelDataMismatch(f"{where}: expected [N, tokens, dim], got shape {tuple(clip_tokens.shape)}")
-    check_layout(config, *clip_tokens.shape[1:], where)
+    check_layout(config, *clip_tokens.shape[1:], where,
+                 "use conditions from the encoders, --grid and token mode the model was trained on")
 
 
-def check_layout(config, n_tokens: int, dim: int, where: str) -> None:
-    """Raise ModelDataMismatch when conditions of `n_tokens` x `dim` cannot condition this model."""
+def check_shards(config: Any, manifest: shards.Manifest, model_path: Any, targets: bool = False) -> None:
+    """Raise ModelDataMismatch when the shards' tokens (and with `targets` their EVA dim) do not
+    fit the model at `model_path`, as `evaluate` and `sample` read them: a patch_only model drops
+    the shards' CLS row."""
+    tokens = manifest.tokens - int(drops_cls(manifest.include_cls, config.token_mode))
+    check_layout(config, tokens, manifest.clip_dim, str(manifest.root / shards.MANIFEST),
+                 f"use embeddings from the encoders, --grid and token mode of the model at {model_path}",
+                 target_dim=manifest.eva_dim if targets else None, include_cls=manifest.include_cls)
+
+
+def check_layout(config: Any, n_tokens: int, dim: int, where: str, fix: str, *,
+                 target_dim: int | None = None, include_cls: bool | None = None) -> None:
+    """Raise one ModelDataMismatch naming every way conditions of `n_tokens` x `dim` (targets of
+    `target_dim`, a CLS row or none per `include_cls`, where known) do not fit this model, then `fix`."""
+    problems = []
     if dim != config.cond_dim:
-        raise ModelDataMismatch(f"{where}: condition dim {dim} but the model expects cond_dim "
-                                f"{config.cond_dim}; use a model trained on these embeddings")
-    cls = has_cls(config.token_mode)
-    g = math.isqrt(n_tokens - int(cls))
-    if g < 1 or g * g != n_tokens - int(cls):
-        raise ModelDataMismatch(f"{where}: {n_tokens} tokens is not a square grid"
-                                f"{' plus a CLS token' if cls else ''}, which the model's "
-                                f"token_mode {config.token_mode!r} needs")
+        problems.append(f"clip_dim {dim} vs model cond_dim {config.cond_dim}")
+    if target_dim is not None and target_dim != config.target_dim:
+        problems.append(f"eva_dim {target_dim} vs model target_dim {config.target_dim}")
+    problems += _grid_problem(config.token_mode, n_tokens, include_cls)
     if config.fixed_tokens not in (None, n_tokens):
-        raise ModelDataMismatch(f"{where}: {n_tokens} tokens but the model was trained on "
-                                f"{config.fixed_tokens} (its linear path has a bias per position); use "
-                                "embeddings extracted with the same --grid")
+        problems.append(f"{n_tokens} tokens but the model was trained on {config.fixed_tokens} "
+                        "(its linear path has a bias per position)")
+    if problems:
+        raise ModelDataMismatch(f"{where}: {'; '.join(problems)}; {fix}")
+
+
+def _grid_problem(token_mode: str, n_tokens: int, include_cls: bool | None) -> list[str]:
+    """[] when `n_tokens` is the square grid (after the CLS token) that `token_mode` needs."""
+    cls = has_cls(token_mode)
+    no_cls_row = cls and include_cls is False
+    g = math.isqrt(max(n_tokens - int(cls), 0))
+    if g >= 1 and g * g == n_tokens - int(cls) and not no_cls_row:
+        return []
+    why = (f" (include_cls=False vs model token_mode {token_mode!r})" if no_cls_row else
+           f", which the model's token_mode {token_mode!r} needs")
+    return [f"{n_tokens} tokens is not a square grid{' plus a CLS token' if cls else ''}{why}"]
 
 
 @torch.no_grad()
@@ -240,14 +263,9 @@ def run(args: argparse.Namespace) -> int:
     model = loaded.model.to(pick_device(args.device)).eval()
     reader = shards.open_shards(args.input_dir, args.verify_checksums)
     manifest = reader.manifest
-    if manifest.clip_dim != model.config.cond_dim:
-        raise ModelDataMismatch(
-            f"{manifest.root / shards.MANIFEST}: clip_dim {manifest.clip_dim} but the model at "
-            f"{args.model_path} expects cond_dim {model.config.cond_dim}; use matching embeddings")
+    check_shards(model.config, manifest, args.model_path)
     # a patch_only model on shards with a CLS row: the row is dropped, as the trainer does
     dropping_cls = drops_cls(manifest.include_cls, model.config.token_mode)
-    check_layout(model.config, manifest.tokens - dropping_cls, manifest.clip_dim,
-                 str(manifest.root / shards.MANIFEST))
     out = Path(args.output_dir)
     if out.resolve() == manifest.root.resolve():
         raise UserError(f"{out}: --output_dir must differ from --input_dir (it would overwrite it)")

@@ -209,7 +209,7 @@ def markdown(r: dict) -> str:
 
 
 def _distribution(d: dict | None) -> list[str]:
-    """The Distribution section: a table for the DiT and the baselines (none in older reports)."""
+    """The Distribution section: a table for the DiT and the baselines (none without `d`)."""
     if not d:
         return []
     lines = ["", "## Distribution", ""]
@@ -247,9 +247,9 @@ def _row(label: str, m: dict, beat: str) -> str:
 
 
 def grouping_line(split: dict) -> str:
-    """report.md's line on how keys were grouped for the split (older reports: not recorded)."""
+    """report.md's line on how keys were grouped for the split ("not recorded" without `group_by`)."""
     if "group_by" not in split:
-        return "Grouping: not recorded (a report from before --group_by)."
+        return "Grouping: not recorded in this report."
     if split["group_by"] is None:
         return ("Grouping: none: each key held out on its own (views or frames of one source can "
                 "fall on both sides; see --group_by).")
