@@ -10,7 +10,6 @@ from eva_repro.baselines import (
     MeanAccumulator,
     RidgeAccumulator,
     fit_baselines,
-    neighbour_gain,
     rms_normalize,
 )
 from eva_repro.shards import ShardReader, split_indices
@@ -114,16 +113,3 @@ def test_baselines_for_a_patch_only_model_are_fitted_without_the_cls_row(tmp_pat
 def test_fit_baselines_needs_training_rows(synth_dir):
     with pytest.raises(ValueError, match="no training samples"):
         fit_baselines(ShardReader(synth_dir), [], progress=False)
-
-
-def test_neighbour_gain_sees_neighbour_targets_and_not_token_only_ones(synth_dir, token_only_data):
-    """synth's target reads each token's 4 neighbours, so ridge that also reads their mean
-    removes a good part of same-token ridge's error; where the target is a function of the
-    token alone it removes nothing."""
-    rows = list(range(240))
-    near = neighbour_gain(ShardReader(synth_dir), rows)
-    alone = neighbour_gain(ShardReader(token_only_data), rows)
-    assert near.samples == alone.samples == 240
-    assert near.gain > 0.1 and abs(alone.gain) < 0.02, (near, alone)
-    assert alone.neighbour_mse > 0 and alone.same_token_mse > 0
-    assert neighbour_gain(ShardReader(synth_dir), rows[:19]) is None  # too few to hold any in

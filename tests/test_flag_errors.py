@@ -40,7 +40,6 @@ VALID = {
     ("train", "--overfit_test_size", "0"),  # the default: overfit mode off
     ("train", "--keep_checkpoints", "0"),  # keep every checkpoint
     ("train", "--eval_samples", "0"),  # no sampled held-out evaluations during training
-    ("train", "--local_min_gain", "0"),  # always train the neighbour mix
     ("train", "--time_mean", "0"),  # the logit-normal's mean is any finite number
     ("train", "--time_mean", "-1"),
     ("train", "--grad_clip", "inf"),  # no clipping (clip_grad_norm_ with an infinite norm)

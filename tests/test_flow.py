@@ -118,7 +118,7 @@ def _small_model(**kw):
 
 
 def test_flow_loss_at_init_and_reproducibility():
-    model = _small_model(**VARIANTS["lumina-next"])  # v-prediction: the velocity starts at 0
+    model = _small_model(**VARIANTS["blip3o"])  # v-prediction: the velocity starts at 0
     cond, target = torch.randn(64, 16, 16), torch.randn(64, 16, 32) * 9.0
     plain = flow.FlowConfig(loss_weight="velocity")
     out = flow.flow_loss(model, target, cond, plain, generator=torch.Generator().manual_seed(0))
@@ -166,13 +166,27 @@ def test_velocity_loss_mask_leaves_padded_examples_out():
     assert torch.allclose(masked.loss, kept.loss)
 
 
+def test_velocity_maps_the_declared_prediction_also_behind_a_wrapper():
+    """The network returns its raw prediction; flow.velocity maps it by the type its config
+    declares, or by the type given for a wrapper that hides the config (DDP)."""
+    model = _small_model()  # x-prediction
+    for p in model.parameters():  # leave the zero init so the output depends on the inputs
+        p.data.add_(0.05 * torch.randn_like(p))
+    x, t, cond = torch.randn(3, 16, 32), torch.rand(3), torch.randn(3, 16, 16)
+    with torch.no_grad():
+        v = flow.velocity(model, x, t, cond)
+        torch.testing.assert_close(v, flow.velocity_from_data(model(x, t, cond), x, t))
+        wrapper = lambda *args, **kwargs: model(*args, **kwargs)  # noqa: E731  (no .config)
+        torch.testing.assert_close(flow.velocity(wrapper, x, t, cond, prediction="x"), v)
+
+
 def test_guided_velocity_combines_conditional_and_null():
     model = _small_model()
     for p in model.parameters():  # leave the zero init so outputs differ per condition
         p.data.add_(0.05 * torch.randn_like(p))
     x, t, cond = torch.randn(3, 16, 32), torch.rand(3), torch.randn(3, 16, 16)
-    v_c = model(x, t, cond)
-    v_u = model(x, t, cond, drop_cond=torch.ones(3, dtype=torch.bool))
+    v_c = flow.velocity(model, x, t, cond)
+    v_u = flow.velocity(model, x, t, cond, drop_cond=torch.ones(3, dtype=torch.bool))
     assert torch.allclose(flow.guided_velocity(model, cond, 1.0)(x, t), v_c)
     guided = flow.guided_velocity(model, cond, 2.5)(x, t)
     assert torch.allclose(guided, v_u + 2.5 * (v_c - v_u), atol=1e-5)

@@ -29,7 +29,7 @@ def _verdicts(backbone: str, **kw) -> dict:
 @pytest.mark.parametrize("backbone, variant", [
     ("eva_repro.testbed.zoo:correct", "eva-repro"),
     ("next-dit", "eva-repro"),
-    ("next-dit", "lumina-next"),
+    ("next-dit", "blip3o"),
     (f"{ROOT / 'examples' / 'plain_dit.py'}:build", "eva-repro"),
 ])
 def test_correct_references_pass_every_interface_check(backbone, variant):
@@ -46,7 +46,7 @@ def test_a_condition_read_as_a_set_is_reported_as_the_design_it_is():
 
 
 def test_one_token_skips_the_checks_that_need_two():
-    verdicts = _verdicts("next-dit", variant="lumina-next", tokens=1)
+    verdicts = _verdicts("next-dit", variant="blip3o", tokens=1)
     assert verdicts["uses_condition_positions"].passed is None and "attention_bidirectional" not in verdicts
     assert all(c.passed for c in verdicts.values() if c.passed is not None)
 

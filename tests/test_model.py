@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from eva_repro import flow
 from eva_repro.model import PRESETS, VARIANTS, DiT, DiTConfig, estimate_flops
 from eva_repro.model.dit import (
-    LEGACY,
+    NORM_EPS,
     Attention,
     align_condition,
     apply_rope,
@@ -80,9 +80,8 @@ def test_position_reaches_the_output_of_a_translation_invariant_input(abs_pos):
     positions, so each token computes the same thing; the absolute embedding breaks the tie, which
     is what lets cross-attention at t ~ 0 read the condition patch at the same place."""
     torch.manual_seed(0)
-    # (cond_local off: its zero padding would tell border tokens apart)
     model = DiT(DiTConfig(hidden=64, depth=2, n_heads=2, n_kv_heads=1, target_dim=8, cond_dim=8,
-                          abs_pos_embed=abs_pos, cond_local=False)).eval()
+                          abs_pos_embed=abs_pos)).eval()
     for p in model.parameters():  # leave zero init so the blocks and the output do something
         torch.nn.init.normal_(p, std=0.3)
     x = torch.randn(1, 1, 8).expand(1, 16, 8)
@@ -91,121 +90,6 @@ def test_position_reaches_the_output_of_a_translation_invariant_input(abs_pos):
         v = model(x, torch.tensor([0.0]), c)
     spread = (v - v.mean(dim=1, keepdim=True)).abs().max().item()
     assert (spread > 0.1) if abs_pos else (spread < 1e-4)
-
-
-def test_configs_saved_before_a_field_existed_load_as_the_model_they_were():
-    data = DiTConfig(target_dim=8, cond_dim=8).to_dict()
-    for name in LEGACY:
-        data.pop(name)
-    old = DiTConfig.from_dict(data)
-    assert {name: getattr(old, name) for name in LEGACY} == LEGACY == VARIANTS["lumina-next"]
-
-
-def _same_token_least_squares_error(a: torch.Tensor, target: torch.Tensor) -> float:
-    """MSE of the best map from each token of `a` (plus a bias) to the target token."""
-    flat = torch.cat([a, torch.ones(*a.shape[:2], 1)], -1).flatten(0, 1)
-    y = target.flatten(0, 1)
-    return (flat @ torch.linalg.lstsq(flat, y).solution - y).square().mean().item()
-
-
-def _fit_at_t0(model: DiT, params: list, cond: torch.Tensor, target: torch.Tensor,
-               steps: int) -> float:
-    """Adam on `params` so the model's x1_hat at t = 0 from x_t = 0 matches `target`; the final
-    MSE. (With the network's output layer still zero, x1_hat is the condition paths alone.)"""
-    opt = torch.optim.Adam(params, lr=1e-2)
-    zeros, t0 = torch.zeros_like(target), torch.zeros(len(target))
-    for _ in range(steps):
-        loss = (model(zeros, t0, cond) - target).square().mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return loss.item()
-
-
-def test_cond_mlp_starts_at_zero_then_fits_what_the_linear_path_cannot():
-    torch.manual_seed(0)
-    small = dict(target_dim=8, cond_dim=6, hidden=32, depth=1, n_heads=2, n_kv_heads=1, tokens=4)
-    model = DiT(DiTConfig(**small, cond_mlp=64))
-    plain = DiT(DiTConfig(**small, cond_local=False))
-    plain.load_state_dict(model.state_dict(), strict=False)
-    x, c, t = torch.randn(2, 4, 8), torch.randn(2, 4, 6), torch.rand(2)
-    torch.testing.assert_close(model(x, t, c), plain(x, t, c))  # zero-init output layer
-    # x1 = tanh(a_c W), nonlinear per token. At t = 0 from x_t = 0 the model returns x1_hat,
-    # which is the two paths' output while the network's zero-init output layer is untrained.
-    w = torch.randn(6, 8)
-    cond = torch.randn(128, 4, 6)
-    a = F.rms_norm(cond, (6,))
-    target = torch.tanh(a @ w)
-    linear_best = _same_token_least_squares_error(a, target)
-    loss = _fit_at_t0(model, [*model.cond_mlp.parameters(), *model.linear_cond.parameters()],
-                      cond, target, steps=500)
-    assert loss < 0.3 * linear_best, (loss, linear_best)
-    with pytest.raises(ValueError, match="needs cond_linear=True"):
-        DiTConfig(**{**small, "cond_linear": False}, cond_mlp=16)
-
-
-def _neighbour_mean(a: torch.Tensor, g: int) -> torch.Tensor:
-    """Mean of the 4 grid neighbours of each token (zero padded), written out by hand."""
-    grid = F.pad(a.unflatten(1, (g, g)), (0, 0, 1, 1, 1, 1))
-    return ((grid[:, :-2, 1:-1] + grid[:, 2:, 1:-1] + grid[:, 1:-1, :-2] + grid[:, 1:-1, 2:]) / 4
-            ).flatten(1, 2)
-
-
-def test_cond_local_starts_as_the_plain_model_then_reads_the_neighbours():
-    torch.manual_seed(0)
-    small = dict(target_dim=8, cond_dim=6, hidden=32, depth=1, n_heads=2, n_kv_heads=1,
-                 tokens=16, cond_whiten=None)
-    model = DiT(DiTConfig(**small, cond_local=True))
-    plain = DiT(DiTConfig(**small, cond_local=False))
-    plain.load_state_dict(model.state_dict(), strict=False)
-    x, c, t = torch.randn(2, 16, 8), torch.randn(2, 16, 6), torch.rand(2)
-    torch.testing.assert_close(model(x, t, c), plain(x, t, c))  # zero-init mix
-    # the mix is one 3x3 kernel convolved over the grid: set it to 0.5 x the neighbour mean
-    with torch.no_grad():
-        model.local_mix.copy_(torch.tensor([[0, 1, 0], [1, 0, 1], [0, 1, 0.0]]) / 8)
-    a = F.rms_norm(c, (6,), eps=model.config.norm_eps)
-    torch.testing.assert_close(model.aligned_condition(c, 16), a + 0.5 * _neighbour_mean(a, 4))
-    cls = DiT(DiTConfig(**{**small, "tokens": 17}, cond_local=True, token_mode="cls_patch"))
-    cls.local_mix.data.copy_(model.local_mix)
-    c17 = torch.randn(2, 17, 6)
-    a17 = F.rms_norm(c17, (6,), eps=model.config.norm_eps)
-    torch.testing.assert_close(cls.aligned_condition(c17, 17)[:, 0], a17[:, 0])  # CLS unchanged
-    # x1 = (a + 0.5 * neighbour mean(a)) W: linear, but not in the token alone. Trained at t = 0
-    # from x_t = 0 (the output is the linear path while the network's output layer is zero),
-    # the mixed path fits it far better than the best same-token linear map can.
-    model = DiT(DiTConfig(**small, cond_local=True))
-    cond = torch.randn(128, 16, 6)
-    a = F.rms_norm(cond, (6,))
-    target = (a + 0.5 * _neighbour_mean(a, 4)) @ torch.randn(6, 8)
-    same_token_best = _same_token_least_squares_error(a, target)
-    loss = _fit_at_t0(model, [model.local_mix, *model.linear_cond.parameters()], cond, target,
-                      steps=400)
-    assert loss < 0.1 * same_token_best, (loss, same_token_best)
-
-
-def test_local_gate_off_is_the_plain_model_and_keeps_the_kernel_at_zero(tmp_path):
-    torch.manual_seed(0)
-    small = dict(target_dim=8, cond_dim=6, hidden=32, depth=1, n_heads=2, n_kv_heads=1,
-                 tokens=16, cond_whiten=None)
-    model = DiT(DiTConfig(**small, cond_local=True))
-    with torch.no_grad():  # off zero init, so that the output reads the condition
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    plain = DiT(DiTConfig(**small, cond_local=False))
-    plain.load_state_dict(model.state_dict(), strict=False)
-    x, c, t = torch.randn(2, 16, 8), torch.randn(2, 16, 6), torch.rand(2)
-    assert not torch.allclose(model(x, t, c), plain(x, t, c))
-    model.enable_local_mix(False)
-    torch.testing.assert_close(model(x, t, c), plain(x, t, c))
-    (model.aligned_condition(c, 16).square().sum()).backward()
-    assert torch.equal(model.local_mix.grad, torch.zeros(3, 3))  # off: it never moves
-    model.save_pretrained(tmp_path / "m")  # the gate is saved with the weights
-    assert DiT.from_pretrained(tmp_path / "m").local_gate.item() == 0.0
-    older = {k: v for k, v in model.state_dict().items() if k != "local_gate"}
-    model.load_state_dict(older)  # saved before the gate existed: the mix was trained, gate on
-    assert model.local_gate.item() == 1.0
-    with pytest.raises(ValueError, match="cond_local=True"):
-        plain.enable_local_mix(True)
 
 
 def test_linear_path_needs_x_prediction():
@@ -235,7 +119,7 @@ def test_x_prediction_samples_land_on_the_linear_path():
         model.linear_cond.weight.copy_(w.T)
         model.linear_bias.copy_(b)
     c = torch.randn(3, 16, 24)
-    expected = F.rms_norm(c, (24,), eps=model.config.norm_eps) @ w + b
+    expected = F.rms_norm(c, (24,), eps=NORM_EPS) @ w + b
     for method, steps in (("euler", 1), ("euler", 7), ("heun", 5)):
         x1, _ = flow.sample(model, c, steps=steps, method=method, seed=steps)
         assert torch.allclose(x1, expected, atol=1e-4), method
@@ -283,19 +167,19 @@ def test_zero_init_gives_zero_output_and_every_parameter_learns(variant):
     x, t, c = torch.randn(4, 16, 32), torch.rand(4), torch.randn(4, 16, 24)
     # the network's output starts at zero: v = 0, or x1_hat = 0 (v = -x_t / (1 - t))
     zero = flow.velocity_from_data(torch.zeros(4, 16, 32), x, t) if variant == "eva-repro" else 0 * x
-    assert torch.equal(model(x, t, c), zero)
+    assert torch.equal(flow.velocity(model, x, t, c), zero)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     drop = torch.tensor([True, False, False, False])  # the null condition is trained too
     # Zero init opens in a chain, one link per optimiser step: the output layer, then the adaLN
     # gates, then the per-head cross-attention gates, then the cross K/V behind those gates.
     for _ in range(4):
         opt.zero_grad()
-        loss = (model(x, t, c, drop_cond=drop) - torch.randn(4, 16, 32)).pow(2).mean()
+        loss = (flow.velocity(model, x, t, c, drop) - torch.randn(4, 16, 32)).pow(2).mean()
         loss.backward()
         dead = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().max() == 0]
         opt.step()
     assert dead == [], dead
-    assert not torch.equal(model(x, t, c), zero)
+    assert not torch.equal(flow.velocity(model, x, t, c), zero)
 
 
 def test_save_pretrained_round_trips_exactly(tmp_path):
@@ -384,11 +268,9 @@ def test_estimate_flops_matches_linear_layer_count():
                                                         and "cond_pool" not in name))
     attention = 4 * T * T * cfg.hidden + 4 * T * Tc * cfg.hidden
     whitening = 2 * T * cfg.cond_dim * cfg.cond_dim  # a matmul by a buffer, not a Linear
-    local = 2 * T * cfg.cond_dim * 9 * cfg.cond_local  # the 3x3 mix, a convolution by a Parameter
     # wkv_cond and cond_proj act on Tc tokens; here Tc == T so the count is the same
-    assert estimate_flops(cfg, T, Tc) == pytest.approx(linear + attention + whitening + local,
-                                                       rel=1e-9)
-    cfg = _cfg(depth=1, cond_whiten=None, cond_local=False)
+    assert estimate_flops(cfg, T, Tc) == pytest.approx(linear + attention + whitening, rel=1e-9)
+    cfg = _cfg(depth=1, cond_whiten=None)
     assert estimate_flops(cfg, T, Tc) == pytest.approx(linear + attention, rel=1e-9)
 
 
@@ -403,8 +285,8 @@ def test_training_after_an_inference_mode_forward():
 
 def test_whitening_is_the_identity_until_set_then_carries_the_linear_path_over(tmp_path):
     """An unfitted whitening leaves the model as it was; once set, the aligned condition is
-    (RMSNorm(c) - mean) @ matrix, a ridge-style map given in RMS-feature space still samples
-    exactly (init_linear_path converts it), and the statistics are saved with the weights."""
+    (RMSNorm(c) - mean) @ matrix, a map given in RMS-feature space still samples exactly once
+    carried over to the whitened features, and the statistics are saved with the weights."""
     torch.manual_seed(0)
     model = DiT(_cfg(tokens=16, cond_whiten=1.0)).eval()
     plain = DiT(_cfg(tokens=16, cond_whiten=None)).eval()
@@ -414,10 +296,12 @@ def test_whitening_is_the_identity_until_set_then_carries_the_linear_path_over(t
     mean, q = 0.1 * torch.randn(24), torch.linalg.qr(torch.randn(24, 24))[0]
     matrix = q * torch.linspace(0.5, 2.0, 24)  # an invertible, anisotropic map
     model.init_whitening(mean, matrix)
-    a = F.rms_norm(c, (24,), eps=model.config.norm_eps)
+    a = F.rms_norm(c, (24,), eps=NORM_EPS)
     torch.testing.assert_close(model.aligned_condition(c, 16), (a - mean) @ matrix)
     w, b = torch.randn(24, 32), torch.randn(16, 32)
-    model.init_linear_path(w, b)
+    with torch.no_grad():  # x W + b = ((x - mu) A) (A^-1 W) + (mu W + b)
+        model.linear_cond.weight.copy_(torch.linalg.solve(matrix.double(), w.double()).T)
+        model.linear_bias.copy_(b.double() + mean.double() @ w.double())
     x1, _ = flow.sample(model, c, steps=3, method="euler", seed=1)
     torch.testing.assert_close(x1, a @ w + b, atol=1e-4, rtol=1e-4)
     model.save_pretrained(tmp_path / "m")
@@ -428,25 +312,3 @@ def test_whitening_is_the_identity_until_set_then_carries_the_linear_path_over(t
     with pytest.raises(ValueError, match="shrinkage"):
         _cfg(cond_whiten=0.0)
     assert _cfg(cond_align=False, cond_linear=False, prediction="v").cond_whiten is None
-
-
-def test_dropout_acts_in_training_only_and_is_off_by_default():
-    assert DiTConfig().dropout == 0.0
-    x, t, c = torch.randn(2, 16, 32), torch.rand(2), torch.randn(2, 16, 24)
-
-    def two_training_draws(dropout):
-        torch.manual_seed(0)
-        model = DiT(_cfg(dropout=dropout))
-        for p in model.parameters():  # open the zero-init gates so the blocks' branches count
-            if p.dim() >= 2:
-                torch.nn.init.normal_(p, std=0.05)
-        model.eval()
-        assert torch.equal(model(x, t, c), model(x, t, c))
-        model.train()
-        torch.manual_seed(1)
-        a = model(x, t, c)
-        torch.manual_seed(2)
-        return a, model(x, t, c)
-
-    assert not torch.allclose(*two_training_draws(0.5))
-    assert torch.equal(*two_training_draws(0.0))

@@ -101,9 +101,9 @@ def test_declared_x_prediction_is_mapped_to_the_velocity_once(tmp_path):
     """)
     model = build_model(model_config(spec, "tiny", target_dim=4, cond_dim=6, tokens=4))
     x, t, c = torch.randn(2, 4, 4), torch.tensor([0.25, 0.5]), torch.randn(2, 4, 6)
-    torch.testing.assert_close(model(x, t, c), flow.velocity_from_data(c[..., :4], x, t))
+    torch.testing.assert_close(flow.velocity(model, x, t, c), flow.velocity_from_data(c[..., :4], x, t))
     # no drop_cond argument: a dropped row's condition is zeros
-    out = model(x, t, c, drop_cond=torch.tensor([True, False]))
+    out = flow.velocity(model, x, t, c, drop_cond=torch.tensor([True, False]))
     torch.testing.assert_close(out[0], flow.velocity_from_data(torch.zeros(4, 4), x[:1], t[:1])[0])
     assert model.config.prediction == "x"
     model.save_pretrained(tmp_path / "saved")

@@ -140,7 +140,7 @@ def test_the_first_lines_say_what_the_score_of_the_default_head_does_not_measure
     from eva_repro.model.dit import score_caveat
 
     default = model_config("next-dit", "tiny", "eva-repro", target_dim=8, cond_dim=8)
-    pure = model_config("next-dit", "tiny", "lumina-next", target_dim=8, cond_dim=8)
+    pure = model_config("next-dit", "tiny", "blip3o", target_dim=8, cond_dim=8)
     assert score_caveat(pure) is None and score_caveat(DiTConfig(cond_align=False, cond_linear=False)) is None
     with_caveat = {**report, "model": {**report["model"], "caveat": score_caveat(default)}}
     lines = markdown(with_caveat).splitlines()

@@ -15,9 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from eva_repro import checkpoint as ckpt
-from eva_repro import flow
 from eva_repro import train as train_mod
-from eva_repro.baselines import fit_baselines
 from eva_repro.data import condition_whitening, open_training_data
 from eva_repro.evaluate import evaluate
 from eva_repro.model import VARIANTS
@@ -132,7 +130,6 @@ def test_sigkill_and_resume_continues_the_exact_trajectory(tmp_path, small_data)
     assert sorted(got) == list(range(1, 11))  # steps 5-7 of the killed run were replaced
     assert [got[s] for s in range(5, 11)] == [want[s] for s in range(5, 11)]  # exactly equal
     assert resumed["final_loss"] == full["final_loss"]
-    assert resumed["neighbour_mix"] == full["neighbour_mix"]  # decided once, kept in checkpoints
     a = load_file(str(reference / "model" / "model.safetensors"))
     b = load_file(str(killed / "model" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -271,22 +268,6 @@ def test_fsdp2_two_processes_on_cpu(tmp_path, small_data):
     assert not torch.distributed.is_initialized()  # the run cleans up the group it made
 
 
-def test_ridge_linear_init_starts_the_run_exactly_at_the_ridge_baseline(tmp_path):
-    data, out = tmp_path / "data", tmp_path / "run"
-    write_synthetic_shards(data, 200, grid=2, clip_dim=16, eva_dim=32, seed=2, shard_size=64)
-    train_mod.train(_cfg(data, out, max_steps=1, linear_init="ridge", eval_fraction=0.2,
-                         eval_samples=40))
-    step0 = next(m for m in _metrics(out) if m["step"] == 0 and "heldout_cosine" in m)
-    reader = ShardReader(data)
-    keys, held_keys = reader.keys(), json.loads((out / "split.json").read_text())["heldout_keys"]
-    train_rows = [i for i, k in enumerate(keys) if k not in set(held_keys)]
-    _, ridge = fit_baselines(reader, train_rows, progress=False)
-    held = [reader.read(keys.index(k)) for k in held_keys[:40]]
-    clip, eva = (torch.stack([r[name].float() for r in held]) for name in ("clip", "eva"))
-    want = flow.token_cosine(ridge.predict(clip), eva).mean().item()
-    assert 0.5 < want < 0.99 and step0["heldout_cosine"] == pytest.approx(want, abs=1e-4)
-
-
 def test_nan_samples_are_skipped_and_debug_mode_logs_layers(tmp_path):
     data = tmp_path / "data"
     write_synthetic_shards(data, 16, grid=2, clip_dim=16, eva_dim=32, shard_size=16)
@@ -294,9 +275,8 @@ def test_nan_samples_are_skipped_and_debug_mode_logs_layers(tmp_path):
     t["eva"][3, 0, 0] = float("nan")
     save_file(t, str(data / "shard-00000.safetensors"))
     out = tmp_path / "run"
-    # linear_init ridge: the least-squares fit at start-up skips the bad sample too
     summary = train_mod.train(_cfg(data, out, batch_size=4, max_steps=8, debug_mode=True,
-                                   verify_checksums=False, eval_fraction=0.0, linear_init="ridge"))
+                                   verify_checksums=False, eval_fraction=0.0))
     assert summary["skipped_samples"] == 2  # 2 epochs of 16 samples, one of them bad
     assert summary["nonfinite_steps"] == 0 and summary["final_loss"] == summary["final_loss"]
     last = _metrics(out)[-2]
@@ -438,11 +418,11 @@ def test_dit_beats_ridge_and_mean_on_held_out_data(tmp_path):
     assert dit > ridge + 0.02 and dit > mean + 0.3, (dit, ridge, mean)
 
 
-def test_model_variant_selects_the_pure_lumina_next_head(tmp_path, small_data):
+def test_model_variant_selects_the_blip3o_head(tmp_path, small_data):
     out = tmp_path / "pure"
-    train_mod.train(_cfg(small_data, out, max_steps=1, model_variant="lumina-next"))
+    train_mod.train(_cfg(small_data, out, max_steps=1, model_variant="blip3o"))
     config = json.loads((out / "model" / "config.json").read_text())
-    assert {k: config[k] for k in VARIANTS["lumina-next"]} == VARIANTS["lumina-next"]
+    assert {k: config[k] for k in VARIANTS["blip3o"]} == VARIANTS["blip3o"]
     default = tmp_path / "default"
     train_mod.train(_cfg(small_data, default, max_steps=1))
     config = json.loads((default / "model" / "config.json").read_text())
@@ -497,9 +477,7 @@ def test_lumina_next_backbone_refuses_what_it_cannot_do_in_one_line(tmp_path, sm
                                                                      one_line_error):
     out = tmp_path / "run"
     lumina = dict(backbone="lumina-next")
-    one_line_error(lambda: train_mod.train(_cfg(small_data, out, **lumina, linear_init="ridge")),
-                   "has none")
-    one_line_error(lambda: train_mod.train(_cfg(small_data, out, **lumina, model_variant="lumina-next")),
+    one_line_error(lambda: train_mod.train(_cfg(small_data, out, **lumina, model_variant="blip3o")),
                    "diffusers' own network")
     one_line_error(lambda: train_mod.train(_cfg(small_data, out, backbone="unet")), "unknown --backbone")
     one_line_error(lambda: train_mod.train(_cfg(small_data, out, model_size="blip3o")),
@@ -536,21 +514,6 @@ def test_whitening_is_fitted_on_the_training_split_and_can_be_turned_off(tmp_pat
     config = json.loads((tmp_path / "off" / "model" / "config.json").read_text())
     assert config["cond_whiten"] is None
     assert "cond_white" not in load_file(str(tmp_path / "off" / "model" / "model.safetensors"))
-
-
-def test_the_neighbour_mix_is_trained_only_where_neighbours_carry_the_target(
-        tmp_path, small_data, token_only_data):
-    off = train_mod.train(_cfg(token_only_data, tmp_path / "off", eval_fraction=0.2))
-    assert off["neighbour_mix"]["trained"] is False and off["neighbour_mix"]["ridge_error_cut"] < 0.05
-    weights = load_file(str(tmp_path / "off" / "model" / "model.safetensors"))
-    assert weights["local_gate"] == 0 and torch.equal(weights["local_mix"], torch.zeros(3, 3))
-    on = train_mod.train(_cfg(small_data, tmp_path / "on", eval_fraction=0.2))
-    assert on["neighbour_mix"]["trained"] is True and on["neighbour_mix"]["ridge_error_cut"] >= 0.05
-    weights = load_file(str(tmp_path / "on" / "model" / "model.safetensors"))
-    assert weights["local_gate"] == 1 and weights["local_mix"].abs().sum() > 0
-    always = train_mod.train(_cfg(token_only_data, tmp_path / "always", local_min_gain=0.0))
-    assert "neighbour_mix" not in always  # no test: the mix is trained
-    assert load_file(str(tmp_path / "always" / "model" / "model.safetensors"))["local_gate"] == 1
 
 
 def test_a_patch_only_run_on_cls_shards_drops_the_cls_row_and_evaluates_the_same_way(tmp_path):

@@ -15,7 +15,6 @@ samples by closed-form validation error (no second pass over the data), then ref
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from eva_repro.errors import UserError
-from eva_repro.layout import neighbour_mean, pairs_for_model
+from eva_repro.layout import pairs_for_model
 from eva_repro.progress import progress_bar
 from eva_repro.shards import ShardReader, finite_samples
 
@@ -102,11 +101,8 @@ class RidgeAccumulator:
         self.device = device
 
     def update(self, clip: torch.Tensor, eva: torch.Tensor) -> None:
-        self.add(rms_normalize(clip.to(self.device)), eva)
-
-    def add(self, x: torch.Tensor, eva: torch.Tensor) -> None:
-        """Features x [B, T, Dc] (already computed from the condition) and targets [B, T, De]."""
-        x = x.to(self.device).float()
+        """Conditions [B, T, Dc] (RMS-normalised here: the features) and targets [B, T, De]."""
+        x = rms_normalize(clip.to(self.device))
         y = F.normalize(eva.to(self.device).float(), dim=-1)  # [B, T, De]
         if self.groups == 1:
             x, y = x.reshape(1, -1, x.shape[-1]), y.reshape(1, -1, y.shape[-1])
@@ -125,12 +121,6 @@ class RidgeAccumulator:
         for name in ("sxx", "sxp", "count", "sxy", "spy", "syy"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         return self
-
-    def first_features(self, k: int) -> RidgeAccumulator:
-        """The same statistics for the problem that keeps only the first k features."""
-        sub = copy.copy(self)
-        sub.sxx, sub.sxp, sub.sxy = self.sxx[:k, :k], self.sxp[:, :k], self.sxy[:k]
-        return sub
 
     @property
     def tokens_seen(self) -> float:
@@ -229,72 +219,3 @@ def fit_baselines(
     }
     ridge = RidgeBaseline(weight=w[: m.clip_dim], bias=w[m.clip_dim:], alpha=alpha, info=info)
     return mean_acc.result(), ridge
-
-
-RIDGE_INIT_SAMPLES = 4096  # enough for a D x D map; a bounded extra read on huge datasets
-
-
-def ridge_linear_path(reader: ShardReader, train_rows: Sequence[int], drop_cls: bool
-                      ) -> tuple[torch.Tensor, torch.Tensor, RidgeBaseline, int]:
-    """The ridge map fitted on (at most RIDGE_INIT_SAMPLES of) training rows, scaled into the
-    sampler's target space (token norm sqrt(De)): (weight [Dc, De], bias [P, De], the fit, the
-    samples it read), for `DiT.init_linear_path`. Held-out rows are never read; every rank fits
-    the same map (float64 sums over the same rows)."""
-    stride = max(1, math.ceil(len(train_rows) / RIDGE_INIT_SAMPLES))
-    subset = sorted(list(train_rows)[::stride])
-    _, ridge = fit_baselines(reader, subset, progress=False, drop_cls=drop_cls)
-    scale = math.sqrt(reader.manifest.eva_dim)  # ridge predicts unit tokens
-    return ridge.weight * scale, ridge.bias * scale, ridge, len(subset)
-
-
-# ---------------------------------------------------------------------------------------------
-# does a token's neighbourhood carry what ridge on the token misses?
-
-NEIGHBOUR_TOKENS = 65536  # training tokens read: enough for a 2 Dc x 2 Dc fit, bounded on any data
-
-
-@dataclass
-class NeighbourGain:
-    """Held-in ridge error with the token alone and with its neighbour mean added."""
-
-    same_token_mse: float
-    neighbour_mse: float
-    samples: int
-
-    @property
-    def gain(self) -> float:
-        """The fraction of same-token ridge's error that the neighbours remove."""
-        return 1.0 - self.neighbour_mse / max(self.same_token_mse, 1e-12)
-
-
-def neighbour_gain(reader: ShardReader, train_rows: Sequence[int],
-                   alphas: Sequence[float] = ALPHAS) -> NeighbourGain | None:
-    """Ridge from [token, mean of its 4 grid neighbours] against ridge from the token alone, each
-    with its best alpha (the wider one searched next to the narrower one's), scored on every
-    10th of (evenly spaced) training rows and fitted on the rest: how much of the target a
-    linear map can take from a token's surroundings. Patch tokens only (a CLS token has no
-    neighbours); float64 sums, so every rank gets the same answer. None with too few samples
-    to hold any in (`held_in_rows`)."""
-    m = reader.manifest
-    patches = m.tokens - int(m.include_cls)
-    stride = max(1, math.ceil(len(train_rows) * patches / NEIGHBOUR_TOKENS))
-    rows = list(train_rows)[::stride]
-    held_in = held_in_rows(rows)
-    if not held_in:
-        return None
-    fit = RidgeAccumulator(2 * m.clip_dim, m.eva_dim, patches)
-    val = RidgeAccumulator(2 * m.clip_dim, m.eva_dim, patches)
-    for clip, eva, is_val, _ in _finite_batches(reader, rows, held_in, 64):
-        clip, eva = pairs_for_model(clip, eva, m.include_cls)  # a CLS token has no neighbours
-        x = rms_normalize(clip)
-        x = torch.cat([x, neighbour_mean(x)], dim=-1)
-        fit.add(x[~is_val], eva[~is_val])
-        val.add(x[is_val], eva[is_val])
-    if fit.tokens_seen == 0 or val.tokens_seen == 0:  # all but a few samples non-finite
-        return None
-    token_fit, token_val = fit.first_features(m.clip_dim), val.first_features(m.clip_dim)
-    same = {a: token_val.mse(token_fit.solve(a)) for a in alphas}
-    # the wider fit only near the same-token optimum: each solve is ~8x the cost
-    i = alphas.index(min(same, key=same.get))
-    both = min(val.mse(fit.solve(a)) for a in alphas[max(0, i - 1):i + 2])
-    return NeighbourGain(min(same.values()), both, len(rows))

@@ -6,8 +6,10 @@ Convention (everywhere in eva-repro):
     v   = dx_t/dt = x1 - x0              the network regresses v
 Sampling integrates dx/dt = v(x, t) forward from t = 0 (noise) to t = 1 (data).
 
-Prediction targets map onto v here and nowhere else. A network that predicts the clean target
-x1_hat (x-prediction, JiT: Li & He 2025) has the velocity
+Prediction targets map onto v here and nowhere else (SiT's transport): a network returns its
+raw prediction and declares its type (`config.prediction`, PREDICTIONS); `velocity` calls it
+and maps the output. A network that predicts the clean target x1_hat (x-prediction, JiT: Li &
+He 2025) has the velocity
     v = (x1_hat - x_t) / (1 - t)         `velocity_from_data`, 1 - t clamped at DATA_EPS
 
 Loss: the velocity MSE per example, times a weight of t (`loss_weight`):
@@ -71,6 +73,16 @@ def velocity_from_prediction(y: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
     if prediction == "x":
         return velocity_from_data(y, x_t, t)
     raise ValueError(f"unknown prediction {prediction!r}; choose one of {PREDICTIONS}")
+
+
+def velocity(model: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
+             drop_cond: torch.Tensor | None = None, prediction: str | None = None) -> torch.Tensor:
+    """The velocity of `model` at (x_t, t) given `cond` (rows of `drop_cond` take the null
+    condition): its raw output mapped by the prediction type it declares,
+    `model.config.prediction`, or by `prediction` for a model behind a wrapper that hides its
+    config (DDP)."""
+    y = model(x_t, t, cond, drop_cond=drop_cond)
+    return velocity_from_prediction(y, x_t, t, prediction or model.config.prediction)
 
 
 def prediction_from_velocity(v: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
@@ -192,14 +204,15 @@ def velocity_loss(
     drop: torch.Tensor | None = None,
     weight: str = FlowConfig.loss_weight,
     mask: torch.Tensor | None = None,
+    prediction: str | None = None,
 ) -> FlowLoss:
     """The objective of `flow_loss` on the caller's noise x0, times t [B] and condition dropout
     [B] (the trainer draws them per example, independent of the rank layout), weighted by
     `loss_weight(t, weight)`. `mask` [B] (bool) leaves padded examples out of the loss and
-    cosine means."""
+    cosine means; `prediction` as in `velocity`."""
     x1 = normalize_target(target)
     v_true = target_velocity(x0, x1)
-    v_pred = model(interpolate(x0, x1, t), t, cond, drop_cond=drop).float()
+    v_pred = velocity(model, interpolate(x0, x1, t), t, cond, drop, prediction).float()
     per_example = F.mse_loss(v_pred, v_true, reduction="none").mean(dim=tuple(range(1, v_true.dim())))
     per_example = per_example * loss_weight(t, weight)
     cosine = token_cosine(v_pred.detach(), v_true).reshape(v_true.shape[0], -1).mean(dim=1)  # [B]
@@ -300,16 +313,16 @@ def guided_velocity(
 ) -> VelocityFn:
     """velocity_fn for `sample_ode`: v_u + s * (v_c - v_u), one batched call; s = 1 is off."""
 
-    def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def field(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if cfg_scale == 1.0:
-            return model(x, t, cond).float()
+            return velocity(model, x, t, cond).float()
         b = x.shape[0]
         drop = torch.arange(2 * b, device=x.device) >= b
-        v = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, cond]), drop_cond=drop)
+        v = velocity(model, torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, cond]), drop)
         v_cond, v_uncond = v.float().chunk(2)
         return v_uncond + cfg_scale * (v_cond - v_uncond)
 
-    return velocity
+    return field
 
 
 @torch.no_grad()

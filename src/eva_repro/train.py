@@ -180,8 +180,6 @@ class TrainingRun:
     position: DataPosition = field(default_factory=DataPosition)
     resumed_from: str | None = None
     recent_losses: list[float] = field(default_factory=list)  # for summary final_loss
-    fitted: dict[str, Any] = field(default_factory=dict)  # fit_to_training_data's decisions,
-    # kept in the checkpoints so a resumed run's summary reports them too
 
 
 def seed_everything(seed: int) -> None:
@@ -253,10 +251,8 @@ def setup(cfg: TrainConfig) -> TrainingRun:
                                                                             drop_cls=drop_cls))
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     raw = build_model(model_cfg).to(d.device)
-    fitted = {}
-    if resume_path is None:  # a resumed run loads its own statistics, gate and weights
-        fitted = fit_to_training_data(raw, data.reader, rows, drop_cls, cfg.local_min_gain,
-                                      cfg.linear_init, lambda message: log(d, message))
+    if resume_path is None:  # a resumed run loads its own statistics and weights
+        fit_to_training_data(raw, data.reader, rows, drop_cls, lambda message: log(d, message))
     ema = build_model(model_cfg).to(d.device)
     ema.load_state_dict(raw.state_dict())
     ema.requires_grad_(False)
@@ -271,8 +267,7 @@ def setup(cfg: TrainConfig) -> TrainingRun:
     eval_rows = data.heldout_rows[:cfg.eval_samples]
     run = TrainingRun(cfg, d, run_dir, data, schedule, model, raw, ema, optimizer,
                       total, warmup, drop_cls, rows, load(eval_rows),
-                      load(rows[:max(cfg.eval_samples, 1)]) if cfg.overfit_test_size else None,
-                      fitted=fitted)
+                      load(rows[:max(cfg.eval_samples, 1)]) if cfg.overfit_test_size else None)
     if resume_path is not None:
         restore(run, resume_path)
     return run
@@ -307,7 +302,6 @@ def restore(run: TrainingRun, path: Path) -> None:
         log(run.d, f"global micro-batch {saved_batch} -> {run.schedule.global_batch}: continuing at "
                    f"sample {samples} of epoch {run.position.epoch}")
     run.recent_losses = list(state.meta.get("recent_losses", []))
-    run.fitted = dict(state.meta.get("fitted", {}))
     ckpt.restore_rng(*state.rng)
     run.resumed_from = str(path)
     log(run.d, f"resumed from {path} at step {run.step} (epoch {run.position.epoch}, batch "
@@ -321,7 +315,7 @@ def save(run: TrainingRun) -> None:
             "scheduler": {"kind": "warmup_cosine", "total_steps": run.total_steps,
                           "warmup_steps": run.warmup, "min_lr_ratio": run.cfg.min_lr_ratio,
                           "base_lr": run.cfg.learning_rate},
-            "recent_losses": run.recent_losses, "fitted": run.fitted}
+            "recent_losses": run.recent_losses}
     state = ckpt.gather_training_state(run.step, run.raw, run.ema, run.optimizer, meta)
     if run.d.is_main:
         path = ckpt.save_checkpoint(run.run_dir, state, keep=run.cfg.keep_checkpoints)
@@ -402,7 +396,7 @@ def train_step(run: TrainingRun, batches: Iterator[data_mod.Batch], stats: dict[
         with sync:
             with autocast(run.d.device):
                 out = flow.velocity_loss(run.model, eva, clip, x0, t, drop, cfg.flow.loss_weight,
-                                         mask=b.valid)
+                                         mask=b.valid, prediction=run.raw.config.prediction)
             (out.loss / cfg.grad_accum).backward()
         n = float(b.valid.sum())
         loss_sum += float(out.loss.detach()) * n
@@ -559,7 +553,6 @@ def _summary(run: TrainingRun, final_eval: dict[str, Any], stats: dict[str, Any]
         "nonfinite_steps": stats["nonfinite_steps"],
         "train_time_s": round(seconds, 2),
         "resumed_from": run.resumed_from,
-        **run.fitted,
     }
     if run.overfit_set is not None:
         summary["overfit_cosine"] = final_eval["overfit_cosine"]

@@ -19,17 +19,14 @@ from eva_repro.shards import Manifest
 
 OVERFIT_DEFAULT_STEPS = 300
 # Peak AdamW learning rate per preset when --learning_rate is not given: roughly 1/width, the
-# usual transformer practice (wider models need smaller steps). The tiny preset's was measured
-# (docs/troubleshooting.md): 3e-3 was chosen on held-out cosine; the others are not retuned.
+# usual transformer practice (wider models need smaller steps). The tiny preset's was chosen on
+# held-out cosine (docs/troubleshooting.md); the others are not retuned.
 DEFAULT_LR = {"tiny": 3e-3, "small": 6e-4, "base": 3e-4, "large": 2e-4, "blip3o": 1e-4}
 OVERFIT_BAR = 0.8  # the seed's sanity bar for the sampled cosine in overfit mode
 
 
 class TrainingError(UserError):
     """A training setup that cannot run (bad flags, data that does not fit the model)."""
-
-
-LINEAR_INITS = ("zero", "ridge")  # how the head's linear path starts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -52,19 +49,12 @@ class TrainConfig:
                            "--model_override values are passed to the factory)")
     model_size: str = option("base", "preset: tiny, small, base, large (both backbones); blip3o "
                              "(lumina-next: 1792 wide, 24 layers, 28 heads)")
-    model_variant: str = option("eva-repro", "the head's conditioning and prediction: eva-repro "
-                                "(aligned condition, x-prediction, linear path) or lumina-next "
-                                "(the pure BLIP3-o head: cross-attention, v-prediction)")
+    model_variant: str = option("eva-repro", "the next-dit head's conditioning and prediction: "
+                                "eva-repro (aligned condition, x-prediction, linear path) or "
+                                "blip3o (BLIP3-o's own head: cross-attention, v-prediction)")
     model_overrides: dict[str, Any] = option(
         factory=dict, flag="--model_override", repeat=True, metavar="KEY=VALUE",
         help="override a config field of the preset, e.g. depth=2 (repeatable; JSON values)")
-    linear_init: str = option("zero", "eva-repro head: start its linear path at zero (best on "
-                              "the synthetic sets) or at the ridge fit of the training "
-                              "split (starts at ridge; see docs/model.md)", choices=LINEAR_INITS)
-    local_min_gain: float = option(0.05, "eva-repro head: train the neighbour mix (cond_local) "
-                                   "only where held-in ridge that also reads each token's "
-                                   "neighbours has at least this fraction less error than "
-                                   "same-token ridge (0: always; see docs/model.md)")
     training_mode: str = option("auto", "token layout; auto follows the shards (patch_only on CLS "
                                 "shards drops the CLS token)", choices=["auto", *TOKEN_MODES])
     batch_size: int = option(8, "per rank and micro-batch", group="batches and length")
@@ -149,11 +139,8 @@ def validate_config(cfg: TrainConfig) -> None:
                                   f"{cfg.backbone}; choose one of {sizes}"),
         (not lumina or cfg.model_variant == "eva-repro",
          "--model_variant picks a next-dit head; --backbone lumina-next is diffusers' own network"),
-        (not lumina or cfg.linear_init == "zero",
-         "--linear_init ridge needs the next-dit backbone's linear path; lumina-next has none"),
-        (not own or (cfg.model_variant == "eva-repro" and cfg.linear_init == "zero"),
-         "--model_variant and --linear_init pick parts of the next-dit head; a --backbone "
-         "import path is your own network"),
+        (not own or cfg.model_variant == "eva-repro",
+         "--model_variant picks a next-dit head; a --backbone import path is your own network"),
         (cfg.training_mode in ("auto", *TOKEN_MODES),
          f"--training_mode must be auto, patch_only or cls_patch, got {cfg.training_mode!r}"),
         (cfg.batch_size >= 1, f"--batch_size must be >= 1, got {cfg.batch_size}"),
@@ -178,7 +165,6 @@ def validate_config(cfg: TrainConfig) -> None:
         (0 < cfg.flow.time_shift < math.inf,
          f"--time_shift must be finite and > 0, got {cfg.flow.time_shift}"),
         (math.isfinite(cfg.flow.time_mean), f"--time_mean must be finite, got {cfg.flow.time_mean}"),
-        (cfg.linear_init in LINEAR_INITS, f"--linear_init must be one of {LINEAR_INITS}"),
         (cfg.flow.time_scheme in flow.TIME_SCHEMES,
          f"--time_scheme must be one of {flow.TIME_SCHEMES}"),
         (cfg.flow.loss_weight in flow.LOSS_WEIGHTS,
@@ -188,8 +174,6 @@ def validate_config(cfg: TrainConfig) -> None:
          f"--overfit_test_size must be >= 0 (0: off), got {cfg.overfit_test_size}"),
         *((getattr(cfg, name) >= 1, f"--{name} must be >= 1, got {getattr(cfg, name)}")
           for name in ("log_every", "save_every", "eval_every")),
-        (0 <= cfg.local_min_gain <= 1,
-         f"--local_min_gain must be in [0, 1] (a fraction of the error), got {cfg.local_min_gain}"),
         (0 <= cfg.eval_fraction < 1, f"--eval_fraction must be in [0, 1), got {cfg.eval_fraction}"),
         (cfg.max_samples is None or cfg.max_samples >= 1,
          f"--max_samples must be >= 1, got {cfg.max_samples}"),

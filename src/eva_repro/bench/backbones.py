@@ -4,7 +4,7 @@ On problems of the learning benchmark (`bench.quality`), at equal width and dept
 tiny preset: 384 wide, 6 blocks, batch 16, default settings otherwise), three heads are trained
 and scored on held-out samples against the mean and ridge baselines:
 - `next-dit`: eva-repro's default head (aligned condition, x-prediction, linear path);
-- `next-dit-pure`: our Next-DiT in its pure Lumina-Next configuration (cross-attention
+- `next-dit-pure`: our Next-DiT as BLIP3-o's head (`--model_variant blip3o`: cross-attention
   only, v-prediction), the same conditioning as diffusers' network;
 - `diffusers-lumina-next`: diffusers' own network (`--backbone lumina-next`).
 Reported per head: the curve of held-out cosine against steps and training seconds, the first
@@ -29,7 +29,7 @@ from eva_repro.synth import write_synthetic_shards
 
 HEADS = {
     "next-dit": dict(backbone="next-dit", model_variant="eva-repro"),
-    "next-dit-pure": dict(backbone="next-dit", model_variant="lumina-next"),
+    "next-dit-pure": dict(backbone="next-dit", model_variant="blip3o"),
     "diffusers-lumina-next": dict(backbone="lumina-next"),
 }
 # the learning benchmark's grid problems, and one token per image: diffusers' cross-attention

@@ -38,11 +38,12 @@ PROBLEMS = {
 }
 QUICK = {"synth-64-128": 200}  # --quick: these problems only, at this many optimiser steps
 BATCH, EPOCHS, HELDOUT = 8, 10, 0.2  # the trainer's defaults (TrainConfig), 20% held out
-# label: train options over the defaults. "blip3o" is BLIP3-o's own recipe: the Lumina-Next head
-# (cross-attention only, v-prediction), the plain velocity loss, logit-normal(0, 1) times.
+# label: train options over the defaults. "blip3o" is BLIP3-o's own recipe: its head (the pure
+# Lumina-Next block: cross-attention only, v-prediction), the plain velocity loss, logit-normal(0, 1)
+# times.
 CONFIGS = {
     "eva-repro": {},
-    "blip3o": dict(model_variant="lumina-next", loss_weight="velocity", time_mean=0.0,
+    "blip3o": dict(model_variant="blip3o", loss_weight="velocity", time_mean=0.0,
                    time_std=1.0),
 }
 # How many times the default budget each recipe trains for. The pure head finds the aligned
@@ -82,7 +83,6 @@ def run_problem(data: Path, steps: int | None, label: str, work: Path,
     return {
         "variant": label, "steps": summary["steps"], "params_m": summary["params_m"],
         "train_s": summary["train_time_s"], "curve": curve,
-        "neighbour_mix": summary.get("neighbour_mix"),  # trained or not, and why
         "dit": round(report["cosine"]["token_mean"], 4), "mean": round(mean, 4),
         "ridge": round(ridge, 4), "heldout_samples": report["n_samples"],
         # 95% bootstrap interval of DiT - ridge over the held-out images: is the gap resolved?

@@ -1,13 +1,14 @@
 """The one model factory and loader: a backbone name or a saved config -> the network.
 
-    next-dit     eva-repro's Next-DiT (`dit.py`): DiTConfig, variants "eva-repro" / "lumina-next"
+    next-dit     eva-repro's Next-DiT (`dit.py`): DiTConfig, variants "eva-repro" / "blip3o"
     lumina-next  diffusers' LuminaNextDiT2DModel, BLIP3-o's head (`lumina_next.py`, optional extra)
     mod:factory  your own network (`plugin.py`): an import path or path/to/file.py:factory
 
-Every backbone takes forward(x_t, t, cond, drop_cond) -> velocity in eva-repro's time convention,
-has `.config` (target_dim, cond_dim, token_mode, tokens, target_norm, fixed_tokens, prediction,
-to_dict) and `.blocks`, and saves a self-describing directory whose config.json names its
-architecture.
+Every backbone takes forward(x_t, t, cond, drop_cond) in eva-repro's time convention and returns
+its raw prediction, whose type `.config.prediction` declares ("v" or "x"; `flow.velocity` maps
+it); has `.config` (target_dim, cond_dim, token_mode, tokens, target_norm, fixed_tokens,
+prediction, to_dict) and `.blocks`, and saves a self-describing directory whose config.json
+names its architecture.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """diffusers' `LuminaNextDiT2DModel` (BLIP3-o's head) as an eva-repro backbone, in one file.
 
-    x_t [B, T, D_target], t [B], c [B, Tc, D_cond]  ->  velocity [B, T, D_target]
+    x_t [B, T, D_target], t [B], c [B, Tc, D_cond]  ->  v [B, T, D_target] (prediction "v")
 
     image  = x_t as a (D_target, g, g) latent image, g = sqrt(T)    patch_size 1: one token a cell
     v      = LuminaNextDiT2DModel(image, timestep=t, encoder_hidden_states=c,
@@ -67,9 +67,8 @@ class LuminaNextConfig:
     target_norm: float = 1.0  # mean L2 norm of raw target tokens; maps samples back to EVA scale
     grad_checkpointing: bool = False
     extra: dict = field(default_factory=dict)
-    # fixed by the design, read by the trainer, evaluator and sampler like DiTConfig's
+    # fixed by the design, read by `flow.velocity`, the evaluator and the sampler like DiTConfig's
     prediction = "v"
-    cond_linear = False
     fixed_tokens = None
 
     def __post_init__(self) -> None:
@@ -170,7 +169,8 @@ class LuminaNextDiT(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
                 drop_cond: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, T, D_target] at time t [B] (0 noise, 1 data), cond [B, Tc, D_cond] -> v."""
+        """x [B, T, D_target] at time t [B] (0 noise, 1 data), cond [B, Tc, D_cond] -> v, the
+        network's raw prediction (`config.prediction` "v": nothing to map)."""
         B, T, D = x.shape
         g = math.isqrt(T)
         if g * g != T:

@@ -7,8 +7,9 @@ The factory is called as `factory(target_dim=, cond_dim=, tokens=, **hints)` and
     forward(x_t [B, T, D_target], t [B], cond [B, Tc, D_cond][, drop_cond [B] bool]) -> [B, T, D_target]
 
 in eva-repro's convention (t = 0 noise, t = 1 data, x_t = (1 - t) x0 + t x1), returning the
-velocity v = x1 - x0, or the clean target x1 when the module declares `prediction = "x"`
-(`flow.velocity_from_data` maps it; the one place). Optional, used when present:
+velocity v = x1 - x0, or the clean target x1 when the module declares `prediction = "x"`.
+The wrapper returns that raw prediction as it is and declares its type (`config.prediction`);
+`flow.velocity` maps it, the one place. Optional, used when present:
 
     drop_cond           a forward argument: True rows take the network's own null condition
                         (classifier-free guidance); without it, a dropped condition is zeros
@@ -133,8 +134,7 @@ class PluginConfig:
     condition_as_set: bool = False
     extra: dict = field(default_factory=dict)
     grad_checkpointing: bool = False
-    cond_linear = False  # the host's questions of a built-in head: a plugin has none of it
-    fixed_tokens = None
+    fixed_tokens = None  # the host's question of a built-in head: a plugin takes any count
 
     def __post_init__(self) -> None:
         check_mode(self.token_mode)
@@ -153,8 +153,9 @@ class PluginConfig:
 
 
 class PluginModel(nn.Module):
-    """eva-repro's model interface (forward(x, t, cond, drop_cond) -> velocity, config,
-    save/load, blocks) around the network a factory returned, held as `.net`."""
+    """eva-repro's model interface (forward(x, t, cond, drop_cond) -> the raw prediction,
+    config with its `prediction` type, save/load, blocks) around the network a factory
+    returned, held as `.net`."""
 
     def __init__(self, config: PluginConfig):
         super().__init__()
@@ -194,7 +195,8 @@ class PluginModel(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
                 drop_cond: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, T, D_target] at time t [B] (0 noise, 1 data), cond [B, Tc, D_cond] -> v."""
+        """x [B, T, D_target] at time t [B] (0 noise, 1 data), cond [B, Tc, D_cond] -> the
+        network's raw prediction (`config.prediction`)."""
         if drop_cond is not None and self._takes_drop:
             y = self.net(x, t, cond, drop_cond=drop_cond)
         else:
@@ -205,7 +207,7 @@ class PluginModel(nn.Module):
             got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
             raise PluginError(f"--backbone {self.config.backbone!r}: forward returned {got} for "
                               f"x_t of shape {tuple(x.shape)}; it must return the same shape")
-        return flow.velocity_from_prediction(y, x, t, self.config.prediction)
+        return y
 
     # -- persistence: config.json (import path + arguments) + model.safetensors ---------------
 

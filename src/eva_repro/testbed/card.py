@@ -197,18 +197,16 @@ WIDE_FOR_V = Check("learns_wide", "learning", None, None, "prediction 'x' only",
 
 
 class ShownTime(nn.Module):
-    """The model with its network shown `show(t)` instead of t; the x -> v mapping keeps the
-    true t, so only what the network itself reads changes."""
+    """The model with its network shown `show(t)` instead of t. It returns the network's raw
+    prediction, which `flow.velocity` maps with the true t: only what the network itself reads
+    changes."""
 
     def __init__(self, model: nn.Module, show: Callable[[torch.Tensor], torch.Tensor]):
         super().__init__()
         self.model, self.show, self.config = model, show, model.config
 
     def forward(self, x, t, cond, drop_cond=None):
-        shown = self.show(t)
-        y = flow.prediction_from_velocity(self.model(x, shown, cond, drop_cond=drop_cond), x, shown,
-                                          self.config.prediction)
-        return flow.velocity_from_prediction(y, x, t, self.config.prediction)
+        return self.model(x, self.show(t), cond, drop_cond=drop_cond)
 
 
 def fixed_time(model: nn.Module, value: float = 0.5) -> ShownTime:

@@ -1,10 +1,10 @@
 """Interface checks: what any DiT must get right before it learns anything, on random inputs.
 
 Run on a copy of the network with every parameter perturbed (DiT-style zero init makes the
-output exactly zero and cuts most gradients at step 0, which would hide every bug). Each
-dependence check compares the network's *raw* prediction (`flow.prediction_from_velocity`: the
-velocity, or the clean target of an x-predicting network), so the x -> v mapping's own use of t
-and x_t never counts as the network's.
+output exactly zero and cuts most gradients at step 0, which would hide every bug). Every
+check reads what forward returns, the network's raw prediction (the velocity, or the clean
+target of an x-predicting network), so the x -> v mapping's own use of t and x_t, which lives in
+`flow`, never counts as the network's.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from eva_repro import flow
 from eva_repro.model import from_pretrained
 from eva_repro.testbed.verdict import Check
 
@@ -38,12 +37,6 @@ def perturbed(model: nn.Module, seed: int = 0) -> nn.Module:
             if p.requires_grad and p.dtype.is_floating_point:
                 p.add_(torch.randn(p.shape, generator=g).to(p) * PERTURB)
     return out
-
-
-def raw(model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
-        drop: torch.Tensor | None = None) -> torch.Tensor:
-    v = model(x, t, cond, drop_cond=drop).float()
-    return flow.prediction_from_velocity(v, x, t, model.config.prediction)
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -73,7 +66,7 @@ def interface_checks(model: nn.Module, tokens: int, batch: int = 4, seed: int = 
         add(name, passed, value, threshold, meaning, detail)
 
     with torch.no_grad():
-        guarded("output_shape", "== x_t's shape", "forward must return one velocity per input token",
+        guarded("output_shape", "== x_t's shape", "forward must return one prediction per input token",
                 lambda: _shape(net, x, t, cond))
         guarded("finite", "all finite at t = 0, 0.5, 1", "the network produces NaN/inf at some t "
                 "(a division by t or 1 - t, or an overflow)", lambda: _finite(net, x, cond))
@@ -138,27 +131,27 @@ def _batch_independent(net, x, t, cond):
 
 
 def _depends(net, x, t, cond, what: str):
-    base = raw(net, x, t, cond)
+    base = net(x, t, cond)
     if what == "x":
-        other = raw(net, x + torch.randn_like(x), t, cond)
+        other = net(x + torch.randn_like(x), t, cond)
     elif what == "cond":
-        other = raw(net, x, t, cond.roll(1, dims=0))
+        other = net(x, t, cond.roll(1, dims=0))
     elif what == "t":
-        other = raw(net, x, (t + 0.35) % 0.8 + 0.1, cond)
+        other = net(x, (t + 0.35) % 0.8 + 0.1, cond)
     else:  # the condition's tokens in another order, the target's untouched
         perm = torch.randperm(cond.shape[1], generator=torch.Generator().manual_seed(1))
-        other = raw(net, x, t, cond[:, perm])
+        other = net(x, t, cond[:, perm])
     d = relative(other, base)
     return d > DEPENDS, d, ""
 
 
 def _bidirectional(net, x, t, cond):
-    base = raw(net, x, t, cond)
+    base = net(x, t, cond)
     first, last = x.clone(), x.clone()
     first[:, 0] += 1.0
     last[:, -1] += 1.0
-    to_last = relative(raw(net, first, t, cond)[:, -1], base[:, -1])
-    to_first = relative(raw(net, last, t, cond)[:, 0], base[:, 0])
+    to_last = relative(net(first, t, cond)[:, -1], base[:, -1])
+    to_first = relative(net(last, t, cond)[:, 0], base[:, 0])
     return min(to_first, to_last) > DEPENDS, min(to_first, to_last), (
         f"first -> last {to_last:.3g}, last -> first {to_first:.3g}")
 

@@ -1,5 +1,5 @@
 """The bug zoo: bugs people make in DiTs, each planted in the pure BLIP3-o / Lumina-Next head
-(`model.dit`, `VARIANTS["lumina-next"]`), so that `eva-repro check` can be shown to catch them.
+(`model.dit`, `VARIANTS["blip3o"]`), so that `eva-repro check` can be shown to catch them.
 
 Each mutant is a plugin factory (`--backbone eva_repro.testbed.zoo:NAME`); the ones that live in
 a training pipeline rather than in the network also patch the trainer while their card runs
@@ -34,6 +34,7 @@ from eva_repro import train as train_mod
 from eva_repro.files import atomic_write_bytes, atomic_write_json
 from eva_repro.lockfile import refuse_a_file
 from eva_repro.model.dit import (
+    ROPE_THETA,
     VARIANTS,
     Block,
     DiT,
@@ -46,7 +47,7 @@ from eva_repro.testbed.card import BUDGETS, run_card
 
 
 def head(target_dim: int, cond_dim: int, tokens: int, hidden: int = 384, depth: int = 6,
-         n_heads: int = 6, n_kv_heads: int = 2, head: str = "lumina-next", **_: Any) -> DiT:
+         n_heads: int = 6, n_kv_heads: int = 2, head: str = "blip3o", **_: Any) -> DiT:
     """The Next-DiT head a mutant starts from: the pure one, or with `head="eva-repro"` the
     default head (aligned condition, linear path, x-prediction)."""
     return DiT(DiTConfig(target_dim=target_dim, cond_dim=cond_dim, tokens=tokens, hidden=hidden,
@@ -54,9 +55,9 @@ def head(target_dim: int, cond_dim: int, tokens: int, hidden: int = 384, depth: 
 
 
 class Wrapped(nn.Module):
-    """A head as a plugin that declares its prediction type (the host, not the DiT, then maps an
-    x-prediction to the velocity, so the checks see what the network itself predicts), its
-    inputs optionally changed on the way in (`edit(x, t, cond, drop, training)`)."""
+    """A head as a plugin that declares the head's prediction type and returns its raw
+    prediction (the host maps it to the velocity with the true x_t and t), its inputs
+    optionally changed on the way in (`edit(x, t, cond, drop, training)`)."""
 
     def __init__(self, net: DiT, edit: Callable | None = None):
         super().__init__()
@@ -70,8 +71,7 @@ class Wrapped(nn.Module):
         inputs = (x, t, cond, drop_cond)
         if self.edit is not None:
             inputs = self.edit(*inputs, self.training)
-        v = self.net(*inputs)
-        return flow.prediction_from_velocity(v, inputs[0], inputs[1], self.prediction)
+        return self.net(*inputs)
 
 
 def correct(**kw) -> nn.Module:
@@ -91,8 +91,8 @@ class TimeReversedSampler(Wrapped):
     def forward(self, x, t, cond, drop_cond=None):
         if self.training:
             return super().forward(x, t, cond, drop_cond)
-        y = -self.net(x, 1 - t, cond, drop_cond)  # the velocity, read the other way
-        return flow.prediction_from_velocity(y, x, t, self.prediction)
+        v = -flow.velocity(self.net, x, 1 - t, cond, drop_cond)  # the velocity, read the other way
+        return flow.prediction_from_velocity(v, x, t, self.prediction)
 
 
 def sampler_time_reversed(**kw) -> nn.Module:
@@ -144,11 +144,11 @@ def rope_1d(**kw) -> nn.Module:
     def positions(self, tokens, grid_tokens, device):
         pos = torch.zeros(tokens, 3)
         pos[:, 2] = torch.arange(tokens) * (grid_tokens / tokens)
-        ang = rope_angles(pos, cfg.rope_axes, cfg.rope_theta)
+        ang = rope_angles(pos, cfg.rope_axes, ROPE_THETA)
         embed = None
         if cfg.abs_pos_embed:  # the default head's absolute embedding, from the same positions
             embed = sincos_embedding(pos, tuple(a * cfg.n_heads for a in cfg.rope_axes),
-                                     cfg.rope_theta).float().to(device)
+                                     ROPE_THETA).float().to(device)
         return ang.cos().float().to(device), ang.sin().float().to(device), embed
 
     net.positions = types.MethodType(positions, net)
@@ -266,11 +266,11 @@ MUTANTS = {m.name: m for m in [
 
 
 def judge(mutant: Mutant, output_dir: Path, budget: str, device: str = "auto",
-          head: str = "lumina-next", say: Callable[[str], None] = print, reuse: bool = False
+          head: str = "blip3o", say: Callable[[str], None] = print, reuse: bool = False
           ) -> dict[str, Any]:
     """The card of one mutant of `head` (its pipeline patch active while it runs)."""
     b = BUDGETS[budget]
-    if head != "lumina-next" and mutant.factory.startswith(HERE):
+    if head != "blip3o" and mutant.factory.startswith(HERE):
         b = replace(b, extra_hints=(("head", head),))
     with mutant.pipeline() if mutant.pipeline else contextlib.nullcontext():
         return run_card(mutant.factory, output_dir, b, device, say=say, reuse=reuse)
@@ -299,7 +299,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--reuse", action="store_true", help="judge the finished runs already under "
                    "--output_dir (same settings) instead of training them again")
-    p.add_argument("--head", default="lumina-next", choices=sorted(VARIANTS),
+    p.add_argument("--head", default="blip3o", choices=sorted(VARIANTS),
                    help="the Next-DiT head the bugs are planted in: the pure BLIP3-o one, or the "
                    "default eva-repro head (what its score depends on)")
 
