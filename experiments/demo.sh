@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # docs/results.md "The demo": the full demo and its --quick form, each twice (the second run
 # reuses everything), timed with /usr/bin/time -v where it exists; report in OUT/*/report/.
-#   experiments/demo.sh [OUT]        (~15 min for the full demo on an idle 2-core CPU)
+#   experiments/demo.sh [OUT]     
 set -euo pipefail
 out=${1:-demo_results}
 cli=${EVA_REPRO:-eva-repro}

@@ -3,7 +3,7 @@
 # full-depth, randomly initialised EVA02-L-14 (target) and ViT-L-14 (condition) at 16 x 16 and 8 x 8 tokens,
 # then the trainer with its defaults (tiny preset, batch 8, 10 epochs, 20% held out) and the
 # evaluator (DiT vs mean vs ridge on every held-out photo).
-#   experiments/imagenet.sh [IMAGES] [OUT]   (extraction ~75 min per grid on 2 CPU cores)
+#   experiments/imagenet.sh [IMAGES] [OUT]
 set -euo pipefail
 images=${1:-../shared/data/imagenet-sample}
 out=${2:-imagenet}

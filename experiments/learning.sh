@@ -2,7 +2,7 @@
 # docs/results.md "The synthetic families through the trainer": each synthetic family through
 # `eva-repro train` + `evaluate` with the defaults (tiny preset, batch 16, 20% held out by key hash, heun 20 steps), the held-out
 # curve at each quarter of the run in run/metrics.jsonl, DiT vs mean vs ridge in report/.
-#   experiments/learning.sh [OUT]        (1 CPU thread per run; ~10-40 min per family on a CPU)
+#   experiments/learning.sh [OUT]        (1 CPU thread per run)
 set -euo pipefail
 out=${1:-learning}
 cli=${EVA_REPRO:-eva-repro}

@@ -21,7 +21,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="module")
 def one_thread():
-    """2 cores shared by several jobs: a second OpenMP thread spin-waits and is ~10x slower."""
+    """2 cores shared by several jobs: a second OpenMP thread spin-waits for the first."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -1,7 +1,7 @@
 """`eva-repro demo --quick` end to end: bundled photos -> shards -> tiny DiT -> report, twice.
 
-One module-scoped run (about a minute on 2 busy CPU cores) is shared by the checks; the second
-invocation must reuse everything (no shard or checkpoint rewritten, no training step taken).
+One module-scoped run is shared by the checks; the second invocation must reuse everything (no
+shard or checkpoint rewritten, no training step taken).
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def test_outputs_exist_and_plots_are_png(demo):
         assert (out / "report" / name).read_bytes()[:8] == PNG, name
     page = (out / "DEMO.md").read_text()
     summary = json.loads((out / "demo_summary.json").read_text())
-    assert "| **DiT** |" in page
+    assert "| **DiT** |" in page and "Grouping: keys held out in groups" in page
     assert all(f"{k} {v}" in page for k, v in summary["encoder_weights"].items())
     assert summary["num_images"] == QUICK.num_images
     train = json.loads((out / "run" / "summary.json").read_text())

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import runpy
+import shutil
 import signal
 import subprocess
 import sys
@@ -123,7 +124,7 @@ def test_weights_files_give_the_tokens_of_open_clip_and_timm(tmp_path):
         torch.testing.assert_close(row["clip"], clip_ref[i], atol=1e-4, rtol=1e-4)
 
 
-def test_cli_grid8_and_seed_compatible_shim(tmp_path, monkeypatch):
+def test_cli_grid8_and_the_public_reference_script(tmp_path, monkeypatch):
     write_images(tmp_path / "in", 3)
     monkeypatch.setattr(sys, "argv", [
         "extract_embeddings.py", "--input_dir", str(tmp_path / "in"), "--output_dir",
@@ -144,7 +145,7 @@ def test_cli_grid8_and_seed_compatible_shim(tmp_path, monkeypatch):
     assert shards.ShardReader(m).read(0)["eva"].dtype == torch.bfloat16
 
 
-def test_bad_inputs_are_skipped_and_counts_add_up(tmp_path):
+def test_bad_inputs_are_skipped_the_counts_add_up_and_merge_rebuilds_them(tmp_path):
     expected = make_bad_corpus(tmp_path / "bad", good=2)
     tar = make_broken_tar(tmp_path / "wds.tar")
     listing = tmp_path / "list.txt"
@@ -169,6 +170,16 @@ def test_bad_inputs_are_skipped_and_counts_add_up(tmp_path):
             for c in shards.read_manifest(tmp_path / "out").sidecar(s).captions]
     assert "caption a" in caps and "caption b" in caps
 
+    # --merge rebuilds the manifest and failures.jsonl from the chunk records alone
+    before = (tmp_path / "out" / "failures.jsonl").read_text()
+    (tmp_path / "out" / "manifest.json").unlink()
+    (tmp_path / "out" / "failures.jsonl").unlink()
+    assert cli.main(["extract", "--merge", "--output_dir", str(tmp_path / "out")]) == 0
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text()) == m
+    assert (tmp_path / "out" / "failures.jsonl").read_text() == before
+    with pytest.raises(ExtractError, match="not an `eva-repro extract` output"):
+        merge(tmp_path / "bad")
+
 
 def test_errors_before_any_work(tmp_path):
     write_images(tmp_path / "in", 1)
@@ -185,49 +196,6 @@ def test_errors_before_any_work(tmp_path):
     with pytest.raises(ExtractError, match="training_mode"):
         extract(tmp_path / "in", out, **{**SMALL, "training_mode": "cls"})
     assert not out.exists()  # nothing was written by any of these
-
-
-def test_killed_run_resumes_to_exactly_the_uninterrupted_shards(tmp_path, monkeypatch):
-    write_images(tmp_path / "in", 4)
-    kw = dict(SMALL, shard_size=2)
-    extract(tmp_path / "in", tmp_path / "clean", **kw)
-
-    real_write_shard = shards.write_shard
-    calls = []
-
-    def crash_in_second_shard(out_dir, index, *args, **kwargs):
-        calls.append(index)
-        if len(calls) == 2:  # chunk 1's record is committed, its shard never lands
-            raise KeyboardInterrupt("killed")
-        return real_write_shard(out_dir, index, *args, **kwargs)
-
-    monkeypatch.setattr(shards, "write_shard", crash_in_second_shard)
-    with pytest.raises(KeyboardInterrupt):
-        extract(tmp_path / "in", tmp_path / "resumed", **kw)
-    monkeypatch.setattr(shards, "write_shard", real_write_shard)
-    assert sorted(p.name for p in (tmp_path / "resumed").glob("shard-*")) == [
-        "shard-00000.json", "shard-00000.safetensors"]
-    assert not (tmp_path / "resumed" / "manifest.json").exists()
-    with pytest.raises(ExtractError, match="1 of 2 chunks unfinished"):
-        merge(tmp_path / "resumed")
-
-    result = extract_mod.run_extraction(tmp_path / "in", tmp_path / "resumed",
-                                        extract_mod.Settings(**kw))
-    assert (result.stats.chunks_skipped, result.stats.chunks_written) == (1, 1)
-    assert result.stats.images == 2  # only the unfinished chunk was decoded again
-    assert shard_digests(tmp_path / "resumed") == shard_digests(tmp_path / "clean")
-    clean = json.loads((tmp_path / "clean" / "manifest.json").read_text())
-    assert result.manifest == clean
-
-    again = extract_mod.run_extraction(tmp_path / "in", tmp_path / "resumed",
-                                       extract_mod.Settings(**kw))
-    assert (again.stats.chunks_skipped, again.stats.images) == (2, 0)
-
-    with pytest.raises(ExtractError, match="different settings.grid"):
-        extract(tmp_path / "in", tmp_path / "resumed", **{**kw, "grid": 7})
-    write_images(tmp_path / "in", 5, seed=1)  # the input list changed
-    with pytest.raises(ExtractError, match="different input list"):
-        extract(tmp_path / "in", tmp_path / "resumed", **kw)
 
 
 def test_sigterm_stops_at_a_chunk_boundary_and_the_rerun_finishes_the_same_shards(tmp_path,
@@ -251,19 +219,6 @@ def test_sigterm_stops_at_a_chunk_boundary_and_the_rerun_finishes_the_same_shard
                                         extract_mod.Settings(**kw))
     assert (result.stats.chunks_skipped, result.stats.chunks_written) == (1, 2)
     assert shard_digests(tmp_path / "stopped") == shard_digests(tmp_path / "clean")
-
-
-def test_merge_rebuilds_manifest_and_failures(tmp_path):
-    make_bad_corpus(tmp_path / "in", good=2)
-    m = extract(tmp_path / "in", tmp_path / "out", shard_size=2, **SMALL)
-    before = (tmp_path / "out" / "failures.jsonl").read_text()
-    (tmp_path / "out" / "manifest.json").unlink()
-    (tmp_path / "out" / "failures.jsonl").unlink()
-    assert cli.main(["extract", "--merge", "--output_dir", str(tmp_path / "out")]) == 0
-    assert json.loads((tmp_path / "out" / "manifest.json").read_text()) == m
-    assert (tmp_path / "out" / "failures.jsonl").read_text() == before
-    with pytest.raises(ExtractError, match="not an `eva-repro extract` output"):
-        merge(tmp_path / "in")
 
 
 def test_torchrun_two_processes_cover_every_input_once(tmp_path):
@@ -342,39 +297,20 @@ def test_recipe_blip3o_writes_blip3o_target_tokens(tmp_path, capsys):
     assert "--recipe blip3o sets --eva EVA02-E-14-plus" in err and len(err.splitlines()) == 1
 
 
-def test_a_rerun_removes_the_temp_files_a_killed_shard_write_left(tmp_path, capsys):
-    import tempfile
-
-    write_images(tmp_path / "in", 2)
-    out = tmp_path / "out"
-    kw = dict(SMALL, shard_size=1, grid=2)
-    extract(tmp_path / "in", out, **kw)
-    (out / "manifest.json").unlink()  # SIGKILL while writing shard 1's tensors
-    (out / "shard-00001.json").unlink()
-    (out / "shard-00001.safetensors").unlink()
-    fd, tmp = tempfile.mkstemp(prefix=".shard-00001.safetensors.", suffix=".tmp", dir=out)
-    os.write(fd, b"half a shard")
-    os.close(fd)
-    capsys.readouterr()
-    assert extract(tmp_path / "in", out, **kw)["num_samples"] == 2
-    assert (f"removed 1 temp file(s) a killed run left in {out} ({Path(tmp).name})"
-            in capsys.readouterr().err)
-    assert not list(out.glob(".*.tmp"))
-
-
-def test_a_resumed_run_redoes_a_finished_shard_damaged_since(tmp_path, capsys, flip_bytes):
+def test_a_resumed_run_redoes_a_finished_shard_damaged_since(uninterrupted_extract, tmp_path,
+                                                             capsys, flip_bytes):
     """A finished shard corrupted after it was written (size unchanged) is not counted as done:
     the rerun checks it against its sidecar's sha256, says so and extracts that chunk again."""
-    write_images(tmp_path / "in", 4)
-    kw = dict(SMALL, shard_size=2, grid=2)
+    images, _, finished = uninterrupted_extract
+    kw = CONTRACT
     out = tmp_path / "out"
-    extract(tmp_path / "in", out, **kw)
+    shutil.copytree(finished, out)
     clean = shard_digests(out)
     damaged = out / "shard-00000.safetensors"
     flip_bytes(damaged, 56)
     assert shard_digests(out) != clean
     capsys.readouterr()
-    result = extract_mod.run_extraction(tmp_path / "in", out, extract_mod.Settings(**kw))
+    result = extract_mod.run_extraction(images, out, extract_mod.Settings(**kw))
     assert (result.stats.chunks_skipped, result.stats.chunks_written) == (1, 1)
     assert result.stats.images == 2  # only the damaged chunk was decoded again
     why = f"{damaged}: sha256 does not match its sidecar shard-00000.json (damaged after it was written)"
@@ -407,7 +343,7 @@ def uninterrupted_extract(tmp_path_factory):
                                "extract_config.json", "failures.jsonl", "manifest.json",
                                "shard-00000.json", "shard-00000.safetensors", "shard-00001.json",
                                "shard-00001.safetensors"]
-    return root / "in", digests
+    return root / "in", digests, root / "out"
 
 
 @pytest.mark.parametrize("killed_writing", [
@@ -415,7 +351,7 @@ def uninterrupted_extract(tmp_path_factory):
     "shard-00001.safetensors", "shard-00001.json", "failures.jsonl", "manifest.json"])
 def test_extract_killed_anywhere_resumes_to_the_uninterrupted_output(
         killed_writing, uninterrupted_extract, tmp_path, capsys, kill_writing):
-    images, whole = uninterrupted_extract
+    images, whole, _ = uninterrupted_extract
     out = tmp_path / "out"
     kill_writing(killed_writing)
     with pytest.raises(KeyboardInterrupt, match=f"killed while writing .*/{killed_writing}"):
@@ -426,3 +362,37 @@ def test_extract_killed_anywhere_resumes_to_the_uninterrupted_output(
     left = ("chunks/" if killed_writing.startswith("chunk-") else "") + f".{killed_writing}.killed.tmp"
     assert f"removed 1 temp file(s) a killed run left in {out} ({left})" in capsys.readouterr().err
     assert _extract_digests(out) == whole
+
+
+def test_a_run_killed_in_a_shard_resumes_only_that_chunk_and_refuses_other_settings(
+        uninterrupted_extract, tmp_path, kill_writing):
+    """Killed while writing chunk 1's shard (its record is committed): merge refuses the
+    unfinished directory, the rerun decodes only that chunk, a rerun of a finished directory
+    decodes nothing, and other settings or another input list are refused."""
+    images, whole, finished = uninterrupted_extract
+    resumed = tmp_path / "resumed"
+    kill_writing("shard-00001.safetensors")
+    with pytest.raises(KeyboardInterrupt):
+        extract(images, resumed, **CONTRACT)
+    assert sorted(p.name for p in resumed.glob("shard-*")) == [
+        "shard-00000.json", "shard-00000.safetensors"]
+    assert not (resumed / "manifest.json").exists()
+    with pytest.raises(ExtractError, match="1 of 2 chunks unfinished"):
+        merge(resumed)
+
+    result = extract_mod.run_extraction(images, resumed, extract_mod.Settings(**CONTRACT))
+    assert (result.stats.chunks_skipped, result.stats.chunks_written) == (1, 1)
+    assert result.stats.images == 2  # only the unfinished chunk was decoded again
+    assert shard_digests(resumed) == {k: v for k, v in whole.items() if k.startswith("shard-")}
+    assert result.manifest == json.loads((finished / "manifest.json").read_text())
+
+    again = extract_mod.run_extraction(images, resumed, extract_mod.Settings(**CONTRACT))
+    assert (again.stats.chunks_skipped, again.stats.images) == (2, 0)
+
+    with pytest.raises(ExtractError, match="different settings.grid"):
+        extract(images, resumed, **{**CONTRACT, "grid": 7})
+    more = tmp_path / "in"
+    shutil.copytree(images, more)
+    write_images(more, 5, seed=1)  # the input list changed
+    with pytest.raises(ExtractError, match="different input list"):
+        extract(more, resumed, **CONTRACT)

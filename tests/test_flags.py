@@ -21,7 +21,7 @@ class Example:
     steps: int | None = option(None, "how many")
     rate: float = option(0.5, group="numbers")
     mode: str = option("a", choices=["a", "b"])
-    checks: bool = option(True, "skip the checks")
+    checks: bool = option(True, "run the checks", aliases=["--unchecked"])
     fast: bool = option(False, "go fast")
     tags: dict = option(factory=dict, flag="--tag", repeat=True, metavar="K=V")
     inner: Inner = option(factory=Inner, group="nested")
@@ -42,6 +42,11 @@ def test_flags_take_type_default_alias_choices_and_negated_switches_from_the_fie
     defaults = p.parse_args(["--path", "y"])
     assert defaults.steps is None and defaults.checks is True and defaults.fast is False
     assert values(defaults, Example) == {k: v for k, v in vars(defaults).items()}
+    assert p.parse_args(["--path", "y", "--no_checks", "--checks"]).checks is True  # the last wins
+    assert p.parse_args(["--path", "y", "--unchecked"]).checks is False  # an alias turns it off
+    # a switch that is on by default: its help says what it does on, beside both spellings
+    help_text = " ".join(p.format_help().split())
+    assert "--checks, --no_checks, --unchecked run the checks (default: on)" in help_text
     with pytest.raises(SystemExit):
         p.parse_args(["--path", "y", "--mode", "c"])  # not a choice
     with pytest.raises(SystemExit):

@@ -95,7 +95,7 @@ def test_failures_are_appended_and_counted(tmp_path):
 
 
 def test_small_data_keeps_a_held_out_floor_chosen_by_key_hash():
-    keys = [f"photo_{i:02d}.jpg" for i in range(20)]  # the seed README's 20 photos at 5%
+    keys = [f"photo_{i:02d}.jpg" for i in range(20)]  # the public reference README's 20 photos at 5%
     train, heldout = shards.split_indices(keys, 0.05)
     assert len(heldout) == 4 and sorted(train + heldout) == list(range(20))
     scores = [shards.heldout_score(k) for k in keys]
@@ -207,8 +207,8 @@ def test_a_malformed_manifest_is_one_line_naming_the_field(tmp_path, one_line_er
     assert text.startswith(f"{tmp_path / 'manifest.json'}: ")
 
 
-def _ungrouped_split_before_group_by(keys, eval_fraction, salt=shards.SPLIT_SALT):
-    """split_indices as it was before --group_by: the default must stay exactly this."""
+def _ungrouped_split(keys, eval_fraction, salt=shards.SPLIT_SALT):
+    """The split without grouping, written out: the default must be exactly this."""
     scores = [shards.heldout_score(key, salt) for key in keys]
     floor = min(shards.MIN_HELDOUT, len(keys) // 5) if eval_fraction > 0 else 0
     by_score = sorted(range(len(keys)), key=scores.__getitem__)
@@ -220,7 +220,7 @@ def _ungrouped_split_before_group_by(keys, eval_fraction, salt=shards.SPLIT_SALT
 @pytest.mark.parametrize("fraction", [0.0, 0.05, 0.2])
 def test_the_default_split_is_unchanged_by_group_by(n, fraction):
     keys = [f"img-{i}" for i in range(n)]
-    expected = _ungrouped_split_before_group_by(keys, fraction)
+    expected = _ungrouped_split(keys, fraction)
     assert shards.split_indices(keys, fraction) == expected
     assert shards.split_indices(keys, fraction, group_by=None) == expected
     # a regex that puts every key in a group of its own makes the same split

@@ -15,14 +15,15 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "eva_repro"
 LAYERS = [
-    ["", "errors", "files", "progress", "preemption", "lockfile", "layout", "flags", "devices"],
+    ["", "errors", "files", "progress", "preemption", "lockfile", "layout", "flags", "devices",
+     "distributed"],
     ["images", "demo_images"],
     ["encoders"],
     ["shards"],
     ["extract", "synth"],
     ["data", "baselines"],
     ["flow", "model", "model.dit", "model.lumina_next", "model.plugin", "model.backbones", "optim"],
-    ["distributed", "monitoring", "checkpoint"],
+    ["monitoring", "checkpoint"],
     ["init_from_data", "train_config", "train"],
     ["generate", "metrics"],
     ["report"],

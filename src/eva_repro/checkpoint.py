@@ -201,8 +201,8 @@ def _write_files(tmp: Path, state: TrainingState) -> None:
 
 
 def verify_checkpoint(path: str | os.PathLike) -> None:
-    """Every file matches the digest COMPLETE recorded (checkpoints older than the digests:
-    only that the files are there)."""
+    """Every file matches the digest COMPLETE recorded (a COMPLETE without digests: only that
+    the tensor files are there)."""
     path = Path(path)
     try:
         record = json.loads((path / COMPLETE).read_text())

@@ -155,8 +155,8 @@ class BatchSchedule:
 
     `shard_of` groups rows for the window shuffle: consecutive shards (in the shuffled shard
     order) are mixed until a window holds `window_rows` rows, so a batch touches few memory maps.
-    The window is in rows, not shards: windows of two 32-row shards made consecutive batches of
-    the demo's 158 images come from the same 50, which measurably slowed learning.
+    The window is in rows, not shards: a window of a fixed number of small shards would hold
+    few rows, and consecutive batches would keep drawing from the same few.
     """
 
     rows: list[int]
@@ -263,9 +263,9 @@ def worker_init(_worker_id: int = 0) -> None:
 
     glibc raises its threshold to the size of the last freed large block, so after the first
     batch every multi-MB batch buffer comes from the heap instead of its own mapping and is not
-    returned on free: measured, worker memory grew ~10 MB per batch at real token sizes. With a
-    fixed threshold each buffer is unmapped when freed and memory stays flat. No-op off glibc.
-    Also leaves SIGTERM / SIGUSR1 to the main process (preemption).
+    returned on free: worker memory grows batch after batch. With a fixed threshold each buffer
+    is unmapped when freed and memory stays flat (`eva-repro bench --suite train` checks it).
+    No-op off glibc. Also leaves SIGTERM / SIGUSR1 to the main process (preemption).
     """
     ignore_stop_signals()
     with contextlib.suppress(OSError, AttributeError):
@@ -315,11 +315,9 @@ def evenly_spaced(rows: list[int], n: int) -> list[int]:
 
 def target_norm(reader: ShardReader, rows: list[int], max_rows: int = 256,
                 drop_cls: bool = False) -> float:
-    """Mean L2 norm of the raw target tokens over (up to `max_rows` evenly spaced) training rows.
-
-    256 rows of 256 tokens already pin the mean to well under 1%; reading more real-size rows
-    (2 MB each) would only slow the start.
-    """
+    """Mean L2 norm of the raw target tokens over (up to `max_rows` evenly spaced) training rows:
+    a mean over that many tokens is already stable, and reading more real-size rows would only
+    slow the start."""
     total, count = 0.0, 0
     for r in evenly_spaced(rows, max_rows):
         eva = reader.read(r)["eva"][int(drop_cls):].float()

@@ -46,8 +46,8 @@ class DemoError(UserError):
 
 @dataclass(frozen=True)
 class DemoPlan:
-    """What the demo does. FULL must fit 15 minutes and QUICK 3 on an idle 2-core CPU (the
-    docs/results.md has the measured times per stage, experiments/demo.sh measures them)."""
+    """What the demo does: FULL and QUICK are sized for the time budget of a small CPU that
+    docs/results.md states, beside the times per stage that experiments/demo.sh measures."""
 
     num_images: int
     encoder_depth: int | None  # None: the full architectures
@@ -58,8 +58,8 @@ class DemoPlan:
     sweep: str  # evaluate --sweep: none | small | full
     sweep_samples: int
     # held-out images for the trainer's own evaluations and evaluate's controls (shuffled
-    # condition, second sample): each is a full sampling pass, and 16 tell these apart; the
-    # reported cosine and baselines use every held-out image
+    # condition, second sample): each is a full sampling pass, and a few images tell these
+    # apart; the reported cosine and baselines use every held-out image
     check_samples: int
 
 
@@ -75,8 +75,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="your own images (a folder, searched recursively) instead of the "
                         "bundled scikit-image photos")
     p.add_argument("--quick", action="store_true",
-                   help="1-block encoders, fewer images and steps: a smoke run of under a "
-                        "minute")
+                   help="1-block encoders, fewer images and steps: a smoke run")
     p.add_argument("--pretrained", action="store_true",
                    help="download real EVA-CLIP / CLIP weights (needs a network)")
     p.add_argument("--num_images", type=int, default=None,
@@ -88,7 +87,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", default="auto",
                    help="CPU threads for torch; auto: every core for the encoders, and for the "
                         "DiT the cores the load average leaves free (at least 1): its threads "
-                        "run several times slower when they fight other jobs for the cores")
+                        "wait on each other when other jobs hold the cores")
 
 
 def make_plan(args: argparse.Namespace) -> DemoPlan:
@@ -105,12 +104,12 @@ def make_plan(args: argparse.Namespace) -> DemoPlan:
 def set_threads(threads: str, own: int = 0, large_matmuls: bool = False) -> int:
     """Set torch's intra-op threads: a number, or `auto`.
 
-    `auto` gives work made of large matrix products (the encoders) every core: it loses little
-    to other jobs (measured on 2 busy cores: 3.1-3.5 s per image with 2 threads, 3.5-3.9 s with
-    1). Work made of many small ops (the tiny DiT) gets only the cores that other processes leave
-    free: its threads wait for each other at every op, so on 2 cores under a load of 4 one thread
-    trains ~3x faster than two. `own` is the thread count this process used in the previous
-    stage, which the 1-minute load average still counts.
+    `auto` gives work made of large matrix products (the encoders) every core: each op is long
+    enough that sharing the cores with other jobs costs it little. Work made of many small ops
+    (the tiny DiT) gets only the cores that other processes leave free: its threads wait for each
+    other at every op, so one that shares its core with another job stalls them all. `own` is
+    the thread count this process used in the previous stage, which the 1-minute load average
+    still counts.
     """
     import os
 

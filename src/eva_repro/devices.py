@@ -4,7 +4,7 @@
     with autocast(device):                   # bf16 on CUDA; fp32 on the CPU
         ...
 
-On the CPU nothing is autocast: on AVX2-only CPUs bf16 matmuls run ~100x slower than fp32.
+On the CPU nothing is autocast: a CPU without native bf16 emulates its matmuls, far slower than fp32.
 """
 
 from __future__ import annotations

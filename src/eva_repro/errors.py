@@ -3,7 +3,8 @@
 `eva-repro` prints a `UserError` as one line, `error: ...`, and exits 2; every message names the
 file or flag at fault and the fix. Any other exception is a bug and keeps its traceback. Each
 stage has its own subclass (ShardError, TrainingError, CheckpointError, ...), so callers of the
-Python API can catch one stage's problems; all are ValueErrors, as they always were.
+Python API can catch one stage's problems; all are ValueErrors, so code that catches ValueError
+catches them too.
 """
 
 

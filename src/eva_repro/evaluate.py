@@ -95,8 +95,8 @@ class EvalOptions(SamplerOptions):
                         "on CPU", choices=SWEEP_SIZES)
     sweep_samples: int = option(0, "images in the sweep (0: 32 for small, 256 for full)")
     sweep_shift: float = option(3.0, "the shifted schedule the sweep compares to shift 1")
-    plots: bool = option(True, "no PNG plots")
-    progress: bool = option(True, "no progress bars (the flag train, extract and sample take)",
+    plots: bool = option(True, "PNG plots beside report.md")
+    progress: bool = option(True, "progress bars (the flag train, extract and sample take)",
                             aliases=["--quiet"])
 
 

@@ -35,6 +35,7 @@ import torch
 
 from eva_repro import __version__, files, shards
 from eva_repro.devices import autocast, pick_device
+from eva_repro.distributed import Dist, barrier
 from eva_repro.encoders import (
     REGISTRY,
     TOKEN_SOURCES,
@@ -112,13 +113,13 @@ class Settings:
     device: str | None = option(None, "default: cuda:LOCAL_RANK if available")
     autocast: str = option("bf16", "autocast dtype on CUDA (CPU always runs fp32)",
                            choices=list(AUTOCAST))
-    progress: bool = option(True, "no progress bar (a line every few seconds instead)")
+    progress: bool = option(True, "a progress bar (off: a line every few seconds)")
 
     def fingerprint(self) -> dict[str, Any]:
         keys = ("eva", "clip", "grid", "training_mode", "dtype", "shard_size", "encoder_depth",
                 "seed", "min_size", "max_pixels", "limit")
         out = {k: getattr(self, k) for k in keys}
-        # later additions only when set, so runs extracted before them still resume
+        # recorded only when set: at their defaults they leave the bytes as the keys above fix them
         for k in ("eva_image_size", "clip_image_size", "eva_token_source", "clip_token_source"):
             if getattr(self, k) != getattr(Settings, k):
                 out[k] = getattr(self, k)
@@ -185,33 +186,19 @@ class Result:
 
 
 # ---------------------------------------------------------------------------------------------
-# distributed
+# torchrun
 
 
-@dataclass
-class DistContext:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    owns_group: bool = False
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch.distributed.barrier()
-
-    def close(self) -> None:
-        if self.owns_group:
-            torch.distributed.destroy_process_group()
-
-
-def _dist_context() -> DistContext:
+def _join_job(device: str | None) -> Dist:
+    """This rank's place in a torchrun job (one process: a world of 1) and its device. The
+    group is gloo on any device: extraction only waits at barriers, and ranks may share a GPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    ctx = DistContext(rank=int(os.environ.get("RANK", "0")), world=world,
-                      local_rank=int(os.environ.get("LOCAL_RANK", "0")))
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("gloo")  # only barriers: gloo works everywhere
-        ctx.owns_group = True
-    return ctx
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    dev = pick_device(device, local)
+    owns = world > 1 and not torch.distributed.is_initialized()
+    if owns:
+        torch.distributed.init_process_group("gloo")
+    return Dist(rank, world, local, dev, owns)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,7 +256,7 @@ def _report_leftovers(out_dir: Path, removed: list[str]) -> None:
               f"({', '.join(removed[:3])}{' ...' if len(removed) > 3 else ''})", file=sys.stderr)
 
 
-def _prepare_output(out_dir: Path, config: dict[str, Any], ctx: DistContext) -> None:
+def _prepare_output(out_dir: Path, config: dict[str, Any], d: Dist) -> None:
     """Write the config on a fresh directory; refuse to resume one made with other settings."""
     path = out_dir / CONFIG
     if path.exists():
@@ -280,7 +267,7 @@ def _prepare_output(out_dir: Path, config: dict[str, Any], ctx: DistContext) -> 
                                f"{', '.join(diff)}; use a new --output_dir, or the same "
                                "arguments to resume it")
         return
-    if ctx.rank != 0:  # rank 0 checks and writes; looking here would race with its first shard
+    if not d.is_main:  # rank 0 checks and writes; looking here would race with its first shard
         return
     if any(out_dir.glob("shard-*.json")):
         raise ExtractError(f"{out_dir}: holds shards not written by `eva-repro extract` (no "
@@ -504,10 +491,10 @@ def run_extraction(inputs: Any, output_dir: str | os.PathLike, settings: Setting
     discovery = discover(inputs)  # missing inputs fail here, before any model is built
     if settings.limit is not None:
         discovery.items = discovery.items[:settings.limit]
-    ctx = _dist_context()
+    d = _join_job(settings.device)
+    device = d.device
     lock = None
     try:
-        device = pick_device(settings.device, ctx.local_rank)
         if encoders is None:
             eva = load_encoder(settings.eva, settings.eva_weights, depth=settings.encoder_depth,
                                seed=settings.seed, device=device, flag="--eva",
@@ -525,32 +512,32 @@ def run_extraction(inputs: Any, output_dir: str | os.PathLike, settings: Setting
                                    f"{enc.spec.name}'s native {enc.native_grid}x"
                                    f"{enc.native_grid} grid; use --grid {enc.native_grid} or less")
         config = _make_config(settings, inputs_list, discovery, {"eva": eva, "clip": clip})
-        if ctx.rank == 0:  # one writer per directory; the ranks of this job are that writer
+        if d.is_main:  # one writer per directory; the ranks of this job are that writer
             lock = DirectoryLock(out_dir, "eva-repro extract").acquire()
             _report_leftovers(out_dir, files.remove_leftovers(out_dir) + [  # and a record's
                 f"{CHUNKS}/{name}" for name in files.remove_leftovers(out_dir / CHUNKS)])
         out_dir.mkdir(parents=True, exist_ok=True)
-        _prepare_output(out_dir, config, ctx)
-        ctx.barrier()  # no rank writes a shard before rank 0 has checked the directory
+        _prepare_output(out_dir, config, d)
+        barrier(d)  # no rank writes a shard before rank 0 has checked the directory
         chunks = _chunks(discovery.items, settings.shard_size)
         done = finished_chunks(out_dir, len(chunks))
-        mine = [c for c in range(len(chunks)) if c % ctx.world == ctx.rank]
-        for c in _redo_damaged(out_dir, [c for c in mine if c in done], ctx.rank):
+        mine = [c for c in range(len(chunks)) if c % d.world_size == d.rank]
+        for c in _redo_damaged(out_dir, [c for c in mine if c in done], d.rank):
             del done[c]
         todo = [c for c in mine if c not in done]
         if settings.num_workers is None:
-            settings.num_workers = _default_workers(device, ctx.world)
-        stats = run_pipeline(out_dir, chunks, todo, eva, clip, settings, device, ctx.rank)
+            settings.num_workers = _default_workers(device, d.world_size)
+        stats = run_pipeline(out_dir, chunks, todo, eva, clip, settings, device, d.rank)
         stats.chunks_skipped = len(mine) - len(todo)
-        ctx.barrier()  # every rank's shards are committed before the manifest covers them
+        barrier(d)  # every rank's shards are committed before the manifest covers them
         manifest = None
         error: Exception | None = None
-        if ctx.rank == 0:
+        if d.is_main:
             try:
                 manifest = merge(out_dir)
             except ExtractError as e:
                 error = e  # still release the other ranks from the barrier below
-        ctx.barrier()
+        barrier(d)
         if error is not None:
             raise error
         if manifest is None and (out_dir / shards.MANIFEST).exists():
@@ -559,7 +546,8 @@ def run_extraction(inputs: Any, output_dir: str | os.PathLike, settings: Setting
     finally:
         if lock is not None:
             lock.release()
-        ctx.close()
+        if d.owns_group:
+            torch.distributed.destroy_process_group()
 
 
 def extract(inputs: Any, output_dir: str | os.PathLike, *, recipe: str | None = None,

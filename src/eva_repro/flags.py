@@ -8,10 +8,12 @@
     add_flags(parser, Config())   # --batch_size INT (default 8), --resume RESUME, grouped
 
 One flag per field: `--FIELD`, typed by the annotation (`X | None` takes X) and defaulted by the
-instance. A boolean that defaults to False becomes a switch `--FIELD`, one that defaults to True
-the switch `--no_FIELD`. A field's `group` opens an argument group that the following fields join
-until the next one names another (the sections of `--help`, as in SiT's train.py). A field whose
-value is itself a dataclass contributes its own fields, flat (`--time_mean`, not `--flow.time_mean`).
+instance. A boolean's help says what the field does when True. One that defaults to False becomes
+the switch `--FIELD`; one that defaults to True the pair `--FIELD` / `--no_FIELD` (its aliases
+turn it off too, as `--no_FIELD` does), listed together in `--help`. A field's `group` opens an
+argument group that the following fields join until the next one names another (the sections of
+`--help`, as in SiT's train.py). A field whose value is itself a dataclass contributes its own
+fields, flat (`--time_mean`, not `--flow.time_mean`).
 """
 
 from __future__ import annotations
@@ -100,11 +102,13 @@ def _add_flag(target: Any, name: str, kind: Any, default: Any, meta: Any, choice
               unset: bool = False) -> None:
     help_text = meta.get("help") or ""
     names = [meta.get("flag") or f"--{name}", *meta.get("aliases", ())]
+    if kind is bool and default is True:
+        names.insert(1, f"--no_{name}")
+        target.add_argument(*names, dest=name, action=_OnOff, default=True,
+                            help=f"{help_text} (default: on)" if help_text else "default: on")
+        return
     if kind is bool:
-        negate = default is True
-        names[0] = meta.get("flag") or (f"--no_{name}" if negate else f"--{name}")
-        target.add_argument(*names, dest=name, action="store_false" if negate else "store_true",
-                            help=help_text or None)
+        target.add_argument(*names, dest=name, action="store_true", help=help_text or None)
         return
     if meta.get("repeat"):
         target.add_argument(*names, dest=name, action="append", default=[],
@@ -118,3 +122,18 @@ def _add_flag(target: Any, name: str, kind: Any, default: Any, meta: Any, choice
                         required=bool(meta.get("required")),
                         choices=list(choices) if choices is not None else None,
                         metavar=meta.get("metavar"), help=help_text or None)
+
+
+class _OnOff(argparse.Action):
+    """A switch that is on by default: its first option string (`--FIELD`) sets it, every other
+    one (`--no_FIELD` and the aliases) clears it."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def format_usage(self) -> str:
+        return " | ".join(self.option_strings[:2])
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, option_string == self.option_strings[0])

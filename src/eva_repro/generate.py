@@ -158,7 +158,7 @@ class SampleOptions:
     batch_size: int = option(64, "samples per sampler batch")
     device: str | None = option(None, "default: cuda if available, else cpu")
     backbone: str | None = option(None, OVERRIDE_HELP)
-    progress: bool = option(True, "no progress bar")
+    progress: bool = option(True, "a progress bar")
     dtype: str = option("float16", "storage dtype of the written tensors",
                         choices=sorted(shards.DTYPES))
     verify_checksums: bool = option(True, shards.VERIFY_HELP, aliases=["--no_verify"])

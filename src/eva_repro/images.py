@@ -32,7 +32,6 @@ DEFAULT_MIN_SIZE = 8  # px per side; smaller images carry no usable patch struct
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb threshold (~0.25 GB RGB)
 
 
-
 def resize_center_crop(img: Image.Image, size: int) -> torch.Tensor:
     """RGB PIL image -> uint8 [3, size, size]: open_clip's eval transform before ToTensor."""
     from torchvision.transforms import InterpolationMode
@@ -41,6 +40,7 @@ def resize_center_crop(img: Image.Image, size: int) -> torch.Tensor:
     img = TF.resize(img, size, interpolation=InterpolationMode.BICUBIC)
     img = TF.center_crop(img, [size, size])
     return TF.pil_to_tensor(img)
+
 
 class InputError(UserError):
     """The inputs themselves are unusable (missing, empty): one line, before any work."""

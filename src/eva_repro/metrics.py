@@ -4,7 +4,7 @@ Shapes: tokens [N, T, D] (N images, T tokens, D channels). Every cosine is taken
 normalisation per token, so the token norm (which the model does not predict, see
 `flow.denormalize_target`) never enters a score.
 
-Quality bands (the original scripts' words, applied to per-image mean cosine):
+Quality bands (the public reference's words, applied to per-image mean cosine):
     < 0.4 poor,  0.4-0.7 moderate,  > 0.7 high,  > 0.8 very high,  > 0.9 excellent
 """
 
@@ -26,7 +26,7 @@ THRESHOLDS = (0.4, 0.7, 0.8, 0.9)
 
 
 def band_name(cosine: float) -> str:
-    """The original scripts' word for a cosine: 0.75 -> 'high', 0.95 -> 'excellent'."""
+    """The public reference's word for a cosine: 0.75 -> 'high', 0.95 -> 'excellent'."""
     name = BANDS[0][1]
     for edge, label in BANDS:
         if cosine > edge:

@@ -269,8 +269,8 @@ def read_manifest(root: str | os.PathLike) -> Manifest:
 
 
 NO_VERIFY_FIX = "or pass --no_verify to use it unchecked"
-VERIFY_HELP = ("skip the sha256 check of every shard read (sizes and shapes are still checked; "
-               "a warning says what was skipped)")
+VERIFY_HELP = ("check the sha256 of every shard read (sizes and shapes are checked either way; "
+               "--no_verify skips it with a warning)")
 
 
 def verify_checksums(manifest: Manifest) -> None:
@@ -526,7 +526,7 @@ def split_indices(
     if not 0.0 <= eval_fraction < 1.0:
         raise UserError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
     floor = min(MIN_HELDOUT, len(keys) // 5) if eval_fraction > 0 else 0
-    if group_by is None:  # one key, one group (the split of every run before --group_by)
+    if group_by is None:  # one key, one group
         scores = [heldout_score(key, salt) for key in keys]
         by_score = sorted(range(len(keys)), key=scores.__getitem__)
         cut = max(floor, sum(s < eval_fraction for s in scores))

@@ -22,7 +22,7 @@ OVERFIT_DEFAULT_STEPS = 300
 # usual transformer practice (wider models need smaller steps). The tiny preset's was chosen on
 # held-out cosine (docs/troubleshooting.md); the others are not retuned.
 DEFAULT_LR = {"tiny": 3e-3, "small": 6e-4, "base": 3e-4, "large": 2e-4, "blip3o": 1e-4}
-OVERFIT_BAR = 0.8  # the seed's sanity bar for the sampled cosine in overfit mode
+OVERFIT_BAR = 0.8  # the public reference's sanity bar for the sampled cosine in overfit mode
 
 
 class TrainingError(UserError):
@@ -97,8 +97,8 @@ class TrainConfig:
     log_every: int = option(10)
     resume: str | None = option(None, "'auto' (newest complete checkpoint in --output_dir, if "
                                 "any) or a checkpoint / run directory")
-    tensorboard: bool = option(True, "no TensorBoard events (metrics.jsonl is always written)")
-    progress: bool = option(True, "no progress bar (a line every few seconds instead)")
+    tensorboard: bool = option(True, "TensorBoard events (metrics.jsonl is written either way)")
+    progress: bool = option(True, "a progress bar (off: a line every few seconds)")
     seed: int = option(0, group="system")
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
     compile: bool = option(False, "torch.compile the model")

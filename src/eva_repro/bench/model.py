@@ -91,7 +91,7 @@ def run(output_dir: Path, quick: bool) -> dict:
         presets = ["tiny"] if quick else ["tiny", "small", "base", "large"]
         runs = [dict(preset=p, shape=s, compile=c) for p in presets for s in SHAPES
                 for c in ((False,) if quick else (False, True))]
-    else:  # compilation takes ~1 min on 2 CPU cores
+    else:  # compiling is slow on a CPU: one compiled run, only in the full form
         runs = [dict(preset="tiny", shape="256x4096", compile=False)]
         if not quick:
             runs += [dict(preset="small", shape="256x4096", compile=False),

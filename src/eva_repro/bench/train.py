@@ -184,7 +184,7 @@ def run(output_dir: Path, quick: bool) -> dict:
     device = pick_device().type
     budget_samples = int(RSS_BUDGET_GB * 1024**3 / SAMPLE_BYTES)
     num_samples = 96 if quick else 4 * budget_samples + 256  # >= 4x the RSS budget on disk
-    steps = 4 if quick else (200 if device == "cuda" else 8)  # CPU: ~10-20 s per real-size step
+    steps = 4 if quick else (200 if device == "cuda" else 8)  # a real-size step is slow on a CPU
     workers = 2
     tmp = Path(tempfile.mkdtemp(prefix="eva-bench-train-"))
     try:
