@@ -1,9 +1,11 @@
-"""Distributed plumbing for torchrun: this rank's place in the job and its device, and the two
-collectives the trainer needs. One process without torchrun is a world of 1 (no group, unless
-FSDP2 asks for one)."""
+"""Distributed plumbing for torchrun: this rank's place in the job and its device, the
+collectives the trainer needs, and the one place that knows how DDP and FSDP2 modules differ
+from a plain one (wrapping, gradient sync, gradient clipping, resharding). One process without
+torchrun is a world of 1 (no group, unless FSDP2 asks for one)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from collections.abc import Callable
@@ -17,7 +19,6 @@ from eva_repro.devices import pick_device
 from eva_repro.errors import UserError
 
 T = TypeVar("T")
-
 
 
 @dataclass
@@ -37,12 +38,18 @@ class Dist:
         return self.world_size > 1
 
 
+def launch_rank() -> int:
+    """This process's rank in its torchrun job (0 without torchrun), known before any process
+    group exists."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def setup_distributed(device: str, need_group: bool = False) -> Dist:
     """Join the torchrun process group when launched by torchrun; pick this rank's device.
 
     `need_group` (FSDP2) makes a one-process group when not launched by torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    rank, local = launch_rank(), int(os.environ.get("LOCAL_RANK", "0"))
     dev = pick_device(device, local)
     if dev.type == "cuda":
         if world > 1:  # one GPU per rank, whatever index was asked for
@@ -57,12 +64,23 @@ def setup_distributed(device: str, need_group: bool = False) -> Dist:
     return Dist(rank, world, local, dev, owns)
 
 
+def teardown_distributed(d: Dist) -> None:
+    """Destroy the process group if this run created it (a group its caller made stays)."""
+    if d.owns_group:
+        dist.destroy_process_group()
+
+
 def all_reduce_sum(values: list[float], d: Dist) -> list[float]:
     if not d.enabled:
         return values
     t = torch.tensor(values, dtype=torch.float64, device=d.device)
     dist.all_reduce(t)
     return t.tolist()
+
+
+def any_rank(flag: bool, d: Dist) -> bool:
+    """True on every rank when it is true on any (one small all-reduce)."""
+    return all_reduce_sum([float(flag)], d)[0] > 0
 
 
 def run_on_main(fn: Callable[[], T], d: Dist) -> T:
@@ -117,3 +135,32 @@ def wrap_model(model: torch.nn.Module, ema: torch.nn.Module, d: Dist, fsdp: bool
 
         return DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
     return model
+
+
+def gradient_sync(model: torch.nn.Module, sync: bool) -> contextlib.AbstractContextManager[Any]:
+    """Context for one backward: reduce gradients across ranks (`sync`) or only accumulate them
+    (the micro-batches before a step's last). DDP skips the all-reduce inside `no_sync()`, FSDP2
+    by a flag; a plain module has nothing to reduce."""
+    if not sync and hasattr(model, "no_sync"):
+        return model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(sync)
+    return contextlib.nullcontext()
+
+
+def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
+    """Clip the gradients of a (possibly FSDP2-sharded) module to total norm `max_norm`; returns
+    the norm before clipping, over every rank's shard."""
+    return float(full_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)))
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """An FSDP2-sharded tensor (DTensor) gathered whole; a plain tensor as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def reshard(model: torch.nn.Module) -> None:
+    """FSDP2: back to sharded parameters after forward-only use (evaluation), which leaves them
+    gathered; nothing to do for other modules."""
+    if hasattr(model, "reshard"):
+        model.reshard()
