@@ -84,7 +84,7 @@ def test_loss_falls_and_heldout_cosine_rises(tmp_path):
 
 @pytest.mark.slow
 def test_overfit_tiny_preset_on_8_samples(tmp_path):
-    """The seed's sanity bar with default hyperparameters: tiny preset, 8 samples, batch 8, 300
+    """The public reference's sanity bar with default hyperparameters: tiny preset, 8 samples, batch 8, 300
     steps on CPU, sampled cosine (EMA) on exactly those samples > 0.8."""
     data = tmp_path / "data"
     write_synthetic_shards(data, 8, grid=4, clip_dim=64, eva_dim=128, seed=0)
@@ -193,15 +193,10 @@ def test_grad_accumulation_equals_the_larger_batch(tmp_path, small_data):
         torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=1e-5)
 
 
-def test_gradient_checkpointing_trains_identically(tmp_path, small_data):
-    a = train_mod.train(_cfg(small_data, tmp_path / "a", max_steps=2, grad_checkpointing=True))
-    b = train_mod.train(_cfg(small_data, tmp_path / "b", max_steps=2))
-    assert a["last_loss"] == pytest.approx(b["last_loss"], rel=1e-6)
+def test_gradient_checkpointing_reaches_the_saved_model(tmp_path, small_data):
+    # that it computes the same gradients is test_model's; here: the flag reaches the model
+    train_mod.train(_cfg(small_data, tmp_path / "a", max_steps=1, grad_checkpointing=True))
     assert json.loads((tmp_path / "a" / "model" / "config.json").read_text())["grad_checkpointing"]
-    wa = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "a")).model
-    wb = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "b")).model
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=1e-5)
 
 
 def _torchrun(args, tmp_path, nproc=2):
@@ -375,7 +370,7 @@ def test_group_by_holds_out_whole_groups_and_a_resume_must_keep_the_split(tmp_pa
                                 group_by=group_by))["steps"] == 3
 
 
-def test_seed_script_accepts_the_seed_flags_and_reports_errors_in_one_line(tmp_path):
+def test_public_reference_script_accepts_its_flags_and_reports_errors_in_one_line(tmp_path):
     import argparse
 
     parser = argparse.ArgumentParser()

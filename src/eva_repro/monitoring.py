@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from eva_repro.distributed import Dist
+from eva_repro.distributed import Dist, full_tensor
 
 
 class MetricsLog:
@@ -130,7 +130,7 @@ class DebugMonitor:
             sq = 0.0
             for p in m.parameters():
                 if p.grad is not None:
-                    g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+                    g = full_tensor(p.grad)
                     sq += float(g.detach().float().pow(2).sum())
             norms[name] = math.sqrt(sq)
         return norms
