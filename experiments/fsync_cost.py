@@ -33,8 +33,8 @@ from pathlib import Path
 
 import torch
 
-from eva_repro import checkpoint, files
-from eva_repro.model import DiT, DiTConfig
+from eva_repro.model import DiT, DiTConfig, checkpoint
+from eva_repro.utils import files
 
 RESULTS = Path(__file__).resolve().parent / "results" / "fsync_cost.json"
 

@@ -32,7 +32,7 @@ def one_thread():
 def one_line_error():
     """`one_line_error(fn, match, kind=UserError) -> message`: fn raises `kind`, a UserError (what
     the CLI prints as one `error:` line), matching `match`, and its message is one line."""
-    from eva_repro.errors import UserError
+    from eva_repro.utils.errors import UserError
 
     def check(fn, match: str, kind: type[Exception] = UserError) -> str:
         with pytest.raises(kind, match=match) as info:
@@ -48,7 +48,7 @@ def one_line_error():
 def synth_shards(tmp_path_factory):
     """`synth_shards(num_samples, **kw) -> dir`: `synth.write_synthetic_shards` into a fresh
     directory, once per distinct set of arguments in a test session (treat it as read-only)."""
-    from eva_repro.synth import write_synthetic_shards
+    from eva_repro.data.synth import write_synthetic_shards
 
     made: dict[tuple, object] = {}
 
@@ -66,7 +66,7 @@ def synth_shards(tmp_path_factory):
 def token_only_data(tmp_path_factory):
     """Shards whose target is a nonlinear function of the condition token at the same place
     alone (grid 4, 32-d condition, 48-d target): a token's neighbours carry nothing more."""
-    from eva_repro import shards
+    from eva_repro.data import shards
 
     out = tmp_path_factory.mktemp("token_only")
     g = torch.Generator().manual_seed(0)
@@ -123,7 +123,8 @@ def kill_writing(monkeypatch):
     it happens. Arm it once per run; the rerun writes normally."""
     from pathlib import Path
 
-    from eva_repro import files, shards
+    from eva_repro.data import shards
+    from eva_repro.utils import files
 
     target: list = [None]
 

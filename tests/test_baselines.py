@@ -4,15 +4,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eva_repro import flow, shards
-from eva_repro.baselines import (
+from eva_repro.data import shards
+from eva_repro.data.shards import ShardReader, split_indices
+from eva_repro.evaluation.baselines import (
     ALPHAS,
     MeanAccumulator,
     RidgeAccumulator,
     fit_baselines,
     rms_normalize,
 )
-from eva_repro.shards import ShardReader, split_indices
+from eva_repro.flow.transport import token_cosine
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +67,7 @@ def test_ridge_recovers_an_exactly_linear_map():
     acc.update(clip, target)
     coef = acc.solve(1e-9).float()
     pred = rms_normalize(clip) @ coef[:6] + coef[6:]
-    assert flow.token_cosine(pred, target).min().item() > 0.9999
+    assert token_cosine(pred, target).min().item() > 0.9999
     assert coef[6:].abs().max().item() < 1e-4  # no offsets in this map
 
 
@@ -81,8 +82,8 @@ def test_fit_baselines_on_training_rows_only_and_ridge_beats_mean(synth_dir):
     assert ridge_b.info["num_train_samples"] == len(train)
     rows = torch.stack([reader.read(i)["clip"].float() for i in heldout])
     eva = torch.stack([reader.read(i)["eva"].float() for i in heldout])
-    mean_cos = flow.token_cosine(mean_b.predict(rows), eva).mean().item()
-    ridge_cos = flow.token_cosine(ridge_b.predict(rows), eva).mean().item()
+    mean_cos = token_cosine(mean_b.predict(rows), eva).mean().item()
+    ridge_cos = token_cosine(ridge_b.predict(rows), eva).mean().item()
     # synthetic target = nonlinear map of the token and its neighbours + position offset
     assert 0.4 < mean_cos < 0.7
     assert ridge_cos > mean_cos + 0.2

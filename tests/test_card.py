@@ -8,7 +8,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from eva_repro import cli, flow
+from eva_repro import cli
+from eva_repro.flow import transport
 from eva_repro.testbed import card as card_mod
 from eva_repro.testbed.card import BUDGETS, NullCondition, Scored, fixed_time
 from eva_repro.testbed.problems import problems
@@ -79,12 +80,12 @@ def grid() -> Scored:
     g = torch.Generator().manual_seed(0)
     clip, w = torch.randn(48, 16, 8, generator=g), torch.randn(8, 12, generator=g)
     model = Analytic(w, spread=0.5)
-    draw = lambda: flow.normalize_target(clip @ w + 0.5 * torch.randn(48, 16, 12, generator=g))  # noqa: E731
+    draw = lambda: transport.normalize_target(clip @ w + 0.5 * torch.randn(48, 16, 12, generator=g))  # noqa: E731
     target, oracle = draw(), draw()
     ids = list(range(48))
     mean = target.mean(0, keepdim=True).expand_as(target)
     return Scored("grid", model, clip, target, ids, card_mod.sample(model, clip, ids, FINE),
-                  {"mean": mean, "ridge": flow.normalize_target(clip @ w), "oracle": oracle}, [])
+                  {"mean": mean, "ridge": transport.normalize_target(clip @ w), "oracle": oracle}, [])
 
 
 def _as(s: Scored, model) -> Scored:
@@ -111,9 +112,9 @@ def test_controls_pass_a_right_model_and_fail_it_with_t_or_the_condition_broken(
 def test_the_learning_and_distribution_checks_fail_a_regressor_of_the_mean():
     p = problems(16, 64)["grid"]
     clip, target = p.pairs(0, 64)
-    target = flow.normalize_target(target)
-    regressor = flow.normalize_target(p.mean_target(clip))  # E[y | c]: no spread
-    oracle = flow.normalize_target(p.draw_target(clip, range(100, 164)))
+    target = transport.normalize_target(target)
+    regressor = transport.normalize_target(p.mean_target(clip))  # E[y | c]: no spread
+    oracle = transport.normalize_target(p.draw_target(clip, range(100, 164)))
     mean = target.mean(0, keepdim=True).expand_as(target)
     s = Scored("grid", None, clip, target, list(range(64)), oracle,
                {"mean": mean, "ridge": regressor, "oracle": oracle}, [])

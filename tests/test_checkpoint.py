@@ -16,8 +16,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from eva_repro import checkpoint as ckpt
 from eva_repro.model import DiT, DiTConfig
+from eva_repro.model import checkpoint as ckpt
 
 OPTS = StateDictOptions(full_state_dict=True, cpu_offload=True, strict=False)
 
@@ -108,8 +108,8 @@ FULL_DISK = """
 import resource, signal, sys, torch
 sys.path.insert(0, {tests!r})
 from test_checkpoint import _state, _step, _tiny_model
-from eva_repro import checkpoint as ckpt
-from eva_repro.files import DiskFullError
+from eva_repro.model import checkpoint as ckpt
+from eva_repro.utils.files import DiskFullError
 model = _tiny_model(); opt = torch.optim.AdamW(model.parameters()); _step(model, opt, 0)
 ckpt.save_checkpoint({run!r}, _state(model, opt, 10))
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() fails with EFBIG instead of killing us

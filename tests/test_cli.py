@@ -3,9 +3,10 @@ preempted, and a subcommand per pipeline stage."""
 
 import pytest
 
-from eva_repro import cli, synth
-from eva_repro.errors import UserError
-from eva_repro.preemption import EXIT_PREEMPTED, Preempted
+from eva_repro import cli
+from eva_repro.data import synth
+from eva_repro.utils.errors import UserError
+from eva_repro.utils.preemption import EXIT_PREEMPTED, Preempted
 
 
 def test_every_stage_is_a_subcommand_and_help_exits_0(capsys):
@@ -41,9 +42,9 @@ def test_preempted_work_exits_75(tmp_path, monkeypatch, capsys):
 
 
 def test_stage_errors_share_the_one_base_class():
-    from eva_repro.checkpoint import CheckpointError
-    from eva_repro.shards import ShardError
-    from eva_repro.train import TrainingError
+    from eva_repro.data.shards import ShardError
+    from eva_repro.model.checkpoint import CheckpointError
+    from eva_repro.training.train import TrainingError
 
     assert all(issubclass(e, UserError) and issubclass(e, ValueError)
                for e in (CheckpointError, ShardError, TrainingError))
@@ -52,16 +53,16 @@ def test_stage_errors_share_the_one_base_class():
 def test_a_diverged_run_is_one_line_and_exit_code_2(tmp_path, capsys, monkeypatch, synth_shards):
     import dataclasses
 
-    from eva_repro import train
+    from eva_repro.training import train
 
     data = synth_shards(40, grid=2, clip_dim=8, eva_dim=8, seed=0)
-    real = train.flow.velocity_loss
+    real = train.transport.velocity_loss
 
     def poisoned(*args, **kwargs):
         out = real(*args, **kwargs)
         return dataclasses.replace(out, loss=out.loss * float("nan"))
 
-    monkeypatch.setattr(train.flow, "velocity_loss", poisoned)
+    monkeypatch.setattr(train.transport, "velocity_loss", poisoned)
     code = cli.main(["train", "--data_dir", str(data), "--output_dir", str(tmp_path / "run"),
                      "--model_size", "tiny", "--model_override", "hidden=32", "--model_override",
                      "depth=1", "--model_override", "n_heads=2", "--model_override", "n_kv_heads=1",

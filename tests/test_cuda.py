@@ -18,13 +18,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from eva_repro import checkpoint as ckpt
-from eva_repro import flow, optim, shards
-from eva_repro import train as train_mod
-from eva_repro.extract import extract
-from eva_repro.generate import generate_batch
+from eva_repro.data import shards
+from eva_repro.data.extract import extract
+from eva_repro.evaluation.generate import generate_batch
+from eva_repro.flow import transport
+from eva_repro.flow.transport import token_cosine
 from eva_repro.model import PRESETS, DiT, DiTConfig
+from eva_repro.model import checkpoint as ckpt
 from eva_repro.model.dit import Attention
+from eva_repro.training import optim
+from eva_repro.training import train as train_mod
 
 pytestmark = pytest.mark.cuda
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +55,7 @@ def _losses(run_dir):
 
 
 def _cosine(a, b):
-    return flow.token_cosine(a.float().cpu(), b.float().cpu()).mean().item()
+    return token_cosine(a.float().cpu(), b.float().cpu()).mean().item()
 
 
 def _perturbed(model: DiT, seed: int = 0) -> DiT:
@@ -125,7 +128,7 @@ def test_the_trainer_uses_fused_adamw_and_it_matches_foreach(tmp_path, data, mon
         for _ in range(3):
             x1 = torch.randn(4, 16, 128, device=CUDA, generator=g)
             c = torch.randn(4, 16, 64, device=CUDA, generator=g)
-            loss = flow.flow_loss(model, x1, c, generator=g).loss
+            loss = transport.flow_loss(model, x1, c, generator=g).loss
             opt.zero_grad()
             loss.backward()
             opt.step()

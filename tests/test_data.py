@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from eva_repro import shards
-from eva_repro.data import (
+from eva_repro.data import shards
+from eva_repro.data.loader import (
     BatchReader,
     BatchSchedule,
     DataPosition,
@@ -18,7 +18,7 @@ from eva_repro.data import (
     read_batch,
     target_norm,
 )
-from eva_repro.synth import make_pairs, write_synthetic_shards
+from eva_repro.data.synth import make_pairs, write_synthetic_shards
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from eva_repro import cli
+from eva_repro.data.demo_images import PHOTOS, VIEW_GROUP, view_paths, write_demo_images
 from eva_repro.demo import QUICK
-from eva_repro.demo_images import PHOTOS, VIEW_GROUP, view_paths, write_demo_images
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from eva_repro.devices import DeviceError, autocast, device_of, pick_device
-from eva_repro.errors import UserError
+from eva_repro.utils.devices import DeviceError, autocast, device_of, pick_device
+from eva_repro.utils.errors import UserError
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only answers")
 

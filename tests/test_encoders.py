@@ -15,7 +15,7 @@ from open_clip.model import _build_vision_tower
 from PIL import Image
 from safetensors.torch import save_file
 
-from eva_repro.encoders import (
+from eva_repro.data.encoders import (
     REGISTRY,
     EncoderError,
     RandomInitWarning,
@@ -23,8 +23,8 @@ from eva_repro.encoders import (
     load_encoder,
     pool_grid,
 )
-from eva_repro.images import resize_center_crop
-from eva_repro.layout import select_tokens
+from eva_repro.data.images import resize_center_crop
+from eva_repro.data.layout import select_tokens
 
 # name -> (width, native grid); every registry entry except the 8B HF model (own test below)
 EXPECTED = {

@@ -10,12 +10,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from eva_repro import cli, files, flow, shards
-from eva_repro.baselines import fit_baselines
+from eva_repro import cli
 from eva_repro.bench.evaluate import nfe_within
-from eva_repro.checkpoint import CheckpointError
-from eva_repro.data import open_training_data
-from eva_repro.evaluate import (
+from eva_repro.data import shards
+from eva_repro.data.loader import open_training_data
+from eva_repro.data.synth import write_synthetic_shards
+from eva_repro.evaluation.baselines import fit_baselines
+from eva_repro.evaluation.evaluate import (
     PREDICTORS,
     Distribution,
     EvalOptions,
@@ -23,10 +24,12 @@ from eva_repro.evaluate import (
     evaluate,
     resolve_split,
 )
-from eva_repro.generate import ModelDataMismatch
+from eva_repro.evaluation.generate import ModelDataMismatch
+from eva_repro.flow.transport import token_cosine
 from eva_repro.model import DiT, DiTConfig
-from eva_repro.synth import write_synthetic_shards
-from eva_repro.train import train
+from eva_repro.model.checkpoint import CheckpointError
+from eva_repro.training.train import train
+from eva_repro.utils import files
 
 DIMS = dict(grid=4, clip_dim=32, eva_dim=64, seed=0)
 FAST = dict(steps=6, sweep="none", control_samples=16, progress=False, plots=False)
@@ -265,7 +268,7 @@ def test_a_patch_only_model_on_cls_shards_is_scored_on_the_patch_tokens(tmp_path
     _, ridge = fit_baselines(reader, sorted(train), progress=False, drop_cls=True)
     assert r["baselines"]["ridge"]["fit"]["cls_dropped"] and ridge.bias.shape[0] == 16
     rows = reader.gather(heldout)
-    patch_cos = flow.token_cosine(ridge.predict(rows["clip"][:, 1:]), rows["eva"][:, 1:].float())
+    patch_cos = token_cosine(ridge.predict(rows["clip"][:, 1:]), rows["eva"][:, 1:].float())
     assert r["baselines"]["ridge"]["token_mean"] == pytest.approx(patch_cos.mean().item(), abs=1e-4)
     # a CLS model cannot be scored on shards without the CLS token
     write_synthetic_shards(tmp_path / "patches", 40, **DIMS)

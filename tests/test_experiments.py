@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from eva_repro import cli
-from eva_repro.demo_images import write_demo_images
+from eva_repro.data.demo_images import write_demo_images
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = ["--model_override", "hidden=32", "--model_override", "depth=1",

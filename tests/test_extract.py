@@ -24,12 +24,14 @@ from open_clip.model import _build_vision_tower
 from PIL import Image
 from safetensors.torch import save_file
 
-from eva_repro import cli, files, shards
-from eva_repro import extract as extract_mod
-from eva_repro.encoders import EncoderError
-from eva_repro.extract import ExtractError, extract, merge
-from eva_repro.images import InputError
-from eva_repro.preemption import Preempted
+from eva_repro import cli
+from eva_repro.data import extract as extract_mod
+from eva_repro.data import shards
+from eva_repro.data.encoders import EncoderError
+from eva_repro.data.extract import ExtractError, extract, merge
+from eva_repro.data.images import InputError
+from eva_repro.utils import files
+from eva_repro.utils.preemption import Preempted
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_images import make_bad_corpus, make_broken_tar  # noqa: E402

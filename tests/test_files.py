@@ -8,7 +8,7 @@ import tempfile
 import torch
 from safetensors.torch import load_file
 
-from eva_repro import files
+from eva_repro.utils import files
 
 
 def _record(monkeypatch) -> list[tuple[str, str]]:

@@ -16,8 +16,8 @@ import pytest
 from PIL import Image
 
 from eva_repro import cli
-from eva_repro.synth import write_synthetic_shards
-from eva_repro.train import train
+from eva_repro.data.synth import write_synthetic_shards
+from eva_repro.training.train import train
 
 TINY = {"hidden": 32, "depth": 1, "n_heads": 2, "n_kv_heads": 1}
 COMMANDS = ["extract", "synth", "train", "evaluate", "sample", "check", "zoo", "demo"]  # + bench

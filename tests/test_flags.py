@@ -5,9 +5,9 @@ from dataclasses import asdict, dataclass, fields
 
 import pytest
 
-from eva_repro import flow
-from eva_repro.flags import add_flags, option, values
-from eva_repro.train_config import TrainConfig, config_from_args, configure_parser
+from eva_repro.flow import transport
+from eva_repro.training.train_config import TrainConfig, config_from_args, configure_parser
+from eva_repro.utils.flags import add_flags, option, values
 
 
 @dataclass
@@ -71,7 +71,7 @@ def test_an_excluded_field_gets_no_flag_and_opens_no_group():
 
 
 def test_evaluate_and_sample_share_the_sampler_flags_and_their_named_settings():
-    from eva_repro import evaluate, generate
+    from eva_repro.evaluation import evaluate, generate
 
     for configure in (evaluate.configure_parser, generate.configure_parser):
         p = argparse.ArgumentParser()
@@ -107,7 +107,7 @@ def test_every_training_option_is_a_flag_and_the_defaults_round_trip():
         "--chunked_embeddings_dir", "d", "--output_dir", "o", "--lr", "2e-3", "--no_progress",
         "--time_mean", "-1", "--model_override", "depth=2", "--gradient_accumulation_steps", "4"]))
     assert (cfg.data_dir, cfg.learning_rate, cfg.progress, cfg.grad_accum) == ("d", 2e-3, False, 4)
-    assert cfg.flow == flow.FlowConfig(time_mean=-1.0) and cfg.model_overrides == {"depth": 2}
+    assert cfg.flow == transport.FlowConfig(time_mean=-1.0) and cfg.model_overrides == {"depth": 2}
 
 
 def test_unset_flags_parse_to_none_so_a_recipe_can_fill_them_and_help_names_the_default():

@@ -7,11 +7,13 @@ import signal
 import pytest
 import torch
 
-from eva_repro import cli, files, shards
-from eva_repro.generate import ModelDataMismatch, generate
+from eva_repro import cli
+from eva_repro.data import shards
+from eva_repro.data.synth import write_synthetic_shards
+from eva_repro.evaluation.generate import ModelDataMismatch, generate
 from eva_repro.model import DiT, DiTConfig
-from eva_repro.preemption import EXIT_PREEMPTED
-from eva_repro.synth import write_synthetic_shards
+from eva_repro.utils import files
+from eva_repro.utils.preemption import EXIT_PREEMPTED
 
 
 def _model(target_norm=5.0, token_mode="patch_only"):

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from eva_repro.images import (
+from eva_repro.data.images import (
     DecodeError,
     ImageDataset,
     InputError,

@@ -4,10 +4,10 @@ nothing from the rows it was not given."""
 import pytest
 import torch
 
-from eva_repro.data import condition_whitening
-from eva_repro.init_from_data import fit_to_training_data
+from eva_repro.data.loader import condition_whitening
+from eva_repro.data.shards import ShardReader
 from eva_repro.model import DiT, DiTConfig
-from eva_repro.shards import ShardReader
+from eva_repro.training.init_from_data import fit_to_training_data
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from eva_repro import layout
+from eva_repro.data import layout
 
 
 def test_modes_and_their_names():

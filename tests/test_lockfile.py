@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from eva_repro import train as train_mod
-from eva_repro.errors import UserError
-from eva_repro.evaluate import evaluate
-from eva_repro.extract import extract
-from eva_repro.lockfile import LOCK_NAME, DirectoryLock, DirectoryLocked
-from eva_repro.synth import write_synthetic_shards
+from eva_repro.data.extract import extract
+from eva_repro.data.synth import write_synthetic_shards
+from eva_repro.evaluation.evaluate import evaluate
+from eva_repro.training import train as train_mod
+from eva_repro.utils.errors import UserError
+from eva_repro.utils.lockfile import LOCK_NAME, DirectoryLock, DirectoryLocked
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _hold_in_subprocess(directory: Path) -> subprocess.Popen:
     script = textwrap.dedent(f"""
         import sys, time
-        from eva_repro.lockfile import DirectoryLock
+        from eva_repro.utils.lockfile import DirectoryLock
         DirectoryLock({str(directory)!r}, "eva-repro train").acquire()
         print("held", flush=True)
         time.sleep(600)
@@ -81,7 +81,7 @@ def test_a_killed_holders_forked_children_do_not_keep_the_lock(tmp_path):
     """DataLoader workers are forked: a SIGKILLed train's live workers must not block --resume."""
     script = textwrap.dedent(f"""
         import os, sys, time
-        from eva_repro.lockfile import DirectoryLock
+        from eva_repro.utils.lockfile import DirectoryLock
         DirectoryLock({str(tmp_path)!r}, "eva-repro train").acquire()
         child = os.fork()
         if child == 0:
@@ -119,7 +119,7 @@ def test_a_second_lock_in_the_same_process_is_refused_and_keeps_the_first(tmp_pa
 def _probe(directory: Path) -> subprocess.CompletedProcess:
     script = textwrap.dedent(f"""
         import sys
-        from eva_repro.lockfile import DirectoryLock, DirectoryLocked
+        from eva_repro.utils.lockfile import DirectoryLock, DirectoryLocked
         try:
             DirectoryLock({str(directory)!r}, "probe").acquire()
         except DirectoryLocked:

@@ -5,18 +5,20 @@ import math
 import pytest
 import torch
 
-from eva_repro import flow, metrics
+from eva_repro.evaluation import metrics
+from eva_repro.flow import sampling, transport
+from eva_repro.flow.transport import token_cosine
 
 
 def test_token_cosine_hand_values_and_scale_invariance():
     a = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
     b = torch.tensor([[[1.0, 1.0], [0.0, -2.0]]])
-    cos = flow.token_cosine(a, b)
+    cos = token_cosine(a, b)
     assert cos.shape == (1, 2)
     assert torch.allclose(cos, torch.tensor([[1 / math.sqrt(2), -1.0]]))
-    assert torch.allclose(flow.token_cosine(7.0 * a, 0.1 * b), cos)  # after L2 norm
+    assert torch.allclose(token_cosine(7.0 * a, 0.1 * b), cos)  # after L2 norm
     with pytest.raises(ValueError, match="differ"):
-        flow.token_cosine(a, b[:, :1])
+        token_cosine(a, b[:, :1])
 
 
 def test_cosine_summary_hand_values():
@@ -75,12 +77,12 @@ def test_diversity_of_identical_and_opposite_samples():
 
 def test_velocity_cosine_of_the_exact_field_is_one():
     target = 5 * torch.randn(3, 4, 8, generator=torch.Generator().manual_seed(0))
-    x1 = flow.normalize_target(target)
+    x1 = transport.normalize_target(target)
 
     def exact(x, t):  # on the straight path x_t = (1-t) x0 + t x1: v = (x1 - x_t) / (1 - t)
         return (x1 - x) / (1 - t).view(-1, 1, 1)
 
-    noise = flow.sample_noise(range(3), 4, 8, seed=1)
+    noise = sampling.sample_noise(range(3), 4, 8, seed=1)
     out = metrics.velocity_cosine(exact, target, (0.1, 0.5, 0.9), noise)
     assert out == pytest.approx({"0.1": 1.0, "0.5": 1.0, "0.9": 1.0}, abs=1e-5)
     flipped = metrics.velocity_cosine(lambda x, t: -exact(x, t), target, (0.5,), noise)

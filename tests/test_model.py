@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eva_repro import flow
+from eva_repro.flow import sampling, transport
 from eva_repro.model import PRESETS, VARIANTS, DiT, DiTConfig, estimate_flops
 from eva_repro.model.dit import (
     NORM_EPS,
@@ -111,7 +111,7 @@ def test_align_condition_resamples_the_grid_and_keeps_cls_first():
 
 def test_x_prediction_samples_land_on_the_linear_path():
     """With the network's output at its zero init, x1_hat is the linear path's W a_c + b, and the
-    sampler must land exactly there from any noise (flow.velocity_from_data, Euler onto t = 1)."""
+    sampler must land exactly there from any noise (transport.velocity_from_data, Euler onto t = 1)."""
     torch.manual_seed(0)
     model = DiT(_cfg(tokens=16)).eval()
     w, b = torch.randn(24, 32), torch.randn(16, 32)
@@ -121,7 +121,7 @@ def test_x_prediction_samples_land_on_the_linear_path():
     c = torch.randn(3, 16, 24)
     expected = F.rms_norm(c, (24,), eps=NORM_EPS) @ w + b
     for method, steps in (("euler", 1), ("euler", 7), ("heun", 5)):
-        x1, _ = flow.sample(model, c, steps=steps, method=method, seed=steps)
+        x1, _ = sampling.sample(model, c, steps=steps, method=method, seed=steps)
         assert torch.allclose(x1, expected, atol=1e-4), method
     # a condition on another grid is resampled onto the target grid
     assert model(torch.randn(3, 16, 32), torch.rand(3), torch.randn(3, 64, 24)).shape == (3, 16, 32)
@@ -166,20 +166,20 @@ def test_zero_init_gives_zero_output_and_every_parameter_learns(variant):
     model = DiT(_cfg(**VARIANTS[variant], tokens=16))
     x, t, c = torch.randn(4, 16, 32), torch.rand(4), torch.randn(4, 16, 24)
     # the network's output starts at zero: v = 0, or x1_hat = 0 (v = -x_t / (1 - t))
-    zero = flow.velocity_from_data(torch.zeros(4, 16, 32), x, t) if variant == "eva-repro" else 0 * x
-    assert torch.equal(flow.velocity(model, x, t, c), zero)
+    zero = transport.velocity_from_data(torch.zeros(4, 16, 32), x, t) if variant == "eva-repro" else 0 * x
+    assert torch.equal(transport.velocity(model, x, t, c), zero)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     drop = torch.tensor([True, False, False, False])  # the null condition is trained too
     # Zero init opens in a chain, one link per optimiser step: the output layer, then the adaLN
     # gates, then the per-head cross-attention gates, then the cross K/V behind those gates.
     for _ in range(4):
         opt.zero_grad()
-        loss = (flow.velocity(model, x, t, c, drop) - torch.randn(4, 16, 32)).pow(2).mean()
+        loss = (transport.velocity(model, x, t, c, drop) - torch.randn(4, 16, 32)).pow(2).mean()
         loss.backward()
         dead = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().max() == 0]
         opt.step()
     assert dead == [], dead
-    assert not torch.equal(flow.velocity(model, x, t, c), zero)
+    assert not torch.equal(transport.velocity(model, x, t, c), zero)
 
 
 def test_save_pretrained_round_trips_exactly(tmp_path):
@@ -302,7 +302,7 @@ def test_whitening_is_the_identity_until_set_then_carries_the_linear_path_over(t
     with torch.no_grad():  # x W + b = ((x - mu) A) (A^-1 W) + (mu W + b)
         model.linear_cond.weight.copy_(torch.linalg.solve(matrix.double(), w.double()).T)
         model.linear_bias.copy_(b.double() + mean.double() @ w.double())
-    x1, _ = flow.sample(model, c, steps=3, method="euler", seed=1)
+    x1, _ = sampling.sample(model, c, steps=3, method="euler", seed=1)
     torch.testing.assert_close(x1, a @ w + b, atol=1e-4, rtol=1e-4)
     model.save_pretrained(tmp_path / "m")
     loaded = DiT.from_pretrained(tmp_path / "m")

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from eva_repro.monitoring import Interval, MetricsLog
+from eva_repro.training.monitoring import Interval, MetricsLog
 
 
 def test_interval_averages_finite_steps_but_counts_every_steps_samples_and_time():

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from eva_repro import optim
 from eva_repro.model import DiT, DiTConfig
+from eva_repro.training import optim
 
 
 def test_weight_decay_falls_on_matrices_only():

@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from eva_repro import checkpoint as ckpt
-from eva_repro import cli, flow
-from eva_repro import train as train_mod
-from eva_repro.evaluate import evaluate
+from eva_repro import cli
+from eva_repro.evaluation.evaluate import evaluate
+from eva_repro.flow import transport
 from eva_repro.model import build_model, from_pretrained, model_config
+from eva_repro.model import checkpoint as ckpt
 from eva_repro.model.plugin import PluginError, PluginModel
+from eva_repro.training import train as train_mod
 
 ROOT = Path(__file__).resolve().parents[1]
 PLAIN_DIT = f"{ROOT / 'examples' / 'plain_dit.py'}:build"
@@ -101,10 +102,11 @@ def test_declared_x_prediction_is_mapped_to_the_velocity_once(tmp_path):
     """)
     model = build_model(model_config(spec, "tiny", target_dim=4, cond_dim=6, tokens=4))
     x, t, c = torch.randn(2, 4, 4), torch.tensor([0.25, 0.5]), torch.randn(2, 4, 6)
-    torch.testing.assert_close(flow.velocity(model, x, t, c), flow.velocity_from_data(c[..., :4], x, t))
+    torch.testing.assert_close(transport.velocity(model, x, t, c),
+                               transport.velocity_from_data(c[..., :4], x, t))
     # no drop_cond argument: a dropped row's condition is zeros
-    out = flow.velocity(model, x, t, c, drop_cond=torch.tensor([True, False]))
-    torch.testing.assert_close(out[0], flow.velocity_from_data(torch.zeros(4, 4), x[:1], t[:1])[0])
+    out = transport.velocity(model, x, t, c, drop_cond=torch.tensor([True, False]))
+    torch.testing.assert_close(out[0], transport.velocity_from_data(torch.zeros(4, 4), x[:1], t[:1])[0])
     assert model.config.prediction == "x"
     model.save_pretrained(tmp_path / "saved")
     torch.testing.assert_close(from_pretrained(tmp_path / "saved")(x, t, c), model(x, t, c))

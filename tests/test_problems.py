@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from eva_repro import flow
-from eva_repro.shards import ShardReader, read_manifest
+from eva_repro.data.shards import ShardReader, read_manifest
+from eva_repro.flow import transport
+from eva_repro.flow.transport import token_cosine
 from eva_repro.testbed.problems import problems
 
 
@@ -33,11 +34,11 @@ def test_the_neighbour_problem_reads_the_neighbours_and_the_grid_one_does_not():
 def test_an_oracle_draw_scores_above_the_mean_and_below_the_conditional_mean():
     p = problems(32, 64)["grid"]
     clip, target = p.pairs(0, 64)
-    y = flow.normalize_target(target)
-    score = lambda pred: float(flow.token_cosine(pred, y).mean())  # noqa: E731
+    y = transport.normalize_target(target)
+    score = lambda pred: float(token_cosine(pred, y).mean())  # noqa: E731
     mean = y.mean(0, keepdim=True).expand_as(y)
-    oracle = flow.normalize_target(p.draw_target(clip, range(1000, 1064)))
-    assert score(mean) < score(oracle) < score(flow.normalize_target(p.mean_target(clip)))
+    oracle = transport.normalize_target(p.draw_target(clip, range(1000, 1064)))
+    assert score(mean) < score(oracle) < score(transport.normalize_target(p.mean_target(clip)))
 
 
 def test_written_shards_hold_the_pairs(tmp_path):

@@ -4,7 +4,7 @@ import io
 
 import tqdm.std
 
-from eva_repro import progress
+from eva_repro.utils import progress
 
 
 class Terminal(io.StringIO):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from eva_repro.report import PLOTS, markdown, write_outputs
+from eva_repro.evaluation.report import PLOTS, markdown, write_outputs
 
 
 def _summary(token_mean: float) -> dict:

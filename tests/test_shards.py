@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from eva_repro import shards
+from eva_repro.data import shards
 
 
 def _write(tmp_path, index, n, start=0, dtype="float16"):
@@ -168,7 +168,7 @@ def test_truncated_shard_is_a_one_line_error_naming_the_file(tmp_path, one_line_
 
 
 def test_gather_and_batches_return_the_rows_asked_for_in_order_across_shards(tmp_path):
-    from eva_repro.synth import write_synthetic_shards
+    from eva_repro.data.synth import write_synthetic_shards
 
     write_synthetic_shards(tmp_path, 300, grid=2, clip_dim=8, eva_dim=12, shard_size=128,
                            dtype="float16")

@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from eva_repro import shards
 from eva_repro.cli import main as cli
-from eva_repro.layout import neighbour_mean
-from eva_repro.synth import _function_weights, make_pairs, write_synthetic_shards
+from eva_repro.data import shards
+from eva_repro.data.layout import neighbour_mean
+from eva_repro.data.synth import _function_weights, make_pairs, write_synthetic_shards
 
 
 def test_synthetic_pairs_are_a_fixed_function_of_the_condition(tmp_path):

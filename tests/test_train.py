@@ -14,14 +14,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from eva_repro import checkpoint as ckpt
-from eva_repro import train as train_mod
-from eva_repro.data import condition_whitening, open_training_data
-from eva_repro.evaluate import evaluate
+from eva_repro.data.loader import condition_whitening, open_training_data
+from eva_repro.data.shards import ShardReader
+from eva_repro.data.synth import write_synthetic_shards
+from eva_repro.evaluation.evaluate import evaluate
 from eva_repro.model import VARIANTS
-from eva_repro.preemption import EXIT_PREEMPTED, Preempted
-from eva_repro.shards import ShardReader
-from eva_repro.synth import write_synthetic_shards
+from eva_repro.model import checkpoint as ckpt
+from eva_repro.training import train as train_mod
+from eva_repro.utils.preemption import EXIT_PREEMPTED, Preempted
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = {"hidden": 64, "depth": 2, "n_heads": 2, "n_kv_heads": 1}  # fast model for plumbing tests
@@ -105,7 +105,7 @@ def _kill_at(step, cfg, threads):
     script = textwrap.dedent(f"""
         import json, os, signal, sys, torch
         torch.set_num_threads({threads})
-        from eva_repro.train import train
+        from eva_repro.training.train import train
         def on_step(s, record):
             if s == {step}:
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -280,13 +280,13 @@ def test_nan_samples_are_skipped_and_debug_mode_logs_layers(tmp_path):
 
 def test_non_finite_losses_in_a_row_stop_the_run_naming_step_and_batch(tmp_path, small_data,
                                                                       monkeypatch):
-    real = train_mod.flow.velocity_loss
+    real = train_mod.transport.velocity_loss
 
     def poisoned(*args, **kwargs):
         out = real(*args, **kwargs)
         return dataclasses.replace(out, loss=out.loss * float("nan"))
 
-    monkeypatch.setattr(train_mod.flow, "velocity_loss", poisoned)
+    monkeypatch.setattr(train_mod.transport, "velocity_loss", poisoned)
     with pytest.raises(train_mod.TrainingDiverged, match=r"3 non-finite steps in a row, the last "
                                                          r"at step 3, batch 2 of epoch 0"):
         train_mod.train(_cfg(small_data, tmp_path / "run", max_nonfinite_steps=3))

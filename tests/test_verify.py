@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from eva_repro import cli, shards
+from eva_repro import cli
+from eva_repro.data import shards
 from eva_repro.model import build_model, model_config
 
 DIMS = dict(grid=2, clip_dim=16, eva_dim=24, seed=0, shard_size=20)

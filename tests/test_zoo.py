@@ -3,12 +3,13 @@
 import pytest
 import torch
 
-from eva_repro import flow, optim
-from eva_repro import train as train_mod
-from eva_repro.data import Batch, DataPosition
+from eva_repro.data.loader import Batch, DataPosition
+from eva_repro.flow import transport
 from eva_repro.model import build_model, model_config
 from eva_repro.testbed import zoo
 from eva_repro.testbed.card import run_card
+from eva_repro.training import optim
+from eva_repro.training import train as train_mod
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SIZE = dict(hidden=32, depth=1, n_heads=2, n_kv_heads=1)
@@ -51,15 +52,15 @@ def test_the_pipeline_mutants_plant_their_bug_in_the_trainer():
     batch = Batch(torch.zeros(2, 4, 3), torch.zeros(2, 4, 5), torch.ones(2, dtype=torch.bool),
                   DataPosition(0, 0), 0, [])
     with zoo._unit_norm_noise():
-        x0, _, _ = train_mod.draw_noise(batch, (2, 4, 5), flow.FlowConfig(), 0, 2, torch.device("cpu"))
+        x0, _, _ = train_mod.draw_noise(batch, (2, 4, 5), transport.FlowConfig(), 0, 2, torch.device("cpu"))
     torch.testing.assert_close(x0.flatten(1).norm(dim=1), torch.ones(2))
     seen = []
     model = lambda x, t, c, drop_cond=None: seen.append(c) or x  # noqa: E731
     args = (torch.randn(2, 4, 5), torch.zeros(2), None)
     cond = torch.randn(2, 4, 3)
-    flow.velocity_loss(model, torch.randn(2, 4, 5), cond, *args, prediction="v")
+    transport.velocity_loss(model, torch.randn(2, 4, 5), cond, *args, prediction="v")
     with zoo._target_leak():
-        flow.velocity_loss(model, torch.randn(2, 4, 5), cond, *args, prediction="v")
+        transport.velocity_loss(model, torch.randn(2, 4, 5), cond, *args, prediction="v")
     assert torch.equal(seen[0], cond) and not torch.allclose(seen[1], cond)
     ema, raw = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
     before = ema.weight.clone()

@@ -12,11 +12,12 @@ import importlib
 import sys
 
 COMMANDS = {
-    "extract": ("eva_repro.extract", "images -> frozen EVA-CLIP / CLIP patch embeddings -> shards"),
-    "synth": ("eva_repro.synth", "write synthetic shards with a known target function"),
-    "train": ("eva_repro.train", "train the DiT on shards (single process, DDP or FSDP2)"),
-    "evaluate": ("eva_repro.evaluate", "evaluate a trained model on held-out shards"),
-    "sample": ("eva_repro.generate", "generate EVA embeddings for CLIP embeddings (shards in/out)"),
+    "extract": ("eva_repro.data.extract", "images -> frozen EVA-CLIP / CLIP patch embeddings -> shards"),
+    "synth": ("eva_repro.data.synth", "write synthetic shards with a known target function"),
+    "train": ("eva_repro.training.train", "train the DiT on shards (single process, DDP or FSDP2)"),
+    "evaluate": ("eva_repro.evaluation.evaluate", "evaluate a trained model on held-out shards"),
+    "sample": ("eva_repro.evaluation.generate",
+               "generate EVA embeddings for CLIP embeddings (shards in/out)"),
     "check": ("eva_repro.testbed.command", "judge a DiT: interface, learning, controls -> a report card"),
     "zoo": ("eva_repro.testbed.zoo", "run `check` on DiTs with planted bugs: the table of what it catches"),
     "demo": ("eva_repro.demo", "images -> shards -> model -> report, offline"),
@@ -39,8 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(argv).parse_args(argv)
     module = importlib.import_module(COMMANDS[args.command][0])
-    from eva_repro.errors import UserError
-    from eva_repro.preemption import EXIT_PREEMPTED, Preempted
+    from eva_repro.utils.errors import UserError
+    from eva_repro.utils.preemption import EXIT_PREEMPTED, Preempted
 
     try:
         return int(module.run(args) or 0)

@@ -30,11 +30,12 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from eva_repro import encoders, files, shards
-from eva_repro.demo_images import PHOTOS, VIEW_GROUP, write_demo_images
-from eva_repro.errors import UserError
-from eva_repro.extract import extract
-from eva_repro.lockfile import refuse_a_file
+from eva_repro.data import encoders, shards
+from eva_repro.data.demo_images import PHOTOS, VIEW_GROUP, write_demo_images
+from eva_repro.data.extract import extract
+from eva_repro.utils import files
+from eva_repro.utils.errors import UserError
+from eva_repro.utils.lockfile import refuse_a_file
 
 EVA, CLIP, GRID = "EVA02-L-14", "ViT-L-14", 8  # 8 x 8 = 64 tokens, the BLIP3-o setting
 CONFIG, SUMMARY, STAGES = "demo_config.json", "demo_summary.json", "demo_stages.json"

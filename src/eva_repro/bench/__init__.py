@@ -13,8 +13,8 @@ import json
 import time
 from pathlib import Path
 
-from eva_repro.files import atomic_write_json
-from eva_repro.lockfile import refuse_a_file
+from eva_repro.utils.files import atomic_write_json
+from eva_repro.utils.lockfile import refuse_a_file
 
 SUITES = ("model", "extract", "train", "evaluate", "quality", "backbones")
 

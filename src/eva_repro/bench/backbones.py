@@ -22,10 +22,10 @@ import torch
 
 from eva_repro.bench.quality import PROBLEMS as QUALITY_PROBLEMS
 from eva_repro.bench.quality import plot, run_problem, summary_line
-from eva_repro.checkpoint import load_model
-from eva_repro.generate import generate
-from eva_repro.shards import ShardReader
-from eva_repro.synth import write_synthetic_shards
+from eva_repro.data.shards import ShardReader
+from eva_repro.data.synth import write_synthetic_shards
+from eva_repro.evaluation.generate import generate
+from eva_repro.model.checkpoint import load_model
 
 HEADS = {
     "next-dit": dict(backbone="next-dit", model_variant="eva-repro"),

@@ -1,7 +1,7 @@
 """Evaluation benchmark: images/s of `eva-repro evaluate` and the NFE each sampler needs.
 
-A small DiT is trained by the trainer (`eva_repro.train`, its defaults) on synthetic shards
-(`eva_repro.synth`, known target function), then evaluated on its run's held-out split. For
+A small DiT is trained by the trainer (`eva_repro.training.train`, its defaults) on synthetic shards
+(`eva_repro.data.synth`, known target function), then evaluated on its run's held-out split. For
 every sampler (euler, heun, dopri5, with and without time shift) the cosine to the true targets
 is measured over a range of step counts; the "converged" cosine is the one at the finest
 setting, and we report the smallest NFE from which the cosine stays within 1% of it (99% of the
@@ -17,14 +17,14 @@ from pathlib import Path
 
 import torch
 
-from eva_repro import flow
-from eva_repro.checkpoint import load_model
-from eva_repro.data import load_rows, open_training_data
-from eva_repro.devices import pick_device
-from eva_repro.evaluate import evaluate
-from eva_repro.generate import generate_batch
-from eva_repro.synth import write_synthetic_shards
-from eva_repro.train import train
+from eva_repro.data.loader import load_rows, open_training_data
+from eva_repro.data.synth import write_synthetic_shards
+from eva_repro.evaluation.evaluate import evaluate
+from eva_repro.evaluation.generate import generate_batch
+from eva_repro.flow.transport import token_cosine
+from eva_repro.model.checkpoint import load_model
+from eva_repro.training.train import train
+from eva_repro.utils.devices import pick_device
 
 MODEL = {"hidden": 128, "depth": 3, "n_heads": 4, "n_kv_heads": 2}
 
@@ -70,8 +70,8 @@ def nfe_to_converge(model: torch.nn.Module, clip: torch.Tensor, eva: torch.Tenso
                 steps, tol = (0, knob) if method == "dopri5" else (knob, 1e-5)
                 gen, nfe = generate_batch(model, clip, steps, method, shift=shift, seed=0, tol=tol)
                 curve.append({"steps": steps, "tol": tol if method == "dopri5" else None, "nfe": nfe,
-                              "cosine": flow.token_cosine(gen, eva).mean().item(),
-                              "solution_cosine": flow.token_cosine(gen, reference).mean().item()})
+                              "cosine": token_cosine(gen, eva).mean().item(),
+                              "solution_cosine": token_cosine(gen, reference).mean().item()})
             converged = curve[-1]["cosine"]
             out[f"{method}_shift{shift:g}"] = {
                 "converged_cosine": round(converged, 4),

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from eva_repro.devices import pick_device
-from eva_repro.encoders import load_encoder
-from eva_repro.extract import Settings, encode_batch, run_extraction
-from eva_repro.images import ImageDataset, collate, discover
+from eva_repro.data.encoders import load_encoder
+from eva_repro.data.extract import Settings, encode_batch, run_extraction
+from eva_repro.data.images import ImageDataset, collate, discover
+from eva_repro.utils.devices import pick_device
 
 SHARED_IMAGES = Path(__file__).resolve().parents[4] / "shared" / "data" / "imagenet-sample"
 

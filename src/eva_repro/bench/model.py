@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from eva_repro import flow
-from eva_repro.devices import autocast, pick_device
+from eva_repro.flow import transport
 from eva_repro.model import DiT, DiTConfig, estimate_flops
+from eva_repro.utils.devices import autocast, pick_device
 
 
 def _sync(device: torch.device) -> None:
@@ -51,7 +51,7 @@ def train_step_throughput(
     cond = torch.randn(batch, tokens, cond_dim, device=device)
     def step() -> None:
         with autocast(device):
-            loss = flow.flow_loss(model, target, cond).loss
+            loss = transport.flow_loss(model, target, cond).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

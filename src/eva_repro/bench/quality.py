@@ -2,12 +2,12 @@
 
 For each problem (synthetic sets of several shapes, plus any shard directories given with
 `--data`, e.g. real photos through `eva-repro extract`) and each configuration in `CONFIGS` (the
-defaults, and the pure BLIP3-o one: its head and its objective), one `eva_repro.train` run with
+defaults, and the pure BLIP3-o one: its head and its objective), one `eva_repro.training.train` run with
 the trainer's own defaults (batch 8, 10 epochs; tiny preset, 20% held out; `--quick`: 200 steps;
 the pure recipe `LENGTH` times as long)
 evaluates its EMA model on every held-out sample six times along the run. The baselines are
 fitted on the same run's training split and scored on the same held-out samples
-(`eva_repro.evaluate`). Reported: the curve of held-out cosine against optimiser steps
+(`eva_repro.evaluation.evaluate`). Reported: the curve of held-out cosine against optimiser steps
 and training seconds, and the first evaluated step at which the DiT passes the mean baseline and
 the ridge baseline (time-to-quality). A PNG of the curves goes beside the JSON.
 """
@@ -22,11 +22,11 @@ from typing import Any
 
 import torch
 
-from eva_repro import shards
-from eva_repro import train as train_mod
-from eva_repro.evaluate import evaluate
-from eva_repro.files import atomic_write_json
-from eva_repro.synth import write_synthetic_shards
+from eva_repro.data import shards
+from eva_repro.data.synth import write_synthetic_shards
+from eva_repro.evaluation.evaluate import evaluate
+from eva_repro.training import train as train_mod
+from eva_repro.utils.files import atomic_write_json
 
 # name: synth arguments; the wide ones put 1024-d and 4096-d targets (EVA02-L, EVA-CLIP-8B widths)
 # into the 384-wide tiny preset

@@ -6,7 +6,7 @@ Then (1) one full pass of the training data loader over the whole dataset (after
 that starts the workers and fills the prefetch queue), sampling the memory of the process tree
 (trainer + loader workers) every 0.1 s as PSS from /proc, so pages the forked workers share are
 counted once: with rows mapped only while copied it must stay flat although the dataset is >= 4x the RSS
-budget (full mode); (2) a short `eva_repro.train` run (tiny preset, batch 8) for steps/s and the
+budget (full mode); (2) a short `eva_repro.training.train` run (tiny preset, batch 8) for steps/s and the
 fraction of step time spent waiting for data.
 """
 
@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from eva_repro import data as data_mod
-from eva_repro import shards
-from eva_repro.devices import pick_device
-from eva_repro.train import train
+from eva_repro.data import loader as data_mod
+from eva_repro.data import shards
+from eva_repro.training.train import train
+from eva_repro.utils.devices import pick_device
 
 TOKENS, EVA_DIM, CLIP_DIM = 256, 4096, 1024
 SAMPLE_BYTES = TOKENS * (EVA_DIM + CLIP_DIM) * 2

@@ -1,7 +1,7 @@
 """The generator networks: eva-repro's Next-DiT (`dit.py`, one file), diffusers' Lumina-Next
 (`lumina_next.py`) and the one factory / loader over both (`backbones.py`)."""
 
-from eva_repro.layout import TOKEN_MODES
+from eva_repro.data.layout import TOKEN_MODES
 from eva_repro.model.backbones import (
     BACKBONES,
     build_model,

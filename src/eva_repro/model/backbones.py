@@ -5,7 +5,7 @@
     mod:factory  your own network (`plugin.py`): an import path or path/to/file.py:factory
 
 Every backbone takes forward(x_t, t, cond, drop_cond) in eva-repro's time convention and returns
-its raw prediction, whose type `.config.prediction` declares ("v" or "x"; `flow.velocity` maps
+its raw prediction, whose type `.config.prediction` declares ("v" or "x"; `flow.transport.velocity` maps
 it); has `.config` (target_dim, cond_dim, token_mode, tokens, target_norm, fixed_tokens,
 prediction, to_dict) and `.blocks`, and saves a self-describing directory whose config.json
 names its architecture.
@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from eva_repro.errors import UserError
-from eva_repro.files import MODEL_FIX, read_json_object
 from eva_repro.model import dit, lumina_next, plugin
+from eva_repro.utils.errors import UserError
+from eva_repro.utils.files import MODEL_FIX, read_json_object
 
 BACKBONES = ("next-dit", "lumina-next")
 

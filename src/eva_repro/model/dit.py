@@ -19,7 +19,7 @@
                                                      path, zero init)
 
 `forward` returns y, the network's raw prediction: the velocity (`prediction` "v") or the clean
-target x1 ("x"); `flow.velocity` maps it onto the velocity, outside the network.
+target x1 ("x"); `flow.transport.velocity` maps it onto the velocity, outside the network.
 
 The options, each a DiTConfig field (`VARIANTS`: "blip3o" has none of them, "eva-repro" all):
 - `abs_pos_embed`: P, a fixed sin-cos embedding of the positions RoPE uses (condition positions
@@ -52,15 +52,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from eva_repro.errors import UserError
-from eva_repro.files import (
+from eva_repro.data.layout import check_mode, has_cls
+from eva_repro.utils.errors import UserError
+from eva_repro.utils.files import (
     MODEL_FIX,
     atomic_save_safetensors,
     atomic_write_json,
     load_safetensors,
     read_json_object,
 )
-from eva_repro.layout import check_mode, has_cls
 
 ARCHITECTURE = "eva-repro-dit"
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
@@ -421,7 +421,7 @@ class DiT(nn.Module):
         drop_cond: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x [B, T, D_target] at time t [B] (0 noise, 1 data), cond [B, Tc, D_cond] -> the raw
-        prediction y [B, T, D_target] of type `config.prediction` (`flow.velocity` maps it)."""
+        prediction y [B, T, D_target] of type `config.prediction` (`flow.transport.velocity` maps it)."""
         cfg = self.config
         *rope_x, pos_x = self.positions(x.shape[1], x.shape[1], x.device)
         *rope_c, pos_c = self.positions(cond.shape[1], x.shape[1], x.device)

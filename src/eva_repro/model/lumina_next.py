@@ -34,9 +34,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from eva_repro.errors import UserError
-from eva_repro.files import MODEL_FIX, atomic_write_json, read_json_object
 from eva_repro.model.dit import PRESETS as DIT_PRESETS
+from eva_repro.utils.errors import UserError
+from eva_repro.utils.files import MODEL_FIX, atomic_write_json, read_json_object
 
 ARCHITECTURE = "diffusers-lumina-next"
 CONFIG_FILE, SUBFOLDER = "config.json", "transformer"
@@ -67,7 +67,7 @@ class LuminaNextConfig:
     target_norm: float = 1.0  # mean L2 norm of raw target tokens; maps samples back to EVA scale
     grad_checkpointing: bool = False
     extra: dict = field(default_factory=dict)
-    # fixed by the design, read by `flow.velocity`, the evaluator and the sampler like DiTConfig's
+    # fixed by the design, read by `flow.transport.velocity`, the evaluator and the sampler like DiTConfig's
     prediction = "v"
     fixed_tokens = None
 

@@ -9,7 +9,7 @@ The factory is called as `factory(target_dim=, cond_dim=, tokens=, **hints)` and
 in eva-repro's convention (t = 0 noise, t = 1 data, x_t = (1 - t) x0 + t x1), returning the
 velocity v = x1 - x0, or the clean target x1 when the module declares `prediction = "x"`.
 The wrapper returns that raw prediction as it is and declares its type (`config.prediction`);
-`flow.velocity` maps it, the one place. Optional, used when present:
+`transport.velocity` maps it, the one place. Optional, used when present:
 
     drop_cond           a forward argument: True rows take the network's own null condition
                         (classifier-free guidance); without it, a dropped condition is zeros
@@ -40,16 +40,16 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from eva_repro import flow
-from eva_repro.errors import UserError
-from eva_repro.files import (
+from eva_repro.data.layout import check_mode
+from eva_repro.flow import transport
+from eva_repro.utils.errors import UserError
+from eva_repro.utils.files import (
     MODEL_FIX,
     atomic_save_safetensors,
     atomic_write_json,
     load_safetensors,
     read_json_object,
 )
-from eva_repro.layout import check_mode
 
 ARCHITECTURE = "eva-repro-plugin"
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
@@ -174,9 +174,9 @@ class PluginModel(nn.Module):
             raise PluginError(f"--backbone {config.backbone!r}: {type(net).__name__}.forward must "
                               f"take (x_t, t, cond[, drop_cond]): {e}") from e
         config.prediction = getattr(net, "prediction", "v")
-        if config.prediction not in flow.PREDICTIONS:
+        if config.prediction not in transport.PREDICTIONS:
             raise PluginError(f"--backbone {config.backbone!r}: prediction {config.prediction!r} "
-                              f"is none of {flow.PREDICTIONS}")
+                              f"is none of {transport.PREDICTIONS}")
         config.noise_unconditional = bool(getattr(net, "noise_unconditional", False))
         config.condition_as_set = bool(getattr(net, "condition_as_set", False))
         self.config, self.net = config, net

@@ -28,20 +28,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from eva_repro import data as data_mod
-from eva_repro import flow, metrics
-from eva_repro.baselines import fit_baselines
-from eva_repro.checkpoint import load_model
-from eva_repro.devices import autocast, pick_device
-from eva_repro.errors import UserError
-from eva_repro.files import atomic_write_bytes, atomic_write_json
-from eva_repro.lockfile import DirectoryLock
+from eva_repro.data import loader as data_mod
+from eva_repro.evaluation import metrics
+from eva_repro.evaluation.baselines import fit_baselines
+from eva_repro.flow import sampling, transport
+from eva_repro.flow.transport import token_cosine
 from eva_repro.model import build_model, model_config
+from eva_repro.model.checkpoint import load_model
 from eva_repro.testbed.interface import declared, interface_checks, relative
 from eva_repro.testbed.problems import Problem, problems
 from eva_repro.testbed.verdict import Check
-from eva_repro.train import train
-from eva_repro.train_config import OVERFIT_BAR
+from eva_repro.training.train import train
+from eva_repro.training.train_config import OVERFIT_BAR
+from eva_repro.utils.devices import autocast, pick_device
+from eva_repro.utils.errors import UserError
+from eva_repro.utils.files import atomic_write_bytes, atomic_write_json
+from eva_repro.utils.lockfile import DirectoryLock
 
 HELDOUT_FRACTION = 0.2
 LEARN_BAR = 0.4  # fraction of the mean -> oracle gap a learning check needs (docs/testbed.md)
@@ -92,7 +94,7 @@ class Scored:
     curve: list[tuple[int, float]]
 
     def cosine(self, pred: torch.Tensor, target: torch.Tensor | None = None) -> float:
-        return float(flow.token_cosine(pred, self.target if target is None else target).mean())
+        return float(token_cosine(pred, self.target if target is None else target).mean())
 
     @property
     def scores(self) -> dict[str, float]:
@@ -103,7 +105,7 @@ class Scored:
 def sample(model: nn.Module, clip: torch.Tensor, ids: list[int], budget: Budget) -> torch.Tensor:
     device = next(model.parameters()).device
     with autocast(device):
-        out = [flow.sample(model, clip[i:i + 256].to(device), ids[i:i + 256],
+        out = [sampling.sample(model, clip[i:i + 256].to(device), ids[i:i + 256],
                            budget.sampler_steps, "heun")[0].cpu() for i in range(0, len(ids), 256)]
     return torch.cat(out)
 
@@ -152,10 +154,10 @@ def learn(name: str, data_dir: Path, run_dir: Path, options: dict[str, Any], bud
     ids, clip, eva = data_mod.load_rows(td.reader, td.heldout_rows, td.keys)
     references = {"mean": mean_b.predict(clip), "ridge": ridge_b.predict(clip)}
     if problem is not None:
-        references["oracle"] = flow.normalize_target(problem.draw_target(clip, [-1 - i for i in ids]))
+        references["oracle"] = transport.normalize_target(problem.draw_target(clip, [-1 - i for i in ids]))
     curve = [(r["step"], r["heldout_cosine"]) for r in _records(run_dir / "metrics.jsonl")
              if r.get("heldout_cosine") is not None]
-    return Scored(name, model, clip, flow.normalize_target(eva), ids,
+    return Scored(name, model, clip, transport.normalize_target(eva), ids,
                   sample(model, clip, ids, budget), references, curve)
 
 
@@ -198,7 +200,7 @@ WIDE_FOR_V = Check("learns_wide", "learning", None, None, "prediction 'x' only",
 
 class ShownTime(nn.Module):
     """The model with its network shown `show(t)` instead of t. It returns the network's raw
-    prediction, which `flow.velocity` maps with the true t: only what the network itself reads
+    prediction, which `transport.velocity` maps with the true t: only what the network itself reads
     changes."""
 
     def __init__(self, model: nn.Module, show: Callable[[torch.Tensor], torch.Tensor]):

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from eva_repro import shards
-from eva_repro.layout import neighbour_mean
+from eva_repro.data import shards
+from eva_repro.data.layout import neighbour_mean
 
 NOISE_RANK = 4
 

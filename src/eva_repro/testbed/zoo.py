@@ -29,10 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from eva_repro import flow, optim
-from eva_repro import train as train_mod
-from eva_repro.files import atomic_write_bytes, atomic_write_json
-from eva_repro.lockfile import refuse_a_file
+from eva_repro.flow import transport
 from eva_repro.model.dit import (
     ROPE_THETA,
     VARIANTS,
@@ -44,6 +41,10 @@ from eva_repro.model.dit import (
     sincos_embedding,
 )
 from eva_repro.testbed.card import BUDGETS, run_card
+from eva_repro.training import optim
+from eva_repro.training import train as train_mod
+from eva_repro.utils.files import atomic_write_bytes, atomic_write_json
+from eva_repro.utils.lockfile import refuse_a_file
 
 
 def head(target_dim: int, cond_dim: int, tokens: int, hidden: int = 384, depth: int = 6,
@@ -91,8 +92,8 @@ class TimeReversedSampler(Wrapped):
     def forward(self, x, t, cond, drop_cond=None):
         if self.training:
             return super().forward(x, t, cond, drop_cond)
-        v = -flow.velocity(self.net, x, 1 - t, cond, drop_cond)  # the velocity, read the other way
-        return flow.prediction_from_velocity(v, x, t, self.prediction)
+        v = -transport.velocity(self.net, x, 1 - t, cond, drop_cond)  # the velocity, read the other way
+        return transport.prediction_from_velocity(v, x, t, self.prediction)
 
 
 def sampler_time_reversed(**kw) -> nn.Module:
@@ -217,14 +218,14 @@ def _unit_norm_noise() -> Iterator[None]:
 
 @contextlib.contextmanager
 def _target_leak() -> Iterator[None]:
-    loss = flow.velocity_loss
+    loss = transport.velocity_loss
 
     def leaking(model, target, cond, *args, **kwargs):
         g = torch.Generator().manual_seed(0)
         proj = torch.randn(target.shape[-1], cond.shape[-1], generator=g).to(cond) / target.shape[-1] ** 0.5
-        return loss(model, target, cond + flow.normalize_target(target) @ proj, *args, **kwargs)
+        return loss(model, target, cond + transport.normalize_target(target) @ proj, *args, **kwargs)
 
-    with mock.patch.object(flow, "velocity_loss", leaking):
+    with mock.patch.object(transport, "velocity_loss", leaking):
         yield
 
 

@@ -30,9 +30,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from eva_repro import shards
-from eva_repro.preemption import ignore_stop_signals
-from eva_repro.shards import SPLIT_SALT, Manifest, ShardError, ShardReader
+from eva_repro.data import shards
+from eva_repro.data.shards import SPLIT_SALT, Manifest, ShardError, ShardReader
+from eva_repro.utils.preemption import ignore_stop_signals
 
 
 class DataError(ShardError):

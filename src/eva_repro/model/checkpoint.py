@@ -34,8 +34,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from eva_repro.errors import UserError
-from eva_repro.files import (
+from eva_repro.model import build_model, config_from_dict, from_pretrained, is_saved_model
+from eva_repro.utils.errors import UserError
+from eva_repro.utils.files import (
     atomic_save_safetensors,
     atomic_write_json,
     fsync_path,
@@ -43,7 +44,6 @@ from eva_repro.files import (
     read_json_object,
     sha256_file,
 )
-from eva_repro.model import build_model, config_from_dict, from_pretrained, is_saved_model
 
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"

@@ -13,7 +13,7 @@ import contextlib
 
 import torch
 
-from eva_repro.errors import UserError
+from eva_repro.utils.errors import UserError
 
 
 class DeviceError(UserError):

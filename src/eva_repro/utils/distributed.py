@@ -15,8 +15,8 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from eva_repro.devices import pick_device
-from eva_repro.errors import UserError
+from eva_repro.utils.devices import pick_device
+from eva_repro.utils.errors import UserError
 
 T = TypeVar("T")
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from eva_repro.errors import UserError
+from eva_repro.utils.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 LIST_EXTENSIONS = (".txt", ".lst", ".list", ".tsv")

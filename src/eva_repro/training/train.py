@@ -38,12 +38,33 @@ import numpy as np
 import torch
 from torch import nn
 
-from eva_repro import __version__, files, flow, layout, optim
-from eva_repro import checkpoint as ckpt
-from eva_repro import data as data_mod
-from eva_repro.data import BatchSchedule, DataPosition, TrainData
-from eva_repro.devices import autocast
-from eva_repro.distributed import (
+from eva_repro import __version__
+from eva_repro.data import layout
+from eva_repro.data import loader as data_mod
+from eva_repro.data.loader import BatchSchedule, DataPosition, TrainData
+from eva_repro.data.shards import MIN_HELDOUT
+from eva_repro.flow import sampling, transport
+from eva_repro.flow.transport import token_cosine
+from eva_repro.model import build_model
+from eva_repro.model import checkpoint as ckpt
+from eva_repro.training import optim
+from eva_repro.training.init_from_data import fit_to_training_data
+from eva_repro.training.monitoring import DebugMonitor, Interval, MetricsLog, log
+from eva_repro.training.train_config import (
+    DEFAULT_LR,
+    OVERFIT_BAR,
+    OVERFIT_DEFAULT_STEPS,
+    TrainConfig,
+    TrainingError,  # raised from setup; callers catch it as train.TrainingError
+    build_model_config,
+    config_from_args,
+    configure_parser,  # noqa: F401 -- `eva-repro train`'s flags: cli finds them here
+    token_mode,
+    validate_config,
+)
+from eva_repro.utils import files
+from eva_repro.utils.devices import autocast
+from eva_repro.utils.distributed import (
     Dist,
     all_reduce_sum,
     any_rank,
@@ -57,26 +78,10 @@ from eva_repro.distributed import (
     teardown_distributed,
     wrap_model,
 )
-from eva_repro.files import atomic_write_json
-from eva_repro.init_from_data import fit_to_training_data
-from eva_repro.lockfile import DirectoryLock
-from eva_repro.model import build_model
-from eva_repro.monitoring import DebugMonitor, Interval, MetricsLog, log
-from eva_repro.preemption import Preempted, StopSignals
-from eva_repro.progress import progress_bar
-from eva_repro.shards import MIN_HELDOUT
-from eva_repro.train_config import (
-    DEFAULT_LR,
-    OVERFIT_BAR,
-    OVERFIT_DEFAULT_STEPS,
-    TrainConfig,
-    TrainingError,  # raised from setup; callers catch it as train.TrainingError
-    build_model_config,
-    config_from_args,
-    configure_parser,  # noqa: F401 -- `eva-repro train`'s flags: cli finds them here
-    token_mode,
-    validate_config,
-)
+from eva_repro.utils.files import atomic_write_json
+from eva_repro.utils.lockfile import DirectoryLock
+from eva_repro.utils.preemption import Preempted, StopSignals
+from eva_repro.utils.progress import progress_bar
 
 OnStep = Callable[[int, dict[str, Any]], None]
 
@@ -450,7 +455,7 @@ def train_step(run: Run, state: State, batches: Iterator[data_mod.Batch]) -> Ste
 
 
 def draw_noise(
-    batch: data_mod.Batch, shape: tuple[int, ...], flow_cfg: flow.FlowConfig, seed: int,
+    batch: data_mod.Batch, shape: tuple[int, ...], flow_cfg: transport.FlowConfig, seed: int,
     global_batch: int, device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(x0, t, drop) per example from a generator seeded by the example's index in the epoch's
@@ -462,19 +467,19 @@ def draw_noise(
     for i in range(shape[0]):
         g.manual_seed(data_mod.mix_seed("noise", seed, batch.position.epoch, first + i))
         x0.append(torch.randn(shape[1:], generator=g, device=device))
-        ts.append(flow.sample_time(1, flow_cfg.time_scheme, flow_cfg.time_mean, flow_cfg.time_std,
+        ts.append(transport.sample_time(1, flow_cfg.time_scheme, flow_cfg.time_mean, flow_cfg.time_std,
                                    flow_cfg.time_shift, generator=g, device=device))
         drops.append(torch.rand(1, generator=g, device=device) < flow_cfg.cfg_dropout)
     return torch.stack(x0), torch.cat(ts), torch.cat(drops)
 
 
 def _backward(run: Run, eva: torch.Tensor, clip: torch.Tensor, x0: torch.Tensor, t: torch.Tensor,
-              drop: torch.Tensor, valid: torch.Tensor, sync: bool) -> flow.FlowLoss:
+              drop: torch.Tensor, valid: torch.Tensor, sync: bool) -> transport.FlowLoss:
     """One micro-batch's loss and its backward (scaled for accumulation); gradients are reduced
     across ranks only on the step's last micro-batch (`sync`)."""
     with gradient_sync(run.model, sync):
         with autocast(run.d.device):
-            out = flow.velocity_loss(run.model, eva, clip, x0, t, drop, run.cfg.flow.loss_weight,
+            out = transport.velocity_loss(run.model, eva, clip, x0, t, drop, run.cfg.flow.loss_weight,
                                      mask=valid, prediction=run.raw.config.prediction)
         (out.loss / run.cfg.grad_accum).backward()
     return out
@@ -639,7 +644,7 @@ def heldout_scores(run: Run, state: State) -> dict[str, Any]:
 def sampled_cosine(
     model: nn.Module, samples: EvalSet, cfg: TrainConfig, device: torch.device,
 ) -> float | None:
-    """Sample targets for the set's conditions with the (EMA) model (`flow.sample`, noise keyed
+    """Sample targets for the set's conditions with the (EMA) model (`sampling.sample`, noise keyed
     by row id, as `eva-repro evaluate` does); mean token cosine to its targets (None for an empty
     set, e.g. --eval_fraction 0)."""
     if not samples.ids:
@@ -651,9 +656,9 @@ def sampled_cosine(
         c = samples.clip[start:start + cfg.batch_size].to(device).float()
         e = samples.eva[start:start + cfg.batch_size].to(device).float()
         with autocast(device):
-            x, _ = flow.sample(model, c, samples.ids[start:start + cfg.batch_size],
+            x, _ = sampling.sample(model, c, samples.ids[start:start + cfg.batch_size],
                                cfg.eval_sampler_steps, cfg.eval_method, cfg.flow.time_shift)
-        cos = flow.token_cosine(x, e)
+        cos = token_cosine(x, e)
         total += float(cos.sum())
         count += cos.numel()
     reshard(model)

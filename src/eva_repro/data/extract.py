@@ -1,6 +1,6 @@
 """`eva-repro extract`: images -> frozen EVA-CLIP (target) and CLIP (condition) tokens -> shards.
 
-The input list (see `eva_repro.images.discover`) is cut into chunks of `shard_size` inputs;
+The input list (see `eva_repro.data.images.discover`) is cut into chunks of `shard_size` inputs;
 chunk i becomes shard i, whatever the number of processes, so shard names are global:
 
 * resume: a chunk is done when its record (`chunks/chunk-00007.json`: inputs, samples,
@@ -33,19 +33,16 @@ from typing import Any
 
 import torch
 
-from eva_repro import __version__, files, shards
-from eva_repro.devices import autocast, pick_device
-from eva_repro.distributed import Dist, barrier
-from eva_repro.encoders import (
+from eva_repro import __version__
+from eva_repro.data import shards
+from eva_repro.data.encoders import (
     REGISTRY,
     TOKEN_SOURCES,
     FrozenEncoder,
     load_encoder,
     pool_grid,
 )
-from eva_repro.errors import UserError
-from eva_repro.flags import add_flags, option, values
-from eva_repro.images import (
+from eva_repro.data.images import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_MIN_SIZE,
     Discovery,
@@ -55,10 +52,15 @@ from eva_repro.images import (
     discover,
     list_images,
 )
-from eva_repro.layout import TOKEN_MODES, select_tokens
-from eva_repro.lockfile import DirectoryLock
-from eva_repro.preemption import Preempted, StopSignals, ignore_stop_signals
-from eva_repro.progress import progress_bar
+from eva_repro.data.layout import TOKEN_MODES, select_tokens
+from eva_repro.utils import files
+from eva_repro.utils.devices import autocast, pick_device
+from eva_repro.utils.distributed import Dist, barrier
+from eva_repro.utils.errors import UserError
+from eva_repro.utils.flags import add_flags, option, values
+from eva_repro.utils.lockfile import DirectoryLock
+from eva_repro.utils.preemption import Preempted, StopSignals, ignore_stop_signals
+from eva_repro.utils.progress import progress_bar
 
 __all__ = ["ExtractError", "Settings", "configure_parser", "extract", "list_images", "merge",
            "run", "run_extraction"]
@@ -553,7 +555,7 @@ def run_extraction(inputs: Any, output_dir: str | os.PathLike, settings: Setting
 def extract(inputs: Any, output_dir: str | os.PathLike, *, recipe: str | None = None,
             **settings: Any) -> dict[str, Any]:
     """Extract `inputs` (a folder, .tar files, a list file, or image paths) into shards in
-    `output_dir`; resumes a partial run. Returns the manifest dict (see `eva_repro.shards`).
+    `output_dir`; resumes a partial run. Returns the manifest dict (see `eva_repro.data.shards`).
     Keyword arguments are `Settings` fields (eva, clip, grid, training_mode, ...); `recipe`
     (RECIPES, e.g. "blip3o") fixes the target encoder, its resolution and layer, and the pooling,
     and an explicit value that contradicts it is an error."""

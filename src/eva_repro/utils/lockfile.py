@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from eva_repro.errors import UserError
+from eva_repro.utils.errors import UserError
 
 LOCK_NAME = ".eva-repro.lock"
 

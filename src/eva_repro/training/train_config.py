@@ -1,4 +1,4 @@
-"""What `eva-repro train` takes: TrainConfig (with flow.FlowConfig inside), its checks that need no
+"""What `eva-repro train` takes: TrainConfig (with transport.FlowConfig inside), its checks that need no
 data, the per-preset defaults, and the command-line flags derived from it (`flags`)."""
 
 from __future__ import annotations
@@ -9,13 +9,14 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from eva_repro import flow, shards
-from eva_repro.errors import UserError
-from eva_repro.flags import add_flags, option, values
-from eva_repro.flow import METHODS
-from eva_repro.layout import TOKEN_MODES, drops_cls, mode_of
+from eva_repro.data import shards
+from eva_repro.data.layout import TOKEN_MODES, drops_cls, mode_of
+from eva_repro.data.shards import Manifest
+from eva_repro.flow import sampling, transport
+from eva_repro.flow.sampling import METHODS
 from eva_repro.model import BACKBONES, VARIANTS, backbones, model_config, plugin
-from eva_repro.shards import Manifest
+from eva_repro.utils.errors import UserError
+from eva_repro.utils.flags import add_flags, option, values
 
 OVERFIT_DEFAULT_STEPS = 300
 # Peak AdamW learning rate per preset when --learning_rate is not given: roughly 1/width, the
@@ -73,8 +74,9 @@ class TrainConfig:
     adam_beta2: float = option(0.95)
     grad_clip: float = option(1.0, "global gradient norm clip")
     ema_decay: float = option(0.999, "ramped in as min(decay, (1 + step) / (10 + step))")
-    flow: flow.FlowConfig = option(factory=flow.FlowConfig, group="flow (flow.FlowConfig: time "
-                                   "draws, loss weight, CFG dropout)")
+    flow: transport.FlowConfig = option(factory=transport.FlowConfig,
+                                        group="flow (transport.FlowConfig: time draws, loss "
+                                              "weight, CFG dropout)")
     eval_fraction: float = option(0.05, "held-out fraction of the samples (by key hash)",
                                   group="data")
     group_by: str | None = option(None, "hold out keys in groups: 'prefix' (the key up to its last "
@@ -113,14 +115,14 @@ class TrainConfig:
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         """Flat options (as on the command line: time_mean=...) or a nested "flow" dict."""
         data = dict(data)
-        flow_keys = {f.name for f in fields(flow.FlowConfig)}
+        flow_keys = {f.name for f in fields(transport.FlowConfig)}
         nested = data.pop("flow", None)
-        flow_values = {**(asdict(nested) if isinstance(nested, flow.FlowConfig) else nested or {}),
+        flow_values = {**(asdict(nested) if isinstance(nested, transport.FlowConfig) else nested or {}),
                        **{k: data.pop(k) for k in flow_keys & set(data)}}
         unknown = sorted(set(data) - {f.name for f in fields(cls)}) + sorted(set(flow_values) - flow_keys)
         if unknown:
             raise TrainingError(f"unknown training options {unknown}")
-        return cls(**data, flow=flow.FlowConfig(**flow_values))
+        return cls(**data, flow=transport.FlowConfig(**flow_values))
 
 
 def validate_config(cfg: TrainConfig) -> None:
@@ -165,11 +167,11 @@ def validate_config(cfg: TrainConfig) -> None:
         (0 < cfg.flow.time_shift < math.inf,
          f"--time_shift must be finite and > 0, got {cfg.flow.time_shift}"),
         (math.isfinite(cfg.flow.time_mean), f"--time_mean must be finite, got {cfg.flow.time_mean}"),
-        (cfg.flow.time_scheme in flow.TIME_SCHEMES,
-         f"--time_scheme must be one of {flow.TIME_SCHEMES}"),
-        (cfg.flow.loss_weight in flow.LOSS_WEIGHTS,
-         f"--loss_weight must be one of {flow.LOSS_WEIGHTS}"),
-        (cfg.eval_method in flow.METHODS, f"--eval_method must be one of {flow.METHODS}"),
+        (cfg.flow.time_scheme in transport.TIME_SCHEMES,
+         f"--time_scheme must be one of {transport.TIME_SCHEMES}"),
+        (cfg.flow.loss_weight in transport.LOSS_WEIGHTS,
+         f"--loss_weight must be one of {transport.LOSS_WEIGHTS}"),
+        (cfg.eval_method in sampling.METHODS, f"--eval_method must be one of {sampling.METHODS}"),
         (cfg.overfit_test_size >= 0,
          f"--overfit_test_size must be >= 0 (0: off), got {cfg.overfit_test_size}"),
         *((getattr(cfg, name) >= 1, f"--{name} must be >= 1, got {getattr(cfg, name)}")
@@ -198,8 +200,8 @@ def validate_config(cfg: TrainConfig) -> None:
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
     add_flags(p, TrainConfig(), choices={"model_variant": sorted(VARIANTS),
-                                         "time_scheme": flow.TIME_SCHEMES,
-                                         "loss_weight": flow.LOSS_WEIGHTS})
+                                         "time_scheme": transport.TIME_SCHEMES,
+                                         "loss_weight": transport.LOSS_WEIGHTS})
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:

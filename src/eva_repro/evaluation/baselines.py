@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from eva_repro.errors import UserError
-from eva_repro.layout import pairs_for_model
-from eva_repro.progress import progress_bar
-from eva_repro.shards import ShardReader, finite_samples
+from eva_repro.data.layout import pairs_for_model
+from eva_repro.data.shards import ShardReader, finite_samples
+from eva_repro.utils.errors import UserError
+from eva_repro.utils.progress import progress_bar
 
 ALPHAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 

@@ -10,8 +10,8 @@ from collections.abc import Callable
 
 from torch import nn
 
-from eva_repro import data
-from eva_repro.shards import ShardReader
+from eva_repro.data import loader as data
+from eva_repro.data.shards import ShardReader
 
 
 def fit_to_training_data(model: nn.Module, reader: ShardReader, rows: list[int], drop_cls: bool,

@@ -21,10 +21,11 @@ from pathlib import Path
 
 import torch
 
-from eva_repro import files, shards
-from eva_repro.errors import UserError
-from eva_repro.layout import TOKEN_MODES, neighbour_mean
-from eva_repro.lockfile import LOCK_NAME, DirectoryLock
+from eva_repro.data import shards
+from eva_repro.data.layout import TOKEN_MODES, neighbour_mean
+from eva_repro.utils import files
+from eva_repro.utils.errors import UserError
+from eva_repro.utils.lockfile import LOCK_NAME, DirectoryLock
 
 
 def _function_weights(grid: int, clip_dim: int, eva_dim: int, seed: int,

@@ -33,8 +33,8 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from eva_repro.errors import UserError
-from eva_repro.files import atomic_save_safetensors, atomic_write_json, sha256_file
+from eva_repro.utils.errors import UserError
+from eva_repro.utils.files import atomic_save_safetensors, atomic_write_json, sha256_file
 
 FORMAT = "eva-repro-shards"
 FORMAT_VERSION = 1

@@ -7,7 +7,7 @@ directory, the run's held-out keys (never trained on). Otherwise no split is kno
 shards are split by key hash (`shards.split_indices`, --eval_fraction), baselines are fitted on
 one part and everything is scored on the other, and the report says the model may have seen them.
 
-What (all cosines after per-token L2 normalisation, see `eva_repro.metrics`):
+What (all cosines after per-token L2 normalisation, see `eva_repro.evaluation.metrics`):
   cosine       per token (mean, median, p10), per image, of mean-pooled embeddings, quality bands
   baselines    mean token per position and ridge regression, fitted on training samples only
   controls     conditions shuffled across images (must fall), two samples per condition (diversity)
@@ -20,7 +20,7 @@ What (all cosines after per-token L2 normalisation, see `eva_repro.metrics`):
 `main_pass` is one loop over the held-out batches: each family above (but the sweep) is an
 accumulator, `update(batch, predictions)` per batch for the DiT and both baselines alike, and
 `result()` its report section. `build_report` puts the sections and the provenance in one dict;
-`eva_repro.report` writes it out (report.json, report.md, the plots). Deterministic for a given
+`eva_repro.evaluation.report` writes it out (report.json, report.md, the plots). Deterministic for a given
 --seed (noise per sample, seeded subsets).
 """
 
@@ -40,13 +40,11 @@ from typing import Any
 import torch
 
 from eva_repro import __version__ as _version
-from eva_repro import flow, metrics, shards
-from eva_repro.baselines import fit_baselines
-from eva_repro.checkpoint import load_model
-from eva_repro.devices import autocast, pick_device
-from eva_repro.errors import UserError
-from eva_repro.flags import add_flags, option, values
-from eva_repro.generate import (
+from eva_repro.data import shards
+from eva_repro.data.layout import drops_cls, has_cls, pairs_for_model, tokens_for_model
+from eva_repro.evaluation import metrics
+from eva_repro.evaluation.baselines import fit_baselines
+from eva_repro.evaluation.generate import (
     METHODS,
     SAMPLERS,
     SamplerOptions,
@@ -56,12 +54,17 @@ from eva_repro.generate import (
     generate_batch,
     resolve_sampler,
 )
-from eva_repro.layout import drops_cls, has_cls, pairs_for_model, tokens_for_model
-from eva_repro.lockfile import DirectoryLock
+from eva_repro.evaluation.report import write_outputs
+from eva_repro.flow import sampling, transport
+from eva_repro.flow.transport import token_cosine
+from eva_repro.model.checkpoint import load_model
 from eva_repro.model.dit import score_caveat
 from eva_repro.model.plugin import OVERRIDE_HELP
-from eva_repro.progress import progress_bar
-from eva_repro.report import write_outputs
+from eva_repro.utils.devices import autocast, pick_device
+from eva_repro.utils.errors import UserError
+from eva_repro.utils.flags import add_flags, option, values
+from eva_repro.utils.lockfile import DirectoryLock
+from eva_repro.utils.progress import progress_bar
 
 SWEEP_SIZES = ("auto", "none", "small", "full")  # auto: full on CUDA, small on CPU
 
@@ -246,7 +249,7 @@ class CosineScores:
 
     def update(self, batch: HeldOutBatch, preds: dict[str, torch.Tensor]) -> None:
         for name, tokens in preds.items():
-            self.token[name].append(flow.token_cosine(tokens, batch.eva))
+            self.token[name].append(token_cosine(tokens, batch.eva))
             self.pooled_cos[name].append(metrics.pooled_cosine(tokens, batch.eva))
 
     def result(self) -> CosineResult:
@@ -313,7 +316,7 @@ class Distribution:
     def update(self, batch: HeldOutBatch, preds: dict[str, torch.Tensor]) -> None:
         for name, tokens in {**preds, "target": batch.eva}.items():
             self.pooled[name].append(metrics.mean_pool(tokens))
-            self.moments[name].add(flow.normalize_target(tokens.to(self.stats_device)))
+            self.moments[name].add(transport.normalize_target(tokens.to(self.stats_device)))
 
     def result(self) -> dict[str, Any]:
         pooled = {name: torch.cat(rows) for name, rows in self.pooled.items()}
@@ -351,10 +354,10 @@ class Controls:
         self.left -= k
         shuffled, _ = generate_batch(self.model, batch.shuffled_clip[:k], o.steps, o.method,
                                      o.cfg_scale, o.shift, o.seed, ids=batch.ids[:k])
-        self.shuffled.append(flow.token_cosine(shuffled.cpu(), batch.eva[:k]))
+        self.shuffled.append(token_cosine(shuffled.cpu(), batch.eva[:k]))
         second, _ = generate_batch(self.model, batch.clip[:k], o.steps, o.method, o.cfg_scale,
                                    o.shift, o.seed + 1, ids=batch.ids[:k])
-        self.diversity.append(flow.token_cosine(preds["dit"][:k], second.cpu()))
+        self.diversity.append(token_cosine(preds["dit"][:k], second.cpu()))
 
     def result(self, dit_token_mean: float) -> dict[str, Any]:
         """The report section ({} without control images); `drop` is how far the shuffled
@@ -383,10 +386,10 @@ class VelocityCosine:
 
     def update(self, batch: HeldOutBatch, preds: dict[str, torch.Tensor]) -> None:
         clip, eva = batch.clip, batch.eva
-        velocity_fn = flow.guided_velocity(self.model, clip.to(self.device))
+        velocity_fn = sampling.guided_velocity(self.model, clip.to(self.device))
         with autocast(self.device):
             v = metrics.velocity_cosine(velocity_fn, eva.to(self.device), self.opts.t_values,
-                                        flow.sample_noise(batch.ids, *eva.shape[1:], self.opts.seed))
+                                        sampling.sample_noise(batch.ids, *eva.shape[1:], self.opts.seed))
         for t, value in v.items():
             self.by_t.setdefault(t, WeightedMean()).update(value, len(batch.ids))
 
@@ -479,7 +482,7 @@ def sampler_sweep(model: torch.nn.Module, reader: shards.ShardReader, eval_idx: 
                                     cfg["method"], cfg.get("cfg_scale", 1.0), cfg["shift"],
                                     opts.seed, ids=subset[s:s + opts.batch_size],
                                     tol=cfg.get("tol", 1e-5))
-            cos.append(flow.token_cosine(gen.cpu(), eva[s:s + opts.batch_size]))
+            cos.append(token_cosine(gen.cpu(), eva[s:s + opts.batch_size]))
             nfe.append(k)
         out.append({"method": cfg["method"], "steps": cfg["steps"], "shift": cfg["shift"],
                     "cfg_scale": cfg.get("cfg_scale", 1.0), "tol": cfg.get("tol"),
@@ -592,7 +595,7 @@ def data_section(manifest: shards.Manifest, scored_tokens: int, cls: bool) -> di
 
 def build_report(*, scores: MainPass, sweep: list[dict], opts: EvalOptions, model: dict,
                  data: dict, split: dict, warnings: list[str]) -> dict:
-    """The report dict from finished sections (`eva_repro.report` renders it)."""
+    """The report dict from finished sections (`eva_repro.evaluation.report` renders it)."""
     return {
         "n_samples": scores.n_samples,
         "n_requested": opts.num_samples,

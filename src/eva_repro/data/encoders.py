@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from eva_repro.errors import UserError
-from eva_repro.files import sha256_file
+from eva_repro.utils.errors import UserError
+from eva_repro.utils.files import sha256_file
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)

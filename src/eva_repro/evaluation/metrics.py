@@ -2,7 +2,7 @@
 
 Shapes: tokens [N, T, D] (N images, T tokens, D channels). Every cosine is taken after L2
 normalisation per token, so the token norm (which the model does not predict, see
-`flow.denormalize_target`) never enters a score.
+`transport.denormalize_target`) never enters a score.
 
 Quality bands (the public reference's words, applied to per-image mean cosine):
     < 0.4 poor,  0.4-0.7 moderate,  > 0.7 high,  > 0.8 very high,  > 0.9 excellent
@@ -16,7 +16,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from eva_repro import flow
+from eva_repro.flow import sampling, transport
+from eva_repro.flow.transport import token_cosine
 
 # (lower edge, name), ascending: a value belongs to the last band whose edge it exceeds.
 BANDS: tuple[tuple[float, str], ...] = (
@@ -41,7 +42,7 @@ def mean_pool(tokens: torch.Tensor) -> torch.Tensor:
 
 def pooled_cosine(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Cosine per image [N] between the mean-pooled embeddings (the 'global' similarity)."""
-    return flow.token_cosine(mean_pool(pred), mean_pool(target))
+    return token_cosine(mean_pool(pred), mean_pool(target))
 
 
 def band_fractions(per_image: torch.Tensor) -> dict[str, float]:
@@ -134,29 +135,29 @@ def retrieval_recall(
 
 def diversity(sample_a: torch.Tensor, sample_b: torch.Tensor) -> float:
     """Mean token cosine between two samples drawn for the same conditions (1.0 = deterministic)."""
-    return flow.token_cosine(sample_a, sample_b).mean().item()
+    return token_cosine(sample_a, sample_b).mean().item()
 
 
 @torch.no_grad()
 def velocity_cosine(
-    velocity_fn: flow.VelocityFn,
+    velocity_fn: sampling.VelocityFn,
     target: torch.Tensor,
     t_values: Sequence[float],
     noise: torch.Tensor,
 ) -> dict[str, float]:
     """Mean token cosine between predicted and true velocity at fixed times t.
 
-    velocity_fn(x_t, t[B]) -> v, e.g. `flow.guided_velocity(model, cond)`; target: raw EVA
+    velocity_fn(x_t, t[B]) -> v, e.g. `sampling.guided_velocity(model, cond)`; target: raw EVA
     tokens [B, T, D] (normalised here as in training); noise: x0 [B, T, D], e.g.
-    `flow.sample_noise(ids, T, D, seed)`, the same draw at every t.
+    `sampling.sample_noise(ids, T, D, seed)`, the same draw at every t.
     """
-    x1 = flow.normalize_target(target)
+    x1 = transport.normalize_target(target)
     x0 = noise.to(device=x1.device, dtype=x1.dtype)
     out = {}
     for t_value in t_values:
         t = torch.full((x1.shape[0],), float(t_value), device=x1.device)
-        v_pred = velocity_fn(flow.interpolate(x0, x1, t), t).float()
-        out[f"{t_value:g}"] = flow.token_cosine(v_pred, flow.target_velocity(x0, x1)).mean().item()
+        v_pred = velocity_fn(transport.interpolate(x0, x1, t), t).float()
+        out[f"{t_value:g}"] = token_cosine(v_pred, transport.target_velocity(x0, x1)).mean().item()
     return out
 
 
@@ -206,11 +207,11 @@ class Moments:
 
 def token_moments(tokens: torch.Tensor) -> Moments:
     """Moments of the individual tokens of [N, T, D] (N*T rows) in the model's target space:
-    each token L2-normalised and scaled by sqrt(D) (`flow.normalize_target`). The token norm is
-    not predicted (see `flow.denormalize_target`) and the baselines predict other norms (the mean
+    each token L2-normalised and scaled by sqrt(D) (`transport.normalize_target`). The token norm is
+    not predicted (see `transport.denormalize_target`) and the baselines predict other norms (the mean
     baseline's mean of unit tokens is shorter than 1); unnormalised, the distance would mostly
     measure norms no cosine sees. The sqrt(D) makes elements ~unit variance, as the flow's noise."""
-    return Moments().add(flow.normalize_target(tokens))
+    return Moments().add(transport.normalize_target(tokens))
 
 
 def frechet_from_moments(a: Moments, b: Moments) -> float:

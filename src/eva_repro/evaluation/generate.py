@@ -3,7 +3,7 @@
     eva = generate(model, clip_tokens, steps=20, method="heun", cfg_scale=1.0, shift=1.0, seed=0)
 
 returns raw-EVA-scale tokens: the sampler works in the normalised space (per-token norm
-sqrt(D), see `flow.normalize_target`) and every token is rescaled to `model.config.target_norm`,
+sqrt(D), see `transport.normalize_target`) and every token is rescaled to `model.config.target_norm`,
 the mean token norm of the training targets. The noise for sample i is drawn from its own
 generator seeded by (seed, i), so a sample does not depend on the batch size or on which other
 samples are generated with it.
@@ -27,18 +27,20 @@ from typing import Any
 
 import torch
 
-from eva_repro import files, flow, shards
-from eva_repro.checkpoint import load_model
-from eva_repro.devices import autocast, device_of, pick_device
-from eva_repro.errors import UserError
-from eva_repro.flags import add_flags, option
-from eva_repro.layout import drops_cls, has_cls, tokens_for_model
-from eva_repro.lockfile import DirectoryLock
+from eva_repro.data import shards
+from eva_repro.data.layout import drops_cls, has_cls, tokens_for_model
+from eva_repro.flow import sampling, transport
+from eva_repro.model.checkpoint import load_model
 from eva_repro.model.plugin import OVERRIDE_HELP
-from eva_repro.preemption import Preempted, StopSignals
-from eva_repro.progress import progress_bar
+from eva_repro.utils import files
+from eva_repro.utils.devices import autocast, device_of, pick_device
+from eva_repro.utils.errors import UserError
+from eva_repro.utils.flags import add_flags, option
+from eva_repro.utils.lockfile import DirectoryLock
+from eva_repro.utils.preemption import Preempted, StopSignals
+from eva_repro.utils.progress import progress_bar
 
-METHODS = flow.METHODS
+METHODS = sampling.METHODS
 
 
 class ModelDataMismatch(UserError):
@@ -108,7 +110,7 @@ def generate_batch(
 ) -> tuple[torch.Tensor, int]:
     """One batch: (tokens [B, T, De] float32 on the model's device, network evaluations).
 
-    The noise of row i is picked by its id: `ids[i]`, default `offset + i` (`flow.sample`).
+    The noise of row i is picked by its id: `ids[i]`, default `offset + i` (`sampling.sample`).
     `tol` is dopri5's atol = rtol; raw_scale=False returns the sampler's normalised space
     (token norm sqrt(De)).
     """
@@ -116,8 +118,8 @@ def generate_batch(
     cond = clip_tokens.to(device=device, dtype=torch.float32)
     ids = range(offset, offset + cond.shape[0]) if ids is None else ids
     with autocast(device):
-        x1, nfe = flow.sample(model, cond, ids, steps, method, shift, cfg_scale, seed, tol)
-    return (flow.denormalize_target(x1, model.config.target_norm) if raw_scale else x1), nfe
+        x1, nfe = sampling.sample(model, cond, ids, steps, method, shift, cfg_scale, seed, tol)
+    return (transport.denormalize_target(x1, model.config.target_norm) if raw_scale else x1), nfe
 
 
 def generate(

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from eva_repro.errors import UserError
+from eva_repro.utils.errors import UserError
 
 
 def _stereo_left() -> np.ndarray:

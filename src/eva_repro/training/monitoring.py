@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from eva_repro.distributed import Dist, full_tensor
+from eva_repro.utils.distributed import Dist, full_tensor
 
 
 class MetricsLog:

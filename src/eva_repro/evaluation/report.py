@@ -10,7 +10,7 @@
     cosine_vs_nfe.png   the sampler sweep: cosine vs network evaluations (only when it ran)
 
 A pure renderer: the numbers are `evaluate.build_report`'s; this module reads the report dict and
-the per-token cosines, writes files and does not import `eva_repro.evaluate` (which imports it).
+the per-token cosines, writes files and does not import `eva_repro.evaluation.evaluate` (which imports it).
 Plots are optional (--no_plots); matplotlib is imported only to draw them.
 """
 
@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from eva_repro import files, metrics
+from eva_repro.evaluation import metrics
+from eva_repro.utils import files
 
 PLOTS = {"histogram": "cosine_hist.png", "heatmap": "cosine_heatmap.png", "nfe": "cosine_vs_nfe.png"}
 
