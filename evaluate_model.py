@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Seed-compatible entry point: `python evaluate_model.py --model_path CKPT_OR_RUN_DIR
+"""The public reference's script, kept so its commands run unchanged:
+`python evaluate_model.py --model_path CKPT_OR_RUN_DIR
 --embeddings_dir D --output_dir O --num_samples 1000` (the same flags as `eva-repro evaluate`)."""
 
 import sys

@@ -1,4 +1,5 @@
-"""Seed-compatible entry point: `python extract_embeddings.py --input_dir D --output_dir O
+"""The public reference's script, kept so its commands run unchanged:
+`python extract_embeddings.py --input_dir D --output_dir O
 --batch_size 32` runs `eva-repro extract` (same code, same flags; see `eva-repro extract -h`)."""
 
 import sys

@@ -1,4 +1,5 @@
-"""Seed-compatible entry point: `python train_eva_reproduction.py --chunked_embeddings_dir D
+"""The public reference's script, kept so its commands run unchanged:
+`python train_eva_reproduction.py --chunked_embeddings_dir D
 --output_dir O --batch_size 8 --num_epochs 10 [--overfit_test_size 10] [--debug_mode]
 [--model_size base] [--training_mode patch_only]` runs `eva-repro train` (same code, same flags;
 see `eva-repro train -h`). Works under torchrun too."""

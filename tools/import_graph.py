@@ -22,7 +22,7 @@ LAYERS = [  # sub-packages, bottom up: each imports only its own package and tho
     ["training", "training.*"],
     ["evaluation", "evaluation.*"],
     ["testbed", "testbed.*"],
-    ["demo", "bench", "bench.*", "cli", "__main__"],
+    ["commands", "demo", "bench", "bench.*", "cli", "__main__"],
 ]
 
 

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from eva_repro.commands import COMMANDS
 from eva_repro.data import encoders, shards
 from eva_repro.data.demo_images import PHOTOS, VIEW_GROUP, write_demo_images
 from eva_repro.data.extract import extract
@@ -184,7 +185,7 @@ def _run_command(argv: list[str]) -> None:
     import importlib
 
     print(f"\n$ eva-repro {' '.join(argv)}", flush=True)
-    module = importlib.import_module(f"eva_repro.{argv[0]}")
+    module = importlib.import_module(COMMANDS[argv[0]][0])
     parser = argparse.ArgumentParser(prog=f"eva-repro {argv[0]}")
     module.configure_parser(parser)
     code = module.run(parser.parse_args(argv[1:]))
