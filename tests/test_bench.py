@@ -57,3 +57,27 @@ def test_quality_suite_scores_against_both_baselines_and_keeps_finished_problems
     # the pure recipe learns later: it trains LENGTH times as long, not into a budget artefact
     steps = {r["variant"]: r["steps"] for r in result["problems"]["a"]}
     assert steps == {"eva-repro": 3, "blip3o": 3 * quality.LENGTH["blip3o"]}
+
+
+def test_quality_suite_runs_only_the_chosen_problems_and_recipes(tmp_path, monkeypatch, capsys):
+    from eva_repro import cli
+    from eva_repro.bench import quality
+
+    problem = dict(num_samples=40, grid=2, clip_dim=8, eva_dim=8, seed=0)
+    monkeypatch.setattr(quality, "PROBLEMS", {"a": problem, "b": problem})
+    ran = []
+
+    def fake(data, steps, label, work, **options):
+        ran.append((work.name, label))
+        return {"variant": label, "curve": [{"step": 1, "heldout_cosine": 0.5}], "dit": 0.5,
+                "ridge": 0.4, "mean": 0.1, "params_m": 0.1}
+
+    monkeypatch.setattr(quality, "run_problem", fake)
+    quality.run(tmp_path, quick=False, problems=["b"], recipes=["blip3o"])
+    assert ran == [("b", "blip3o")]
+    ran.clear()
+    quality.run(tmp_path, quick=False, data_dirs=[str(tmp_path / "shards")], problems=["none"])
+    assert ran == [("shards", "eva-repro"), ("shards", "blip3o")]
+    assert cli.main(["bench", "--suite", "quality", "--output_dir", str(tmp_path / "o"),
+                     "--recipe", "blip30"]) == 2
+    assert "--recipe blip30: unknown; choose from eva-repro, blip3o" in capsys.readouterr().err

@@ -1,7 +1,7 @@
 """`eva-repro bench`: run benchmark suites and write one JSON result per suite.
 
 Each suite is a module in this package with `run(output_dir: Path, quick: bool) -> dict` (the
-quality suite also takes `data_dirs`);
+quality suite also takes `data_dirs`, `problems` and `recipes`);
 results go to `<output_dir>/<suite>.json`. Benchmarks are never timed assertions in tests.
 """
 
@@ -27,6 +27,11 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", action="append", default=[], metavar="SHARD_DIR",
                    help="quality suite: also train and score on these shard directories (e.g. "
                         "real photos through `eva-repro extract`; repeatable)")
+    p.add_argument("--problem", action="append", default=[], metavar="NAME",
+                   help="quality suite: only these synthetic problems (repeatable; default: all; "
+                        "`none`: only the --data directories)")
+    p.add_argument("--recipe", action="append", default=[], metavar="NAME",
+                   help="quality suite: only these recipes (repeatable; default: all)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -37,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
         start = time.time()
         print(f"[bench] {suite} ...", flush=True)
         module = importlib.import_module(f"eva_repro.bench.{suite}")
-        extra = {"data_dirs": args.data} if suite == "quality" else {}
+        extra = ({"data_dirs": args.data, "problems": args.problem, "recipes": args.recipe}
+                 if suite == "quality" else {})
         result = module.run(out, args.quick, **extra)
         result = {"suite": suite, "wall_s": round(time.time() - start, 1), **result}
         atomic_write_json(out / f"{suite}.json", result)

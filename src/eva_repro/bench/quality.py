@@ -26,6 +26,7 @@ from eva_repro.data import shards
 from eva_repro.data.synth import write_synthetic_shards
 from eva_repro.evaluation.evaluate import evaluate
 from eva_repro.training import train as train_mod
+from eva_repro.utils.errors import UserError
 from eva_repro.utils.files import atomic_write_json
 
 # name: synth arguments; the wide ones put 1024-d and 4096-d targets (EVA02-L, EVA-CLIP-8B widths)
@@ -119,9 +120,14 @@ def plot(results: dict[str, list[dict]], path: Path) -> None:
     plt.close(fig)
 
 
-def run(output_dir: Path, quick: bool, data_dirs: list[str] | None = None) -> dict[str, Any]:
+def run(output_dir: Path, quick: bool, data_dirs: list[str] | None = None,
+        problems: list[str] | None = None, recipes: list[str] | None = None) -> dict[str, Any]:
+    """`problems` / `recipes`: subsets of PROBLEMS / CONFIGS (None or empty: all; problems
+    ["none"]: only `data_dirs`)."""
     torch.set_num_threads(1)  # the tiny DiT's small ops: one thread is fastest on a shared CPU
-    problems = {k: v for k, v in PROBLEMS.items() if k in QUICK} if quick else PROBLEMS
+    configs = _pick(CONFIGS, recipes, "--recipe")
+    chosen = {} if problems == ["none"] else _pick(PROBLEMS, problems, "--problem")
+    problems = {k: v for k, v in chosen.items() if k in QUICK} if quick else chosen
     results: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="eva-quality-") as tmp:
         jobs = []
@@ -132,7 +138,7 @@ def run(output_dir: Path, quick: bool, data_dirs: list[str] | None = None) -> di
         jobs += [(Path(d).name, Path(d), 150 if quick else None) for d in data_dirs or []]
         for name, data, steps in jobs:
             results[name] = [run_problem(data, steps, label, Path(tmp) / name, **options)
-                             for label, options in CONFIGS.items()]
+                             for label, options in configs.items()]
             print(summary_line("quality", name, results[name]), flush=True)
             # the finished problems survive a crash or a kill in a later one
             atomic_write_json(output_dir / "quality.json",
@@ -141,6 +147,13 @@ def run(output_dir: Path, quick: bool, data_dirs: list[str] | None = None) -> di
     plot(results, output_dir / "quality.png")
     return {"complete": True, **_header(quick), "problems": results,
             "plot": str(output_dir / "quality.png")}
+
+
+def _pick(table: dict[str, Any], names: list[str] | None, flag: str) -> dict[str, Any]:
+    unknown = sorted(set(names or []) - set(table))
+    if unknown:
+        raise UserError(f"{flag} {', '.join(unknown)}: unknown; choose from {', '.join(table)}")
+    return {k: v for k, v in table.items() if not names or k in names}
 
 
 def _header(quick: bool) -> dict[str, Any]:
