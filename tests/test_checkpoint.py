@@ -104,6 +104,17 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_valid_one(tmp_path
         ckpt.resolve_resume(tmp_path, "auto")
 
 
+
+def test_a_checkpoint_whose_marker_records_no_digests_is_refused(tmp_path, one_line_error):
+    model = _tiny_model()
+    opt = torch.optim.AdamW(model.parameters())
+    _step(model, opt, 0)
+    path = ckpt.save_checkpoint(tmp_path, _state(model, opt, 10))
+    ckpt.verify_checkpoint(path)
+    (path / ckpt.COMPLETE).write_text('{"step": 10}')
+    one_line_error(lambda: ckpt.verify_checkpoint(path), "records no sha256 digests",
+                   ckpt.CheckpointError)
+
 FULL_DISK = """
 import resource, signal, sys, torch
 sys.path.insert(0, {tests!r})

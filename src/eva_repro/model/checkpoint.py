@@ -201,19 +201,21 @@ def _write_files(tmp: Path, state: TrainingState) -> None:
 
 
 def verify_checkpoint(path: str | os.PathLike) -> None:
-    """Every file matches the digest COMPLETE recorded (a COMPLETE without digests: only that
-    the tensor files are there)."""
+    """Every file matches the digest COMPLETE recorded."""
     path = Path(path)
     try:
         record = json.loads((path / COMPLETE).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: unreadable {COMPLETE} marker ({e})") from e
-    expected = record.get("sha256") or {f"{n}.safetensors": None for n in TENSOR_FILES}
+    expected = record.get("sha256") if isinstance(record, dict) else None
+    if not isinstance(expected, dict) or not expected:
+        raise CheckpointError(f"{path}: its {COMPLETE} marker records no sha256 digests, so the "
+                              "files cannot be verified; use another checkpoint")
     for name, digest in expected.items():
         file = path / name
         if not file.is_file():
             raise CheckpointError(f"{path}: {name} is missing")
-        if digest is not None and sha256_file(file) != digest:
+        if sha256_file(file) != digest:
             raise CheckpointError(f"{path}: {name} does not match its recorded sha256 (truncated "
                                   "or corrupted after it was written)")
 
