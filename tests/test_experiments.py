@@ -122,12 +122,15 @@ def test_imagenet_extracts_trains_and_evaluates_at_toy_size(tmp_path):
     images, out = tmp_path / "images", tmp_path / "out"
     write_demo_images(images, 10)
     argvs = _record(ROOT / "experiments" / "imagenet.sh", tmp_path, str(images), str(out))
-    assert [a[0] for a in argvs] == ["extract", "train", "evaluate"] * 2
+    assert [a[0] for a in argvs] == ["extract", "train", "evaluate"] * 2 + ["train", "evaluate"]
     _replay(argvs)
     for grid, tokens in ((8, 64), (16, 256)):
         report = json.loads((out / f"in{grid}" / "report" / "report.json").read_text())
         _finite(report)
         assert report["data"]["tokens"] == tokens
+    plain = json.loads((out / "in8" / "run-nowhiten" / "model" / "config.json").read_text())
+    assert plain["cond_whiten"] is None  # the pair differs in the whitening only
+    _finite(json.loads((out / "in8" / "report-nowhiten" / "report.json").read_text()))
 
 
 @pytest.mark.usefixtures("one_thread")
