@@ -398,3 +398,14 @@ def test_a_run_killed_in_a_shard_resumes_only_that_chunk_and_refuses_other_setti
     write_images(more, 5, seed=1)  # the input list changed
     with pytest.raises(ExtractError, match="different input list"):
         extract(more, resumed, **CONTRACT)
+
+
+def test_a_refused_resume_names_the_inputs_when_only_their_paths_differ():
+    from eva_repro.data.extract import config_diff
+
+    old = {"settings": {}, "encoders": {}, "inputs": ["/data/../photos"], "num_inputs": 3,
+           "inputs_sha256": "a"}
+    new = {**old, "inputs": ["/photos"], "inputs_sha256": "b"}
+    assert config_diff(old, new) == ["input list (3 -> 3 inputs; given as /data/../photos, now "
+                                     "/photos)"]
+    assert config_diff(old, {**new, "inputs": old["inputs"]}) == ["input list (3 -> 3 inputs)"]

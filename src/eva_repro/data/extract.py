@@ -240,7 +240,8 @@ def _make_config(settings: Settings, inputs: Sequence[str], discovery: Discovery
     }
 
 
-def _config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+def config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """What differs between a directory's extraction config and a new run's, one phrase each."""
     diff = [f"settings.{k}" for k in new["settings"]
             if old.get("settings", {}).get(k) != new["settings"][k]]
     for role in new["encoders"]:
@@ -248,8 +249,15 @@ def _config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
                 _provenance_id(new["encoders"][role]):
             diff.append(f"{role} encoder/weights")
     if old.get("inputs_sha256") != new["inputs_sha256"]:
-        diff.append(f"input list ({old.get('num_inputs')} -> {new['num_inputs']} inputs)")
+        given = ("" if old.get("inputs") == new["inputs"] else
+                 f"; given as {_shown(old.get('inputs'))}, now {_shown(new['inputs'])}")
+        diff.append(f"input list ({old.get('num_inputs')} -> {new['num_inputs']} inputs{given})")
     return diff
+
+
+def _shown(inputs: Sequence[str] | None) -> str:
+    inputs = list(inputs or [])
+    return ", ".join(inputs[:2]) + (f" and {len(inputs) - 2} more" if len(inputs) > 2 else "")
 
 
 def _report_leftovers(out_dir: Path, removed: list[str]) -> None:
@@ -263,7 +271,7 @@ def _prepare_output(out_dir: Path, config: dict[str, Any], d: Dist) -> None:
     path = out_dir / CONFIG
     if path.exists():
         old = json.loads(path.read_text())
-        diff = _config_diff(old, config)
+        diff = config_diff(old, config)
         if diff:
             raise ExtractError(f"{path}: this directory holds an extraction with a different "
                                f"{', '.join(diff)}; use a new --output_dir, or the same "
