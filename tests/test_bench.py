@@ -76,8 +76,10 @@ def test_quality_suite_runs_only_the_chosen_problems_and_recipes(tmp_path, monke
     quality.run(tmp_path, quick=False, problems=["b"], recipes=["blip3o"])
     assert ran == [("b", "blip3o")]
     ran.clear()
-    quality.run(tmp_path, quick=False, data_dirs=[str(tmp_path / "shards")], problems=["none"])
-    assert ran == [("shards", "eva-repro"), ("shards", "blip3o")]
+    quality.run(tmp_path, quick=False, data_dirs=[str(tmp_path / "in8" / "shards"),
+                                                  str(tmp_path / "in16" / "shards")],
+                problems=["none"])
+    assert ran == [("in8", "eva-repro"), ("in8", "blip3o"), ("in16", "eva-repro"), ("in16", "blip3o")]
     assert cli.main(["bench", "--suite", "quality", "--output_dir", str(tmp_path / "o"),
                      "--recipe", "blip30"]) == 2
     assert "--recipe blip30: unknown; choose from eva-repro, blip3o" in capsys.readouterr().err

@@ -127,15 +127,15 @@ def run(output_dir: Path, quick: bool, data_dirs: list[str] | None = None,
     torch.set_num_threads(1)  # the tiny DiT's small ops: one thread is fastest on a shared CPU
     configs = _pick(CONFIGS, recipes, "--recipe")
     chosen = {} if problems == ["none"] else _pick(PROBLEMS, problems, "--problem")
-    problems = {k: v for k, v in chosen.items() if k in QUICK} if quick else chosen
+    synthetic = {k: v for k, v in chosen.items() if k in QUICK} if quick else chosen
     results: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="eva-quality-") as tmp:
         jobs = []
-        for name, synth in problems.items():
+        for name, synth in synthetic.items():
             data = Path(tmp) / name / "shards"
             write_synthetic_shards(data, dtype="float32", **synth)
             jobs.append((name, data, QUICK[name] if quick else None))
-        jobs += [(Path(d).name, Path(d), 150 if quick else None) for d in data_dirs or []]
+        jobs += [(_data_name(Path(d)), Path(d), 150 if quick else None) for d in data_dirs or []]
         for name, data, steps in jobs:
             results[name] = [run_problem(data, steps, label, Path(tmp) / name, **options)
                              for label, options in configs.items()]
@@ -147,6 +147,12 @@ def run(output_dir: Path, quick: bool, data_dirs: list[str] | None = None,
     plot(results, output_dir / "quality.png")
     return {"complete": True, **_header(quick), "problems": results,
             "plot": str(output_dir / "quality.png")}
+
+
+def _data_name(shard_dir: Path) -> str:
+    """A shard directory's name in the results: `imagenet/in8/shards` is "in8", not "shards" (two
+    such directories would share one key and one work directory)."""
+    return shard_dir.parent.name if shard_dir.name == "shards" else shard_dir.name
 
 
 def _pick(table: dict[str, Any], names: list[str] | None, flag: str) -> dict[str, Any]:
