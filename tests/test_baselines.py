@@ -5,11 +5,13 @@ import torch
 import torch.nn.functional as F
 
 from eva_repro.data import shards
+from eva_repro.data.layout import align_condition
 from eva_repro.data.shards import ShardReader, split_indices
 from eva_repro.evaluation.baselines import (
     ALPHAS,
     MeanAccumulator,
     RidgeAccumulator,
+    RidgeBaseline,
     fit_baselines,
     rms_normalize,
 )
@@ -69,6 +71,20 @@ def test_ridge_recovers_an_exactly_linear_map():
     pred = rms_normalize(clip) @ coef[:6] + coef[6:]
     assert token_cosine(pred, target).min().item() > 0.9999
     assert coef[6:].abs().max().item() < 1e-4  # no offsets in this map
+
+
+def test_ridge_aligns_a_condition_on_a_finer_grid_onto_the_target_grid():
+    g = torch.Generator().manual_seed(0)
+    clip = torch.randn(300, 16, 6, generator=g)  # 4 x 4 condition, 2 x 2 target
+    w, _ = torch.linalg.qr(torch.randn(6, 6, generator=g))  # orthogonal: unit targets stay linear
+    target = rms_normalize(align_condition(clip, 4, cls_first=False)) @ w
+    acc = RidgeAccumulator(6, 6, 4, position_bias=True)
+    acc.update(clip, target)
+    coef = acc.solve(1e-9).float()
+    ridge = RidgeBaseline(coef[:6], coef[6:], alpha=1e-9, tokens=4)
+    assert token_cosine(ridge.predict(clip), target).min().item() > 0.9999
+    flat = rms_normalize(clip[:, :4]) @ coef[:6] + coef[6:]  # the first 4 tokens: one grid row
+    assert token_cosine(flat, target).mean().item() < 0.9
 
 
 def test_fit_baselines_on_training_rows_only_and_ridge_beats_mean(synth_dir):

@@ -26,15 +26,17 @@ def test_the_cli_writes_the_card_and_exits_with_its_verdict(tmp_path, capsys, sy
     card = json.loads((out / "check.json").read_text())
     assert code == (0 if card["passed"] else 1)
     names = [c["name"] for c in card["checks"]]
-    assert len(names) == 23 and len(set(names)) == 23
+    assert len(names) == 24 and len(set(names)) == 24
     shards = next(c for c in card["checks"] if c["name"] == "learns_real0")  # --data: vs ridge
     assert shards["detail"].startswith(f"{real}: dit ") and "oracle" not in shards["detail"]
-    assert {"learns_global", "learns_grid", "learns_neighbour", "learns_wide", "overfits_16_samples",
+    assert {"learns_global", "learns_grid", "learns_neighbour", "learns_wide", "learns_regrid",
+            "overfits_16_samples",
             "t_fixed_while_sampling", "guidance_null_condition", "distribution_grid"} <= set(names)
     for c in card["checks"]:
         assert set(c) >= {"passed", "value", "threshold", "meaning"} and c["meaning"]
     assert card["passed"] == all(c["passed"] is not False for c in card["checks"])
-    assert card["scores"]["grid"]["dit"] > card["scores"]["grid"]["mean"] + 0.1  # it learned
+    for problem in ("grid", "regrid"):  # it learned, the condition on its own grid or a finer one
+        assert card["scores"][problem]["dit"] > card["scores"][problem]["mean"] + 0.1, problem
     runs = sorted(out.glob("runs/*/metrics.jsonl"))
     stamps = [p.stat().st_mtime_ns for p in runs]
     again = cli.main(["check", "--backbone", "next-dit", "--output_dir", str(out), "--budget", "toy",
@@ -42,7 +44,7 @@ def test_the_cli_writes_the_card_and_exits_with_its_verdict(tmp_path, capsys, sy
     assert again == code and [p.stat().st_mtime_ns for p in runs] == stamps  # judged, not retrained
     assert json.loads((out / "check.json").read_text())["checks"] == card["checks"]
     md = (out / "check.md").read_text()
-    assert md.startswith("# eva-repro check: next-dit") and md.count("| learns_") == 5
+    assert md.startswith("# eva-repro check: next-dit") and md.count("| learns_") == 6
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 

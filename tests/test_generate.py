@@ -10,7 +10,7 @@ import torch
 from eva_repro import cli
 from eva_repro.data import shards
 from eva_repro.data.synth import write_synthetic_shards
-from eva_repro.evaluation.generate import ModelDataMismatch, generate
+from eva_repro.evaluation.generate import ModelDataMismatch, check_layout, generate
 from eva_repro.model import DiT, DiTConfig
 from eva_repro.utils import files
 from eva_repro.utils.preemption import EXIT_PREEMPTED
@@ -55,8 +55,14 @@ def test_generate_rejects_mismatched_conditions():
         generate(_model(token_mode="cls_patch"), torch.randn(2, 16, 16))
     fixed = DiT(DiTConfig(target_dim=24, cond_dim=16, hidden=32, depth=1, n_heads=4, n_kv_heads=2,
                           tokens=16))
-    with pytest.raises(ModelDataMismatch, match="trained on 16"):
-        generate(fixed, torch.randn(2, 64, 16))
+    with pytest.raises(ModelDataMismatch, match="64 target tokens but the model generates 16"):
+        check_layout(fixed.config, 64, 16, "shards", "", target_tokens=64)
+
+
+def test_a_condition_on_another_grid_conditions_the_model_s_own_target_grid():
+    model = DiT(DiTConfig(target_dim=24, cond_dim=16, hidden=32, depth=1, n_heads=4, n_kv_heads=2,
+                          tokens=16))
+    assert generate(model, torch.randn(2, 64, 16), steps=2).shape == (2, 16, 24)
 
 
 def test_sample_cli_writes_shards_in_the_same_format(tmp_path, capsys):

@@ -44,3 +44,13 @@ def test_only_a_patch_only_model_drops_the_cls_row_of_cls_shards():
     tokens = torch.arange(2 * 5 * 3.0).view(2, 5, 3)  # CLS + a 2 x 2 grid
     assert torch.equal(layout.tokens_for_model(tokens, True), tokens[:, 1:])
     assert layout.tokens_for_model(tokens, False) is tokens
+
+
+def test_align_condition_resamples_the_grid_and_keeps_cls_first():
+    cond = torch.randn(2, 1 + 16 * 16, 4)
+    out = layout.align_condition(cond, 1 + 8 * 8, cls_first=True)
+    grid = cond[:, 1:].reshape(2, 8, 2, 8, 2, 4).mean(dim=(2, 4)).reshape(2, 64, 4)
+    assert torch.equal(out[:, 0], cond[:, 0]) and torch.allclose(out[:, 1:], grid, atol=1e-6)
+    assert layout.align_condition(cond, cond.shape[1], cls_first=True) is cond
+    up = layout.align_condition(torch.randn(2, 4, 4), 16, cls_first=False)
+    assert up.shape == (2, 16, 4)

@@ -11,7 +11,6 @@ from eva_repro.model import PRESETS, VARIANTS, DiT, DiTConfig, estimate_flops
 from eva_repro.model.dit import (
     NORM_EPS,
     Attention,
-    align_condition,
     apply_rope,
     rope_angles,
     sincos_embedding,
@@ -97,16 +96,6 @@ def test_linear_path_needs_x_prediction():
         DiTConfig(target_dim=8, cond_dim=8, prediction="v", cond_linear=True)
     with pytest.raises(ValueError, match="prediction must be one of"):
         DiTConfig(target_dim=8, cond_dim=8, prediction="eps")
-
-
-def test_align_condition_resamples_the_grid_and_keeps_cls_first():
-    cond = torch.randn(2, 1 + 16 * 16, 4)
-    out = align_condition(cond, 1 + 8 * 8, cls_first=True)
-    grid = cond[:, 1:].reshape(2, 8, 2, 8, 2, 4).mean(dim=(2, 4)).reshape(2, 64, 4)
-    assert torch.equal(out[:, 0], cond[:, 0]) and torch.allclose(out[:, 1:], grid, atol=1e-6)
-    assert align_condition(cond, cond.shape[1], cls_first=True) is cond
-    up = align_condition(torch.randn(2, 4, 4), 16, cls_first=False)
-    assert up.shape == (2, 16, 4)
 
 
 def test_x_prediction_samples_land_on_the_linear_path():

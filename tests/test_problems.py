@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from eva_repro.data.shards import ShardReader, read_manifest
+from eva_repro.data.shards import ShardReader, check_shapes, read_manifest
 from eva_repro.flow import transport
 from eva_repro.flow.transport import token_cosine
 from eva_repro.testbed.problems import problems
@@ -52,8 +52,25 @@ def test_written_shards_hold_the_pairs(tmp_path):
     torch.testing.assert_close(got["eva"], eva)
 
 
-@pytest.mark.parametrize("name", ["global", "grid", "neighbour", "wide"])
+@pytest.mark.parametrize("name", ["global", "grid", "neighbour", "wide", "regrid"])
 def test_each_family_is_the_documented_size(name):
     p = problems(48, 10)[name]
     assert p.tokens == (1 if name == "global" else 16)
+    assert p.clip_tokens == (64 if name == "regrid" else p.tokens)
     assert p.eva_dim == (4 * 48 if name == "wide" else 48)
+
+
+def test_the_regrid_target_reads_the_condition_block_under_it_not_the_same_flat_index(tmp_path):
+    p = problems(16, 12)["regrid"]
+    clip = p.condition(0, 2)  # [2, 8 x 8, 32]; the target is on 4 x 4
+    target0 = p.mean_target(clip)[:, 0]
+    for token, reads in ((9, True), (1, True), (2, False)):  # (1, 1), (0, 1): block 0; (0, 2): not
+        moved = clip.clone()
+        moved[:, token] += 1.0
+        assert (not torch.allclose(p.mean_target(moved)[:, 0], target0)) == reads, token
+    manifest = read_manifest(p.write(tmp_path / "regrid", shard_size=5))
+    assert (manifest.clip_tokens, manifest.tokens, manifest.grid) == (64, 16, 4)
+    reader = ShardReader(manifest)
+    check_shapes(reader)  # the manifest's two token counts are what the shards hold
+    got = reader.gather([0, 11])
+    assert got["clip"].shape == (2, 64, 32) and got["eva"].shape == (2, 16, 16)

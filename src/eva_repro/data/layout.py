@@ -74,3 +74,20 @@ def neighbour_mean(patches: torch.Tensor) -> torch.Tensor:
     """The mean of each patch token's 4 grid neighbours (zero padded) [B, g*g, D]."""
     cross = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 1.0], [0.0, 1.0, 0.0]], device=patches.device)
     return grid_conv(patches, cross / 4)
+
+
+def align_condition(cond: torch.Tensor, tokens: int, cls_first: bool) -> torch.Tensor:
+    """Condition tokens [B, Tc, D] on the target's layout [B, tokens, D]: unchanged when the grids
+    agree, else the patch grid resampled onto the target grid (area mean down, bilinear up); a
+    CLS token stays first."""
+    if cond.shape[1] == tokens:
+        return cond
+    n = int(cls_first)
+    g, gc = math.isqrt(tokens - n), math.isqrt(cond.shape[1] - n)
+    grid = cond[:, n:].transpose(1, 2).unflatten(-1, (gc, gc))
+    if gc > g:
+        grid = F.interpolate(grid, size=(g, g), mode="area")
+    else:
+        grid = F.interpolate(grid, size=(g, g), mode="bilinear", align_corners=False)
+    patches = grid.flatten(2).transpose(1, 2)
+    return torch.cat([cond[:, :1], patches], dim=1) if n else patches

@@ -302,7 +302,7 @@ def load_rows(reader: ShardReader, rows: list[int], keys: list[str]
     dropped: eval sets."""
     m = reader.manifest
     if not rows:
-        return [], torch.empty(0, m.tokens, m.clip_dim), torch.empty(0, m.tokens, m.eva_dim)
+        return [], torch.empty(0, m.clip_tokens, m.clip_dim), torch.empty(0, m.tokens, m.eva_dim)
     batch = read_batch(reader, rows, keys)
     kept = [r for r, ok in zip(rows, batch.valid.tolist(), strict=True) if ok]
     return kept, batch.clip[batch.valid].float(), batch.eva[batch.valid].float()

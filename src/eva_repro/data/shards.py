@@ -84,8 +84,6 @@ def write_shard(
     n = len(keys)
     if clip.shape[0] != n or eva.shape[0] != n:
         raise ValueError(f"shard {index}: {n} keys but clip {tuple(clip.shape)}, eva {tuple(eva.shape)}")
-    if clip.shape[1] != eva.shape[1]:
-        raise ValueError(f"shard {index}: clip has {clip.shape[1]} tokens, eva {eva.shape[1]}")
     captions = list(captions) if captions is not None else [None] * n
     out_dir = Path(out_dir)
     stem = shard_stem(index)
@@ -174,7 +172,8 @@ def write_manifest(
         **meta,
         "num_samples": sum(s.num_samples for s in shards),
         "num_failures": len(failures),
-        "tokens": clip_shape[1],
+        "tokens": eva_shape[1],
+        "clip_tokens": clip_shape[1],
         "clip_dim": clip_shape[2],
         "eva_dim": eva_shape[2],
         "shards": [s.summary() for s in shards],
@@ -202,7 +201,13 @@ class Manifest:
 
     @property
     def tokens(self) -> int:
+        """Target (EVA) tokens per sample."""
         return int(self.data["tokens"])
+
+    @property
+    def clip_tokens(self) -> int:
+        """Condition (CLIP) tokens per sample: the target's grid unless the writer used another."""
+        return int(self.data.get("clip_tokens", self.data["tokens"]))
 
     @property
     def clip_dim(self) -> int:
@@ -254,7 +259,9 @@ def read_manifest(root: str | os.PathLike) -> Manifest:
     if not data.get("shards") or data.get("num_samples", 0) == 0:
         raise ShardError(f"{path}: lists no samples; the extraction produced nothing usable "
                          f"(see {root / FAILURES})")
-    for key in ("num_samples", "tokens", "clip_dim", "eva_dim"):
+    for key in ("num_samples", "tokens", "clip_dim", "eva_dim", "clip_tokens"):
+        if key == "clip_tokens" and key not in data:
+            continue
         if not isinstance(data.get(key), int) or isinstance(data[key], bool) or data[key] < 1:
             state = "missing" if key not in data else f"{data[key]!r}, not a positive integer"
             raise ShardError(f"{path}: '{key}' is {state}; {fix}")
@@ -287,7 +294,7 @@ def check_shapes(reader: ShardReader) -> None:
     """Every shard holds [N, T, D] tensors that agree with the manifest, in one dtype, and is as
     long as its header says (a truncated copy fails here, before any row is read)."""
     manifest = reader.manifest
-    want = {"clip": (manifest.tokens, manifest.clip_dim), "eva": (manifest.tokens, manifest.eva_dim)}
+    want = {"clip": (manifest.clip_tokens, manifest.clip_dim), "eva": (manifest.tokens, manifest.eva_dim)}
     first_dtypes: dict[str, torch.dtype] = {}
     for i, shard in enumerate(manifest.shards):
         path, base, header = reader._header(i)

@@ -3,9 +3,10 @@
 mean   the mean target token per position (of L2-normalised tokens: the direction that maximises
        the summed cosine to the training tokens). Ignores the condition entirely.
 ridge  a linear map from a condition token to the target token at the same position, plus a
-       per-position bias, fitted in closed form. Features are RMS-normalised condition tokens
-       (like the DiT's input RMSNorm, which keeps CLIP's few huge-norm tokens from dominating);
-       targets are L2-normalised (the metric is cosine).
+       per-position bias, fitted in closed form; a condition on another grid is first resampled
+       onto the target grid (`layout.align_condition`, the DiT's aligned input). Features are
+       RMS-normalised condition tokens (like the DiT's input RMSNorm, which keeps CLIP's few
+       huge-norm tokens from dominating); targets are L2-normalised (the metric is cosine).
 
 Ridge needs only X^T X [Dc+P, Dc+P] and X^T Y [Dc+P, De] (P = positions with a bias), summed
 over batches in float64, so memory is independent of the number of samples and D can be 4096.
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from eva_repro.data.layout import pairs_for_model
+from eva_repro.data.layout import align_condition, pairs_for_model
 from eva_repro.data.shards import ShardReader, finite_samples
 from eva_repro.utils.errors import UserError
 from eva_repro.utils.progress import progress_bar
@@ -78,10 +79,12 @@ class RidgeBaseline:
     weight: torch.Tensor  # [Dc, De]
     bias: torch.Tensor  # [P, De]: per position (P = T) or one global bias (P = 1)
     alpha: float
+    tokens: int  # target tokens per sample: the grid the condition is aligned onto
+    cls_first: bool = False
     info: dict = field(default_factory=dict)
 
     def predict(self, clip: torch.Tensor) -> torch.Tensor:
-        x = rms_normalize(clip)
+        x = rms_normalize(align_condition(clip, self.tokens, self.cls_first))
         return x @ self.weight.to(x.device) + self.bias.to(x.device)
 
 
@@ -89,8 +92,9 @@ class RidgeAccumulator:
     """Sufficient statistics of the ridge problem with features [x, one-hot(position group)]."""
 
     def __init__(self, cond_dim: int, target_dim: int, tokens: int, position_bias: bool = True,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", cls_first: bool = False):
         self.groups = tokens if position_bias else 1
+        self.cls_first = cls_first
         f64 = dict(dtype=torch.float64, device=device)
         self.sxx = torch.zeros(cond_dim, cond_dim, **f64)
         self.sxp = torch.zeros(self.groups, cond_dim, **f64)  # sum of x per group
@@ -101,8 +105,9 @@ class RidgeAccumulator:
         self.device = device
 
     def update(self, clip: torch.Tensor, eva: torch.Tensor) -> None:
-        """Conditions [B, T, Dc] (RMS-normalised here: the features) and targets [B, T, De]."""
-        x = rms_normalize(clip.to(self.device))
+        """Conditions [B, Tc, Dc] (aligned onto the target grid and RMS-normalised here: the
+        features) and targets [B, T, De]."""
+        x = rms_normalize(align_condition(clip.to(self.device), eva.shape[1], self.cls_first))
         y = F.normalize(eva.to(self.device).float(), dim=-1)  # [B, T, De]
         if self.groups == 1:
             x, y = x.reshape(1, -1, x.shape[-1]), y.reshape(1, -1, y.shape[-1])
@@ -181,9 +186,10 @@ def fit_baselines(
         raise UserError("baselines: no training samples to fit on")
     m = reader.manifest
     tokens = m.tokens - int(drop_cls)
+    cls_first = m.include_cls and not drop_cls
     mean_acc = MeanAccumulator()
-    fit = RidgeAccumulator(m.clip_dim, m.eva_dim, tokens, position_bias, device)
-    val = RidgeAccumulator(m.clip_dim, m.eva_dim, tokens, position_bias, device)
+    fit = RidgeAccumulator(m.clip_dim, m.eva_dim, tokens, position_bias, device, cls_first)
+    val = RidgeAccumulator(m.clip_dim, m.eva_dim, tokens, position_bias, device, cls_first)
     held_in = held_in_rows(train_indices)
     bar = progress_bar(total=len(train_indices), desc="fit baselines", unit="img", disable=not progress,
                leave=False)
@@ -217,5 +223,6 @@ def fit_baselines(
         else "RMS-normalised condition token + bias",
         "cls_dropped": drop_cls,
     }
-    ridge = RidgeBaseline(weight=w[: m.clip_dim], bias=w[m.clip_dim:], alpha=alpha, info=info)
+    ridge = RidgeBaseline(weight=w[: m.clip_dim], bias=w[m.clip_dim:], alpha=alpha, tokens=tokens,
+                          cls_first=cls_first, info=info)
     return mean_acc.result(), ridge

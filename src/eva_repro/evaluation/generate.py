@@ -59,25 +59,30 @@ def check_shards(config: Any, manifest: shards.Manifest, model_path: Any, target
     """Raise ModelDataMismatch when the shards' tokens (and with `targets` their EVA dim) do not
     fit the model at `model_path`, as `evaluate` and `sample` read them: a patch_only model drops
     the shards' CLS row."""
-    tokens = manifest.tokens - int(drops_cls(manifest.include_cls, config.token_mode))
-    check_layout(config, tokens, manifest.clip_dim, str(manifest.root / shards.MANIFEST),
+    dropped = int(drops_cls(manifest.include_cls, config.token_mode))
+    check_layout(config, manifest.clip_tokens - dropped, manifest.clip_dim,
+                 str(manifest.root / shards.MANIFEST),
                  f"use embeddings from the encoders, --grid and token mode of the model at {model_path}",
-                 target_dim=manifest.eva_dim if targets else None, include_cls=manifest.include_cls)
+                 target_dim=manifest.eva_dim if targets else None,
+                 target_tokens=manifest.tokens - dropped if targets else None,
+                 include_cls=manifest.include_cls)
 
 
 def check_layout(config: Any, n_tokens: int, dim: int, where: str, fix: str, *,
-                 target_dim: int | None = None, include_cls: bool | None = None) -> None:
+                 target_dim: int | None = None, target_tokens: int | None = None,
+                 include_cls: bool | None = None) -> None:
     """Raise one ModelDataMismatch naming every way conditions of `n_tokens` x `dim` (targets of
-    `target_dim`, a CLS row or none per `include_cls`, where known) do not fit this model, then `fix`."""
+    `target_tokens` x `target_dim`, a CLS row or none per `include_cls`, where known) do not fit
+    this model, then `fix`. A condition on another grid than the target's is aligned onto it."""
     problems = []
     if dim != config.cond_dim:
         problems.append(f"clip_dim {dim} vs model cond_dim {config.cond_dim}")
     if target_dim is not None and target_dim != config.target_dim:
         problems.append(f"eva_dim {target_dim} vs model target_dim {config.target_dim}")
     problems += _grid_problem(config.token_mode, n_tokens, include_cls)
-    if config.fixed_tokens not in (None, n_tokens):
-        problems.append(f"{n_tokens} tokens but the model was trained on {config.fixed_tokens} "
-                        "(its linear path has a bias per position)")
+    built_for = getattr(config, "tokens", None)
+    if target_tokens is not None and built_for not in (None, target_tokens):
+        problems.append(f"{target_tokens} target tokens but the model generates {built_for}")
     if problems:
         raise ModelDataMismatch(f"{where}: {'; '.join(problems)}; {fix}")
 

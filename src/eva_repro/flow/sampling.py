@@ -128,11 +128,12 @@ def sample(
 
     Sample i starts from `sample_noise` keyed by `ids[i]` (default i): the trainer's held-out
     cosine, `eva-repro evaluate` and `eva-repro sample` all sample through here. The target has
-    the condition's token count (target and condition share the grid); `tol` is dopri5's
-    atol = rtol.
+    the token count the model was built for (`config.tokens`; the condition may lie on another
+    grid), or the condition's where the config leaves it open; `tol` is dopri5's atol = rtol.
     """
     ids = range(cond.shape[0]) if ids is None else ids
-    x0 = sample_noise(ids, cond.shape[1], model.config.target_dim, seed).to(cond.device)
+    tokens = getattr(model.config, "tokens", None) or cond.shape[1]
+    x0 = sample_noise(ids, tokens, model.config.target_dim, seed).to(cond.device)
     x1, nfe = sample_ode(guided_velocity(model, cond, cfg_scale), x0, steps, method, shift,
                          atol=tol, rtol=tol)
     return x1.float(), nfe

@@ -6,7 +6,7 @@
 
 Every backbone takes forward(x_t, t, cond, drop_cond) in eva-repro's time convention and returns
 its raw prediction, whose type `.config.prediction` declares ("v" or "x"; `flow.transport.velocity` maps
-it); has `.config` (target_dim, cond_dim, token_mode, tokens, target_norm, fixed_tokens,
+it); has `.config` (target_dim, cond_dim, token_mode, tokens, target_norm,
 prediction, to_dict) and `.blocks`, and saves a self-describing directory whose config.json
 names its architecture.
 """

@@ -52,7 +52,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from eva_repro.data.layout import check_mode, has_cls
+from eva_repro.data.layout import align_condition, check_mode, has_cls
 from eva_repro.utils.errors import UserError
 from eva_repro.utils.files import (
     MODEL_FIX,
@@ -114,7 +114,7 @@ class DiTConfig:
     cond_align: bool = True  # add the condition token at the same grid position to the input
     cond_linear: bool = True  # full-width linear path from the aligned condition to x1 (needs "x")
     cond_whiten: float | None = 1.0  # shrinkage s of the aligned condition's whitening; None: off
-    tokens: int | None = None  # target tokens per sample: sizes the linear path's position bias
+    tokens: int | None = None  # target tokens per sample: what the sampler generates
     grad_checkpointing: bool = False
     target_norm: float = 1.0  # mean L2 norm of raw target tokens; maps samples back to EVA scale
     extra: dict = field(default_factory=dict)  # free-form provenance (preset name, encoders...)
@@ -134,11 +134,6 @@ class DiTConfig:
             raise ValueError(f"cond_whiten (the shrinkage) must be > 0 or None, got {self.cond_whiten}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim {self.head_dim} must be even for RoPE")
-
-    @property
-    def fixed_tokens(self) -> int | None:
-        """The token count every input must have (the linear path's per-position bias), or None."""
-        return self.tokens if self.cond_linear and self.tokens else None
 
     @property
     def head_dim(self) -> int:
@@ -224,23 +219,6 @@ def sincos_embedding(positions: torch.Tensor, axes: tuple[int, ...], theta: floa
     extended to the three axes)."""
     ang = rope_angles(positions, axes, theta)
     return torch.cat([ang.cos(), ang.sin()], dim=-1)
-
-
-def align_condition(cond: torch.Tensor, tokens: int, cls_first: bool) -> torch.Tensor:
-    """Condition tokens [B, Tc, D] on the target's layout [B, tokens, D]: unchanged when the grids
-    agree, else the patch grid resampled onto the target grid (area mean down, bilinear up); a
-    CLS token stays first."""
-    if cond.shape[1] == tokens:
-        return cond
-    n = int(cls_first)
-    g, gc = math.isqrt(tokens - n), math.isqrt(cond.shape[1] - n)
-    grid = cond[:, n:].transpose(1, 2).unflatten(-1, (gc, gc))
-    if gc > g:
-        grid = F.interpolate(grid, size=(g, g), mode="area")
-    else:
-        grid = F.interpolate(grid, size=(g, g), mode="bilinear", align_corners=False)
-    patches = grid.flatten(2).transpose(1, 2)
-    return torch.cat([cond[:, :1], patches], dim=1) if n else patches
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -69,7 +69,6 @@ class LuminaNextConfig:
     extra: dict = field(default_factory=dict)
     # fixed by the design, read by `flow.transport.velocity`, the evaluator and the sampler like DiTConfig's
     prediction = "v"
-    fixed_tokens = None
 
     def __post_init__(self) -> None:
         problems = []

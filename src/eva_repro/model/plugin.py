@@ -134,7 +134,6 @@ class PluginConfig:
     condition_as_set: bool = False
     extra: dict = field(default_factory=dict)
     grad_checkpointing: bool = False
-    fixed_tokens = None  # the host's question of a built-in head: a plugin takes any count
 
     def __post_init__(self) -> None:
         check_mode(self.token_mode)

@@ -187,10 +187,17 @@ PROBLEM_MEANING = {
             "not find it (positions, RoPE, the condition path)",
     "neighbour": "each target token needs the condition's 4-neighbours: the model does not "
                  "combine neighbouring positions (2D positions, attention)",
+    "regrid": "the condition lies on a 2x finer grid than the target: its positions are not "
+              "mapped onto the target grid (a flat 1D index named 3D RoPE, or each grid in its "
+              "own units)",
     "wide": "the target is 4x the network width: the output layer or the prediction type cannot "
             "carry a target wider than the model",
 }
 
+
+REGRID_FOR_SET = Check("learns_regrid", "learning", None, None, "a condition with positions",
+                       "not applicable by design: the target needs the condition's positions, "
+                       "which a condition read as a set does not have")
 
 WIDE_FOR_V = Check("learns_wide", "learning", None, None, "prediction 'x' only",
                    "not applicable by design: v = x1 - x0 carries the full-width noise, which a "
@@ -359,6 +366,9 @@ def _card(backbone, out, b, budget_name, device, variant, real_data, seed, say, 
     for name, problem in fams.items():
         if name == "wide" and model.config.prediction == "v":
             checks.append(WIDE_FOR_V)
+            continue
+        if name == "regrid" and as_set:
+            checks.append(REGRID_FOR_SET)
             continue
         data_dir = problem.write(out / "data" / name)
         say(f"learning: {name} ({problem.tokens} tokens, target {problem.eva_dim}-d), "

@@ -6,13 +6,17 @@ random function of it plus noise the condition does not predict:
     m_ij = c_ij                                  "grid", "wide": the token at the same place
     m_ij = c_ij + mean(c of the 4-neighbours)    "neighbour": the token and its neighbours
     m    = c                                     "global": one token per image (g = 1)
+    m_ij = 2 * mean(c of the 2x2 block at ij)    "regrid": the condition on a 2g x 2g grid,
+                                                  the target on g x g (both cover the image)
     y_ij = W2 tanh(W1 m_ij) + p_ij + s * z_ij U  z_ij ~ N(0, I_r), U [r, D_target] fixed
 
 so p(y | c) is a Gaussian of rank r around a nonlinear function of the condition, and an
 *oracle* generator (a fresh z) is known: its held-out cosine is the ceiling of a correct
 generator, which a regressor of the mean cannot match in distribution (it has no spread in U).
 The per-position offset p needs the target position, the neighbour term the condition's
-positions; "wide" has a target four times the network width.
+positions; "wide" has a target four times the network width; "regrid" needs the condition's
+positions mapped onto the target grid, as when the two encoders have different patch grids
+(a flat token index, or positions counted in each grid's own units, do not line up).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from pathlib import Path
 import torch
 
 from eva_repro.data import shards
-from eva_repro.data.layout import neighbour_mean
+from eva_repro.data.layout import align_condition, neighbour_mean
 
 NOISE_RANK = 4
 
@@ -41,12 +45,17 @@ class Problem:
     samples: int
     seed: int
     neighbours: bool = False
+    clip_grid: int | None = None  # the condition's grid, when it is not the target's
     noise: float = 0.5  # s: the spread of the target around its conditional mean
     gain: float = 1.5  # how far tanh saturates (how far the function is from linear)
 
     @property
     def tokens(self) -> int:
         return self.grid * self.grid
+
+    @property
+    def clip_tokens(self) -> int:
+        return (self.clip_grid or self.grid) ** 2
 
     def weights(self) -> dict[str, torch.Tensor]:
         g = torch.Generator().manual_seed(self.seed)
@@ -60,7 +69,7 @@ class Problem:
 
     def condition(self, start: int, n: int) -> torch.Tensor:
         return torch.stack([
-            torch.randn(self.tokens, self.clip_dim,
+            torch.randn(self.clip_tokens, self.clip_dim,
                         generator=torch.Generator().manual_seed((self.seed + 1) * 1_000_003 + i))
             for i in range(start, start + n)])
 
@@ -68,11 +77,13 @@ class Problem:
         """E(y | c), shape (N, T, D_target)."""
         w = self.weights()
         m = clip + neighbour_mean(clip) if self.neighbours else clip
+        if self.clip_grid:  # the mean of k x k unit Gaussians times k: unit variance again
+            m = align_condition(clip, self.tokens, cls_first=False) * (self.clip_grid / self.grid)
         return torch.tanh(m @ w["w1"]) @ w["w2"] + w["pos"]
 
     def draw_target(self, clip: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
         """y ~ p(y | c): the conditional mean plus rank-r noise, sample i's drawn with seeds[i]."""
-        z = torch.stack([torch.randn(clip.shape[1], NOISE_RANK,
+        z = torch.stack([torch.randn(self.tokens, NOISE_RANK,
                                      generator=torch.Generator().manual_seed(int(s))) for s in seeds])
         return self.mean_target(clip) + self.noise * z @ self.weights()["noise"]
 
@@ -106,4 +117,5 @@ def problems(width: int, samples: int, seed: int = 0) -> dict[str, Problem]:
         "grid": Problem("grid", 4, 32, width, samples, seed + 2),
         "neighbour": Problem("neighbour", 4, 32, width, samples, seed + 3, neighbours=True),
         "wide": Problem("wide", 4, 32, 4 * width, samples, seed + 4),
+        "regrid": Problem("regrid", 4, 32, width, samples, seed + 5, clip_grid=8),
     }
