@@ -16,6 +16,7 @@ import argparse
 import importlib
 import json
 import math
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -99,7 +100,18 @@ def _finite(report: dict) -> None:
 def test_every_script_is_tested():
     scripts = {p.name for p in (ROOT / "experiments").iterdir() if p.suffix in (".sh", ".py")}
     assert scripts == {"demo.sh", "fsync_cost.py", "imagenet.sh", "learning.sh", "quality.sh",
-                       "testbed.sh"}
+                       "regrid.py", "testbed.sh"}
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_regrid_scores_each_backbone_on_the_finer_condition_at_toy_size(tmp_path):
+    script = runpy.run_path(str(ROOT / "experiments" / "regrid.py"))
+    script["main"](tmp_path / "out", "toy")
+    result = json.loads((tmp_path / "out" / "regrid.json").read_text())
+    assert result["budget"] == "toy" and set(result["rows"]) == {"correct", "rope_1d", "plain_dit"}
+    for row in result["rows"].values():
+        assert isinstance(row["passed"], bool) and math.isfinite(row["gap_closed"])
+        assert set(row["scores"]) == {"dit", "mean", "ridge", "oracle"}
 
 
 @pytest.mark.usefixtures("one_thread")
