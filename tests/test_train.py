@@ -461,8 +461,12 @@ def test_ddp_two_processes_train_the_lumina_next_backbone_like_one(tmp_path, sma
     a = ckpt.load_checkpoint(ckpt.latest_checkpoint(single))
     b = ckpt.load_checkpoint(ckpt.latest_checkpoint(ddp))
     assert b.meta["world_size"] == 2 and set(a.model) == set(b.model)
-    for k in a.model:  # Adam's first steps (~lr * sign) magnify summation-order differences
-        torch.testing.assert_close(a.model[k], b.model[k], atol=2e-5, rtol=0)
+    # Adam's first steps move each weight by lr * g / (|g| + eps): for a gradient element near
+    # eps, a summation-order difference of the all-reduce becomes a fraction of lr, so the
+    # weights agree to 5% of lr; a DDP bug (gradients summed, not averaged, or another batch)
+    # moves them by ~lr and the loss with them
+    for k in a.model:
+        torch.testing.assert_close(a.model[k], b.model[k], atol=0.05 * 1e-3, rtol=0)
     assert _losses(single)[2] == pytest.approx(_losses(ddp)[2], rel=1e-6)
     loaded = ckpt.load_model(ddp)
     assert type(loaded.model).__name__ == "LuminaNextDiT" and loaded.source.startswith("run dir")
