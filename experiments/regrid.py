@@ -31,7 +31,8 @@ def main(out: Path, budget_name: str = "quick") -> None:
         options = train_options(backbone, "eva-repro", data, run, budget, "cpu", seed=0)
         scored = learn("regrid", data, run, options, budget, problem)
         check = learning_check(scored, grid_dependent=True, by_design_set=False)
-        rows[name] = {"backbone": backbone, "passed": check.passed, "gap_closed": check.value,
+        shown = backbone.replace(str(HERE.parent) + "/", "")
+        rows[name] = {"backbone": shown, "passed": check.passed, "gap_closed": check.value,
                       "threshold": check.threshold, "scores": scored.scores}
         print(name, json.dumps(rows[name]["scores"]), f"gap {check.value:.3f}", flush=True)
     result = {"budget": budget_name, "problem": "regrid", "rows": rows}

@@ -56,7 +56,7 @@ class Analytic(torch.nn.Module):
     def __init__(self, w: torch.Tensor, spread: float):
         super().__init__()
         self.w, self.spread = torch.nn.Parameter(w), spread
-        self.config = SimpleNamespace(prediction="x", target_dim=w.shape[1])
+        self.config = SimpleNamespace(prediction="x", target_dim=w.shape[1], tokens=None)
 
     def forward(self, x, t, cond, drop_cond=None):
         m = cond @ self.w

@@ -259,9 +259,8 @@ def read_manifest(root: str | os.PathLike) -> Manifest:
     if not data.get("shards") or data.get("num_samples", 0) == 0:
         raise ShardError(f"{path}: lists no samples; the extraction produced nothing usable "
                          f"(see {root / FAILURES})")
-    for key in ("num_samples", "tokens", "clip_dim", "eva_dim", "clip_tokens"):
-        if key == "clip_tokens" and key not in data:
-            continue
+    optional = ("clip_tokens",) if "clip_tokens" in data else ()
+    for key in ("num_samples", "tokens", "clip_dim", "eva_dim", *optional):
         if not isinstance(data.get(key), int) or isinstance(data[key], bool) or data[key] < 1:
             state = "missing" if key not in data else f"{data[key]!r}, not a positive integer"
             raise ShardError(f"{path}: '{key}' is {state}; {fix}")

@@ -587,9 +587,9 @@ def model_section(loaded: Any, model_path: str | Path) -> dict[str, Any]:
 def data_section(manifest: shards.Manifest, scored_tokens: int, cls: bool) -> dict[str, Any]:
     """The shards evaluated on; `cls`: the scored tokens start with CLS."""
     return {"embeddings_dir": str(manifest.root.resolve()),
-            **{k: manifest.data.get(k) for k in ("num_samples", "tokens", "clip_tokens", "clip_dim",
-                                                  "eva_dim", "grid", "include_cls", "encoders",
-                                                  "dtype")},
+            **{k: manifest.data.get(k) for k in ("num_samples", "tokens", "clip_dim", "eva_dim",
+                                                  "grid", "include_cls", "encoders", "dtype")},
+            "clip_tokens": manifest.clip_tokens,
             "scored_tokens": scored_tokens, "cls_scored": cls,
             "cls_dropped": manifest.include_cls and not cls}
 

@@ -80,9 +80,8 @@ def check_layout(config: Any, n_tokens: int, dim: int, where: str, fix: str, *,
     if target_dim is not None and target_dim != config.target_dim:
         problems.append(f"eva_dim {target_dim} vs model target_dim {config.target_dim}")
     problems += _grid_problem(config.token_mode, n_tokens, include_cls)
-    built_for = getattr(config, "tokens", None)
-    if target_tokens is not None and built_for not in (None, target_tokens):
-        problems.append(f"{target_tokens} target tokens but the model generates {built_for}")
+    if target_tokens is not None and config.tokens not in (None, target_tokens):
+        problems.append(f"{target_tokens} target tokens but the model generates {config.tokens}")
     if problems:
         raise ModelDataMismatch(f"{where}: {'; '.join(problems)}; {fix}")
 
@@ -138,7 +137,7 @@ def generate(
     batch_size: int = 64,
     progress: bool = False,
 ) -> torch.Tensor:
-    """EVA tokens [N, T, De] (float32, CPU, raw EVA scale) for CLIP tokens [N, T, Dc]."""
+    """EVA tokens [N, T, De] (float32, CPU, raw EVA scale) for CLIP tokens [N, Tc, Dc]."""
     check_condition(model.config, clip_tokens)
     was_training = model.training
     model.eval()

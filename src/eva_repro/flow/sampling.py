@@ -132,8 +132,8 @@ def sample(
     grid), or the condition's where the config leaves it open; `tol` is dopri5's atol = rtol.
     """
     ids = range(cond.shape[0]) if ids is None else ids
-    tokens = getattr(model.config, "tokens", None) or cond.shape[1]
-    x0 = sample_noise(ids, tokens, model.config.target_dim, seed).to(cond.device)
+    x0 = sample_noise(ids, model.config.tokens or cond.shape[1], model.config.target_dim,
+                      seed).to(cond.device)
     x1, nfe = sample_ode(guided_velocity(model, cond, cfg_scale), x0, steps, method, shift,
                          atol=tol, rtol=tol)
     return x1.float(), nfe

@@ -76,9 +76,12 @@ class Problem:
     def mean_target(self, clip: torch.Tensor) -> torch.Tensor:
         """E(y | c), shape (N, T, D_target)."""
         w = self.weights()
-        m = clip + neighbour_mean(clip) if self.neighbours else clip
-        if self.clip_grid:  # the mean of k x k unit Gaussians times k: unit variance again
+        if self.neighbours:
+            m = clip + neighbour_mean(clip)
+        elif self.clip_grid:  # the mean of k x k unit Gaussians times k: unit variance again
             m = align_condition(clip, self.tokens, cls_first=False) * (self.clip_grid / self.grid)
+        else:
+            m = clip
         return torch.tanh(m @ w["w1"]) @ w["w2"] + w["pos"]
 
     def draw_target(self, clip: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
