@@ -28,6 +28,7 @@ from eva_repro.model import checkpoint as ckpt
 from eva_repro.model.dit import Attention
 from eva_repro.training import optim
 from eva_repro.training import train as train_mod
+from eva_repro.utils import rng
 
 pytestmark = pytest.mark.cuda
 ROOT = Path(__file__).resolve().parents[1]
@@ -240,3 +241,12 @@ def test_lumina_next_backbone_trains_in_bf16_and_samples_like_on_cpu(tmp_path, d
     cpu, _ = generate_batch(model, clip, steps=4)
     gpu, _ = generate_batch(model.to(CUDA), clip, steps=4)
     assert _cosine(cpu, gpu) > 0.99
+
+
+def test_counter_based_noise_on_cuda_is_the_cpus():
+    """The trainer's noise is integer hashing: the same uniforms on both devices, bit for bit."""
+    keys = torch.arange(8, dtype=torch.int64) ^ rng.mix_seed("noise", 0, 0)
+    torch.testing.assert_close(rng.uniform(keys.to(CUDA), 1000).cpu(), rng.uniform(keys, 1000),
+                               rtol=0, atol=0)
+    torch.testing.assert_close(rng.normal(keys.to(CUDA), (10, 100)).cpu(), rng.normal(keys, (10, 100)),
+                               rtol=0, atol=1e-5)

@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from eva_repro import cli
 from eva_repro.data.demo_images import write_demo_images
@@ -99,8 +100,8 @@ def _finite(report: dict) -> None:
 
 def test_every_script_is_tested():
     scripts = {p.name for p in (ROOT / "experiments").iterdir() if p.suffix in (".sh", ".py")}
-    assert scripts == {"demo.sh", "fsync_cost.py", "imagenet.sh", "learning.sh", "quality.sh",
-                       "regrid.py", "testbed.sh"}
+    assert scripts == {"demo.sh", "fsync_cost.py", "imagenet.sh", "learning.sh", "noise_cost.py",
+                       "quality.sh", "regrid.py", "testbed.sh"}
 
 
 @pytest.mark.usefixtures("one_thread")
@@ -211,3 +212,22 @@ def test_fsync_cost_script_turns_every_fsync_off_and_reports_medians(tmp_path, m
         assert len(r["seconds"]["on"]) == len(r["seconds"]["off"]) == 1
         assert r["ratio_on_over_off"] == round(r["median_on_s"] / r["median_off_s"], 2)
     assert report["model"]["preset"] == "tiny" and report["filesystem"]["type"] != "?"
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_noise_cost_compares_two_draws_of_the_same_distribution(tmp_path):
+    """experiments/noise_cost.py: the replaced per-example draw and the shipped one both give
+    standard normals, an example's own values whatever its batch; the report has both times."""
+    script = runpy.run_path(str(ROOT / "experiments" / "noise_cost.py"))
+    cfg = script["transport"].FlowConfig(cfg_dropout=0.5)
+    old = script["per_example"](script["batch_at"](4), (4, 64, 64), cfg, 0, 4)
+    new = script["train"].draw_noise(script["batch_at"](4), (4, 64, 64), cfg, 0, 4, script["CPU"])
+    for x0 in (old[0], new[0]):
+        assert abs(x0.mean().item()) < 0.02 and abs(x0.std().item() - 1) < 0.02
+    one = script["per_example"](script["batch_at"](1), (1, 64, 64), cfg, 0, 4)
+    assert torch.equal(one[0][0], old[0][0])
+    report = script["main"](["--shape", "2,4,8", "--runs", "1", "--out", str(tmp_path / "n.json")])
+    assert json.loads((tmp_path / "n.json").read_text()) == report
+    row = report["results"]["2x4x8"]
+    assert row["ratio_one_call_over_per_example"] == round(row["one_call_s"] / row["per_example_s"], 2)
+    assert report["tiny_step"]["seconds"] > 0 and report["tiny_step"]["shape"] == [2, 4, 8]

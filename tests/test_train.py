@@ -245,16 +245,18 @@ def test_ddp_two_processes_equal_one_process_on_the_same_global_batch(tmp_path, 
 
 def test_fsdp2_two_processes_on_cpu(tmp_path, small_data):
     out = tmp_path / "fsdp"
-    _torchrun([*_cli_args(_cfg(small_data, out, batch_size=2, max_steps=2)), "--fsdp"], tmp_path)
+    _torchrun([*_cli_args(_cfg(small_data, out, batch_size=2, max_steps=2)), "--fsdp",
+               "--lr", "1e-3"], tmp_path)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["world_size"] == 2
     state = ckpt.load_checkpoint(ckpt.latest_checkpoint(out))  # full, unsharded tensors
     single = tmp_path / "single"
-    train_mod.train(_cfg(small_data, single, batch_size=4, max_steps=2))
+    train_mod.train(_cfg(small_data, single, batch_size=4, max_steps=2, learning_rate=1e-3))
     ref = ckpt.load_checkpoint(ckpt.latest_checkpoint(single))
-    for k in ref.model:
+    for k in ref.model:  # to 5% of lr, as in the Lumina-Next DDP test below (Adam near eps)
         assert state.model[k].shape == ref.model[k].shape
-        torch.testing.assert_close(state.model[k], ref.model[k], atol=1e-5, rtol=0)
+        torch.testing.assert_close(state.model[k], ref.model[k], atol=0.05 * 1e-3, rtol=0)
+    assert _losses(single)[2] == pytest.approx(_losses(out)[2], rel=1e-6)
     assert ckpt.load_model(out).model.config.hidden == SMALL["hidden"]
     # and resumes in one process, still sharded (a world of 1)
     resumed = train_mod.train(_cfg(small_data, out, batch_size=4, max_steps=3, resume="auto",

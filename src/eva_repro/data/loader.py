@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import hashlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ import torch.nn.functional as F
 from eva_repro.data import shards
 from eva_repro.data.shards import SPLIT_SALT, Manifest, ShardError, ShardReader
 from eva_repro.utils.preemption import ignore_stop_signals
+from eva_repro.utils.rng import mix_seed
 
 
 class DataError(ShardError):
@@ -141,12 +141,6 @@ class DataPosition:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DataPosition:
         return cls(int(data["epoch"]), int(data["batch"]))
-
-
-def mix_seed(*parts: int | str) -> int:
-    """A 63-bit seed from several parts; unlike `seed + epoch` nearby inputs do not collide."""
-    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") & (2**63 - 1)
 
 
 @dataclass

@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from eva_repro.flow.transport import shift_time, velocity
+from eva_repro.utils import rng
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 METHODS = ("euler", "heun", "dopri5")
@@ -101,15 +102,12 @@ def guided_velocity(
 
 @torch.no_grad()
 def sample_noise(ids: Sequence[int], tokens: int, dim: int, seed: int = 0) -> torch.Tensor:
-    """The one per-sample noise x0 ~ N(0, I) [len(ids), tokens, dim]: row i from its own generator
-    (seed, ids[i]), so a sample's noise depends on its id (its row in the shards) only, never on
-    batching: the trainer's held-out cosine, `eva-repro evaluate` and `eva-repro sample` draw the
-    same noise for the same image."""
-    out = torch.empty(len(ids), tokens, dim)
-    for i, sample_id in enumerate(ids):
-        g = torch.Generator().manual_seed(seed * 1_000_003 + int(sample_id))
-        out[i] = torch.randn(tokens, dim, generator=g)
-    return out
+    """The one per-sample noise x0 ~ N(0, I) [len(ids), tokens, dim], in one counter-based draw
+    (`utils.rng`) keyed by (seed, ids[i]): a sample's noise depends on its id (its row in the
+    shards) only, never on batching, so the trainer's held-out cosine, `eva-repro evaluate` and
+    `eva-repro sample` draw the same noise for the same image."""
+    keys = torch.tensor([int(i) for i in ids], dtype=torch.int64) ^ rng.mix_seed("sample", seed)
+    return rng.normal(keys, (tokens, dim))
 
 
 @torch.no_grad()

@@ -35,6 +35,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from eva_repro.utils import rng
+
 TIME_SCHEMES = ("uniform", "logit_normal")
 PREDICTIONS = ("v", "x")  # what the network outputs: the velocity, or the clean target x1
 LOSS_WEIGHTS = ("velocity", "data")  # weight of the velocity MSE at time t (module docstring)
@@ -136,10 +138,20 @@ def sample_time(
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """Training times t [B] in (0, 1): `uniform` or `logit_normal(mean, std)` (SD3), then shifted."""
+    u = torch.rand(batch, generator=generator, device=device)
+    return time_from_uniform(u, scheme, mean, std, shift)
+
+
+def time_from_uniform(
+    u: torch.Tensor, scheme: str = "logit_normal", mean: float = 0.0, std: float = 1.0,
+    shift: float = 1.0,
+) -> torch.Tensor:
+    """`sample_time`'s times from uniforms u in (0, 1) (the inverse CDF of the scheme), so a
+    counter-based draw (`utils.rng`) gives them too."""
     if scheme == "uniform":
-        t = torch.rand(batch, generator=generator, device=device)
+        t = u
     elif scheme == "logit_normal":
-        t = torch.sigmoid(mean + std * torch.randn(batch, generator=generator, device=device))
+        t = torch.sigmoid(mean + std * rng.normal_from_uniform(u))
     else:
         raise ValueError(f"unknown time scheme {scheme!r}; choose one of {TIME_SCHEMES}")
     return shift_time(t, shift)

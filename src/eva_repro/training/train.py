@@ -62,7 +62,7 @@ from eva_repro.training.train_config import (
     token_mode,
     validate_config,
 )
-from eva_repro.utils import files
+from eva_repro.utils import files, rng
 from eva_repro.utils.devices import autocast
 from eva_repro.utils.distributed import (
     Dist,
@@ -458,19 +458,19 @@ def draw_noise(
     batch: data_mod.Batch, shape: tuple[int, ...], flow_cfg: transport.FlowConfig, seed: int,
     global_batch: int, device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x0, t, drop) per example from a generator seeded by the example's index in the epoch's
-    order, so an example's draw is the same whatever the world size, micro-batch or
-    accumulation split, and a resumed run redraws exactly what the killed one would have."""
-    g = torch.Generator(device=device)
+    """(x0, t, drop) for the micro-batch in one counter-based draw (`utils.rng`) keyed by each
+    example's index in the epoch's order, so an example's draw is the same whatever the world
+    size, micro-batch or accumulation split, and a resumed run redraws exactly what the killed
+    one would have."""
     first = batch.position.batch * global_batch + batch.offset
-    x0, ts, drops = [], [], []
-    for i in range(shape[0]):
-        g.manual_seed(data_mod.mix_seed("noise", seed, batch.position.epoch, first + i))
-        x0.append(torch.randn(shape[1:], generator=g, device=device))
-        ts.append(transport.sample_time(1, flow_cfg.time_scheme, flow_cfg.time_mean, flow_cfg.time_std,
-                                   flow_cfg.time_shift, generator=g, device=device))
-        drops.append(torch.rand(1, generator=g, device=device) < flow_cfg.cfg_dropout)
-    return torch.stack(x0), torch.cat(ts), torch.cat(drops)
+    examples = torch.arange(first, first + shape[0], dtype=torch.int64, device=device)
+    keys = examples ^ rng.mix_seed("noise", seed, batch.position.epoch)
+    per_example = math.prod(shape[1:])
+    u = rng.uniform(keys, per_example + 2)  # x0's values, then t's, then the dropout's
+    x0 = rng.normal_from_uniform(u[:, :per_example]).view(shape)
+    t = transport.time_from_uniform(u[:, per_example], flow_cfg.time_scheme, flow_cfg.time_mean,
+                                    flow_cfg.time_std, flow_cfg.time_shift)
+    return x0, t, u[:, per_example + 1] < flow_cfg.cfg_dropout
 
 
 def _backward(run: Run, eva: torch.Tensor, clip: torch.Tensor, x0: torch.Tensor, t: torch.Tensor,

@@ -1,2 +1,2 @@
 """What every stage shares: user errors, atomic files, locks, progress, signals, flags, devices,
-torchrun plumbing. Imports nothing else from eva_repro."""
+torchrun plumbing, counter-based random numbers. Imports nothing else from eva_repro."""
