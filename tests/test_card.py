@@ -126,3 +126,36 @@ def test_the_learning_and_distribution_checks_fail_a_regressor_of_the_mean():
     assert card_mod.learning_check(replace(s, samples=mean), True, False).value == pytest.approx(0, abs=1e-6)
     assert card_mod.learning_check(s, True, False).value == pytest.approx(1.0, abs=1e-6)
     assert card_mod.learning_check(s, True, True).passed is None  # a set reader, by design
+
+
+def test_a_failed_learning_problem_is_trained_again_with_the_next_seed(tmp_path, monkeypatch):
+    """A seed that stays below the bar gets a second seed in its own run directory; the check is
+    the best seed's and names both. A problem failed by every seed fails; a pass trains once."""
+    p = problems(16, 64)["grid"]
+    clip, target = p.pairs(0, 64)
+    target = transport.normalize_target(target)
+    oracle = transport.normalize_target(p.draw_target(clip, range(100, 164)))
+    mean = target.mean(0, keepdim=True).expand_as(target)
+    refs = {"mean": mean, "ridge": oracle, "oracle": oracle}
+    runs = []
+
+    def learn(name, data_dir, run_dir, options, budget, problem, reuse=False):
+        runs.append((run_dir.name, options["seed"]))
+        good = options["seed"] in learns
+        return Scored(name, None, clip, target, list(range(64)), oracle if good else mean, refs, [])
+
+    monkeypatch.setattr(card_mod, "learn", learn)
+    trainer = card_mod.Trainer("next-dit", "eva-repro", TOY, "cpu", seed=3, reuse=False)
+    judge = lambda: card_mod.learn_and_judge(trainer, "grid", tmp_path, tmp_path / "grid", p,  # noqa: E731
+                                             True, False, say=lambda _: None)
+    learns = {4}
+    s, check = judge()
+    assert runs == [("grid", 3), ("grid-seed4", 4)] and s.samples is oracle
+    assert check.passed is True and check.value == pytest.approx(1.0, abs=1e-6)
+    assert "seed 3: 0.000, seed 4: 1.000" in check.detail
+    runs.clear()
+    learns = set()
+    assert judge()[1].passed is False and len(runs) == card_mod.SEEDS_PER_PROBLEM
+    runs.clear()
+    learns = {3}
+    assert judge()[1].passed is True and runs == [("grid", 3)]

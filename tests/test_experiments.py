@@ -107,12 +107,21 @@ def test_every_script_is_tested():
 @pytest.mark.usefixtures("one_thread")
 def test_regrid_scores_each_backbone_on_the_finer_condition_at_toy_size(tmp_path):
     script = runpy.run_path(str(ROOT / "experiments" / "regrid.py"))
-    script["main"](tmp_path / "out", "toy")
-    result = json.loads((tmp_path / "out" / "regrid.json").read_text())
+    result = script["main"](tmp_path / "out", "toy", "0,1")
+    assert json.loads((tmp_path / "out" / "regrid.json").read_text()) == json.loads(json.dumps(result))
     assert result["budget"] == "toy" and set(result["rows"]) == {"correct", "rope_1d", "plain_dit"}
+    assert result["steps"] == 2 * script["BUDGETS"]["toy"].steps  # regrid trains twice as long
     for row in result["rows"].values():
-        assert isinstance(row["passed"], bool) and math.isfinite(row["gap_closed"])
-        assert set(row["scores"]) == {"dit", "mean", "ridge", "oracle"}
+        runs = row["per_seed"].values()
+        assert row["seeds"] == 2 and row["seeds_passed"] == sum(r["passed"] for r in runs)
+        assert row["card_passes"] == any(r["passed"] for r in runs)
+        for r in runs:
+            assert isinstance(r["passed"], bool) and math.isfinite(r["gap_closed"])
+            assert set(r["scores"]) == {"dit", "mean", "ridge", "oracle"}
+    seeds = [r["curve"] for r in result["rows"]["correct"]["per_seed"].values()]
+    assert seeds[0] != seeds[1]  # another seed trains another run
+    again = script["main"](tmp_path / "out", "toy", "0,1", reuse=True)  # judged, not retrained
+    assert json.loads(json.dumps(again)) == json.loads(json.dumps(result))
 
 
 @pytest.mark.usefixtures("one_thread")

@@ -54,9 +54,13 @@ def test_token_positions_share_row_col_between_grids():
     pos = token_positions(17, cls_first=True)
     assert pos[0].tolist() == [0, 0, 0] and pos[1].tolist() == [1, 0, 0]
     assert pos[-1].tolist() == [1, 3, 3]
-    # a 2x2 condition grid mapped onto a 4x4 target grid covers the same image extent
+    # another grid is placed by patch centres: a coarse patch at the centre of the four fine
+    # patches it covers, four fine patches around the coarse one they make up
     coarse = token_positions(4, cls_first=False, scale=2.0)
-    assert coarse.tolist() == [[1, 0, 0], [1, 0, 2], [1, 2, 0], [1, 2, 2]]
+    assert coarse.tolist() == [[1, 0.5, 0.5], [1, 0.5, 2.5], [1, 2.5, 0.5], [1, 2.5, 2.5]]
+    fine = token_positions(64, cls_first=False, scale=0.5).view(4, 2, 4, 2, 3)
+    blocks = fine.permute(0, 2, 1, 3, 4).reshape(16, 4, 3).mean(1)
+    torch.testing.assert_close(blocks, pos[1:])
     with pytest.raises(ValueError, match="not a square grid"):
         token_positions(15, cls_first=False)
 
@@ -66,7 +70,10 @@ def test_absolute_embedding_matches_across_grids_and_separates_positions():
     fine = sincos_embedding(token_positions(16, False), axes, 1e4)
     coarse = sincos_embedding(token_positions(4, False, scale=2.0), axes, 1e4)
     assert fine.shape == (16, 384)
-    assert torch.allclose(coarse[1], fine[2])  # coarse (0, 1) covers fine (0, 2): same vector
+    near = coarse[1] @ fine.T  # coarse (0, 1) covers fine (0, 2), (0, 3), (1, 2), (1, 3)
+    covered = [2, 3, 6, 7]
+    torch.testing.assert_close(near[covered], near[2].expand(4))
+    assert near[covered].min() > near[[i for i in range(16) if i not in covered]].max()
     gram = fine @ fine.T / 192  # every entry is cos or sin: |e|^2 = 192
     assert torch.allclose(gram.diagonal(), torch.ones(16, dtype=gram.dtype))
     assert (gram - torch.eye(16)).max() < 0.99  # distinct positions are distinct directions

@@ -192,16 +192,19 @@ def estimate_flops(cfg: DiTConfig, tokens: int, cond_tokens: int) -> float:
 
 
 def token_positions(tokens: int, cls_first: bool, scale: float = 1.0) -> torch.Tensor:
-    """(slot, row, col) per token [T, 3]: CLS -> (0, 0, 0), patch (r, c) -> (1, r*scale, c*scale).
+    """(slot, row, col) per token [T, 3]: CLS -> (0, 0, 0), patch (r, c) -> (1, u(r), u(c)) with
+    u(r) = (r + 1/2) * scale - 1/2.
 
-    `scale` maps another grid onto the target grid, so the condition patch that covers the same
-    image region as a target patch gets the same (row, col).
+    `scale` maps another grid onto the target grid by patch centres (as `align_corners=False`
+    does), so a condition patch lies where its image region lies on the target grid: at scale
+    1/2 the four patches under target patch (i, j) sit at i -+ 1/4, j -+ 1/4 around it.
     """
     g = math.isqrt(tokens - int(cls_first))
     if g * g != tokens - int(cls_first):
         raise UserError(f"{tokens} tokens is not a square grid{' plus CLS' if cls_first else ''}")
     r, c = torch.meshgrid(torch.arange(g), torch.arange(g), indexing="ij")
-    patches = torch.stack([torch.ones(g * g), r.flatten() * scale, c.flatten() * scale], dim=-1)
+    r, c = ((x.flatten() + 0.5) * scale - 0.5 for x in (r, c))
+    patches = torch.stack([torch.ones(g * g), r, c], dim=-1)
     return torch.cat([torch.zeros(1, 3), patches]) if cls_first else patches
 
 
