@@ -35,6 +35,7 @@ def test_the_cli_writes_the_card_and_exits_with_its_verdict(tmp_path, capsys, sy
     for c in card["checks"]:
         assert set(c) >= {"passed", "value", "threshold", "meaning"} and c["meaning"]
     assert card["passed"] == all(c["passed"] is not False for c in card["checks"])
+    assert card["steps_per_problem"]["regrid"] == 2 * card["steps_per_problem"]["grid"] == 2 * TOY.steps
     for problem in ("grid", "regrid"):  # it learned, the condition on its own grid or a finer one
         assert card["scores"][problem]["dit"] > card["scores"][problem]["mean"] + 0.1, problem
     runs = sorted(out.glob("runs/*/metrics.jsonl"))

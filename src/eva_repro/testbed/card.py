@@ -409,6 +409,7 @@ def _card(backbone, out, b, budget_name, device, variant, real_data, seed, say, 
     as_set = declared(model, "condition_as_set")
     say(f"interface: {sum(c.passed is True for c in checks)} of {len(checks)} passed")
     scored: dict[str, Scored] = {}
+    trainer = Trainer(backbone, variant, b, device, seed, reuse)
     for name, problem in fams.items():
         if name == "wide" and model.config.prediction == "v":
             checks.append(WIDE_FOR_V)
@@ -417,16 +418,14 @@ def _card(backbone, out, b, budget_name, device, variant, real_data, seed, say, 
             checks.append(REGRID_FOR_SET)
             continue
         data_dir = problem.write(out / "data" / name)
-        budget = b.for_problem(name)
+        longer = replace(trainer, budget=b.for_problem(name))
         say(f"learning: {name} ({problem.tokens} tokens, target {problem.eva_dim}-d), "
-            f"{budget.steps} steps")
-        trainer = Trainer(backbone, variant, budget, device, seed, reuse)
-        scored[name], check = learn_and_judge(trainer, name, data_dir, out / "runs" / name,
+            f"{longer.budget.steps} steps")
+        scored[name], check = learn_and_judge(longer, name, data_dir, out / "runs" / name,
                                               problem, name != "global", as_set, say)
         checks.append(check)
     for i, path in enumerate(real_data):
         name = f"real{i}"
-        trainer = Trainer(backbone, variant, b, device, seed, reuse)
         scored[name], check = learn_and_judge(trainer, name, Path(path), out / "runs" / name,
                                               None, False, False, say)
         checks.append(replace(check, detail=f"{path}: {check.detail}"))
@@ -454,6 +453,7 @@ def _card_record(backbone, variant, budget_name, b, checks, scored, model) -> di
                     + (f"; failed: {', '.join(failed)}" if failed else "")),
         "backbone": backbone, "variant": variant, "budget": budget_name,
         "budget_settings": {k: v for k, v in b.__dict__.items() if k != "extra_hints"},
+        "steps_per_problem": {k: b.for_problem(k).steps for k in scored},
         "hints": b.hints(),
         "declared": {k: declared(model, k) for k in ("noise_unconditional", "condition_as_set")},
         "prediction": model.config.prediction,
