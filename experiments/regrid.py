@@ -15,14 +15,9 @@ import json
 import sys
 from pathlib import Path
 
-from eva_repro.testbed.card import (
-    BUDGETS,
-    SEEDS_PER_PROBLEM,
-    learn,
-    learning_check,
-    train_options,
-)
+from eva_repro.testbed.card import BUDGETS, SEEDS_PER_PROBLEM, learn, learning_check
 from eva_repro.testbed.problems import problems
+from eva_repro.testbed.runs import available_cores, train_all, train_options
 from eva_repro.utils.files import atomic_write_json
 
 HERE = Path(__file__).resolve().parent
@@ -37,13 +32,15 @@ def main(out: Path, budget_name: str = "quick", seeds: str = "0,1,2,3", reuse: b
     budget = BUDGETS[budget_name].for_problem("regrid")
     problem = problems(budget.width, budget.samples)["regrid"]
     data = problem.write(out / "data" / "regrid")
+    runs = {(name, seed): train_options(backbone, "eva-repro", data, out / "runs" / f"{name}-seed{seed}",
+                                        budget, "cpu", seed=seed)
+            for name, backbone in BACKBONES.items() for seed in map(int, seeds.split(","))}
+    train_all(list(runs.values()), available_cores(), reuse)  # one run per core
     rows = {}
     for name, backbone in BACKBONES.items():
         per_seed = {}
         for seed in map(int, seeds.split(",")):
-            run = out / "runs" / f"{name}-seed{seed}"
-            options = train_options(backbone, "eva-repro", data, run, budget, "cpu", seed=seed)
-            scored = learn("regrid", data, run, options, budget, problem, reuse)
+            scored = learn("regrid", data, Path(runs[name, seed]["output_dir"]), budget, problem, "cpu")
             check = learning_check(scored, grid_dependent=True, by_design_set=False)
             per_seed[seed] = {"passed": check.passed, "gap_closed": check.value,
                               "scores": scored.scores, "curve": scored.curve}

@@ -3,6 +3,7 @@ failing on the input it is meant to catch (trained at the toy budget, or scored 
 
 import json
 from dataclasses import replace
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -130,33 +131,42 @@ def test_the_learning_and_distribution_checks_fail_a_regressor_of_the_mean():
 
 
 def test_a_failed_learning_problem_is_trained_again_with_the_next_seed(tmp_path, monkeypatch):
-    """A seed that stays below the bar gets a second seed in its own run directory; the check is
-    the best seed's and names both. A problem failed by every seed fails; a pass trains once."""
+    """A seed that stays below the bar gets a second seed in its own run directory, in a second
+    round that trains only the failed problems; the check is the best seed's and names both. A
+    problem failed by every seed fails; a pass trains once."""
     p = problems(16, 64)["grid"]
     clip, target = p.pairs(0, 64)
     target = transport.normalize_target(target)
     oracle = transport.normalize_target(p.draw_target(clip, range(100, 164)))
     mean = target.mean(0, keepdim=True).expand_as(target)
     refs = {"mean": mean, "ridge": oracle, "oracle": oracle}
-    runs = []
+    rounds, seeds = [], {}
 
-    def learn(name, data_dir, run_dir, options, budget, problem, reuse=False):
-        runs.append((run_dir.name, options["seed"]))
-        good = options["seed"] in learns
+    def train_all(runs, jobs, reuse, around):
+        rounds.append([Path(o["output_dir"]).name for o in runs])
+        seeds.update({Path(o["output_dir"]).name: o["seed"] for o in runs})
+
+    def learn(name, data_dir, run_dir, budget, problem, device):
+        good = seeds[run_dir.name] in learns[name]
         return Scored(name, None, clip, target, list(range(64)), oracle if good else mean, refs, [])
 
+    monkeypatch.setattr(card_mod, "train_all", train_all)
     monkeypatch.setattr(card_mod, "learn", learn)
     trainer = card_mod.Trainer("next-dit", "eva-repro", TOY, "cpu", seed=3, reuse=False)
-    judge = lambda: card_mod.learn_and_judge(trainer, "grid", tmp_path, tmp_path / "grid", p,  # noqa: E731
-                                             True, False, say=lambda _: None)
-    learns = {4}
-    s, check = judge()
-    assert runs == [("grid", 3), ("grid-seed4", 4)] and s.samples is oracle
-    assert check.passed is True and check.value == pytest.approx(1.0, abs=1e-6)
+    tasks = [card_mod.Task(n, tmp_path, tmp_path / n, TOY, p, True) for n in ("grid", "neighbour")]
+    judge = lambda: card_mod.learn_and_judge(trainer, tasks, False, say=lambda _: None,  # noqa: E731
+                                             also=[{"output_dir": "overfit", "seed": 3, "max_steps": 1}])
+    learns = {"grid": {4}, "neighbour": {3}}
+    judged = judge()
+    assert rounds == [["grid", "neighbour", "overfit"], ["grid-seed4"]]
+    s, check = judged["grid"]
+    assert s.samples is oracle and check.passed is True and check.value == pytest.approx(1.0, abs=1e-6)
     assert "seed 3: 0.000, seed 4: 1.000" in check.detail
-    runs.clear()
-    learns = set()
-    assert judge()[1].passed is False and len(runs) == card_mod.SEEDS_PER_PROBLEM
-    runs.clear()
-    learns = {3}
-    assert judge()[1].passed is True and runs == [("grid", 3)]
+    assert judged["neighbour"][1].passed is True and "seed" not in judged["neighbour"][1].detail
+    rounds.clear()
+    learns = {"grid": set(), "neighbour": {3}}
+    assert judge()["grid"][1].passed is False and len(rounds) == card_mod.SEEDS_PER_PROBLEM
+    rounds.clear()
+    learns = {"grid": {3}, "neighbour": {3}}
+    judge()
+    assert rounds == [["grid", "neighbour", "overfit"]]

@@ -19,7 +19,6 @@ regressor of the mean lacks.
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -37,15 +36,21 @@ from eva_repro.model import build_model, model_config
 from eva_repro.model.checkpoint import load_model
 from eva_repro.testbed.interface import declared, interface_checks, relative
 from eva_repro.testbed.problems import Problem, problems
+from eva_repro.testbed.runs import (
+    HELDOUT_FRACTION,
+    Around,
+    resolve_jobs,
+    train_all,
+    train_once,
+    train_options,
+)
 from eva_repro.testbed.verdict import Check
-from eva_repro.training.train import train
 from eva_repro.training.train_config import OVERFIT_BAR
 from eva_repro.utils.devices import autocast, pick_device
 from eva_repro.utils.errors import UserError
 from eva_repro.utils.files import atomic_write_bytes, atomic_write_json
 from eva_repro.utils.lockfile import DirectoryLock
 
-HELDOUT_FRACTION = 0.2
 LEARN_BAR = 0.4  # fraction of the mean -> oracle gap a learning check needs (docs/testbed.md)
 REAL_BAR = 0.5  # on real shards (no oracle): fraction of the mean -> ridge gap
 CONTROL_BAR = 0.5  # fraction of the score above the mean baseline a broken input must remove
@@ -118,45 +123,11 @@ def sample(model: nn.Module, clip: torch.Tensor, ids: list[int], budget: Budget)
     return torch.cat(out)
 
 
-def train_options(backbone: str, variant: str, data_dir: Path, run_dir: Path, budget: Budget,
-                  device: str, **extra: Any) -> dict[str, Any]:
-    return dict(data_dir=str(data_dir), output_dir=str(run_dir), backbone=backbone,
-                model_variant=variant, model_size="tiny", model_overrides=budget.hints(),
-                batch_size=budget.batch, max_steps=budget.steps, eval_every=budget.eval_every,
-                eval_samples=64, eval_sampler_steps=budget.sampler_steps,
-                eval_fraction=HELDOUT_FRACTION, num_workers=0, progress=False, tensorboard=False,
-                save_every=10**9, keep_checkpoints=1, log_every=10**9, device=device, **extra)
-
-
-def reusable(run_dir: Path, options: dict[str, Any]) -> bool:
-    """A finished run in `run_dir` trained with exactly these options (`--reuse`)."""
-    try:
-        saved = json.loads((run_dir / "run_config.json").read_text())["args"]
-        json.loads((run_dir / "summary.json").read_text())
-    except (OSError, ValueError, KeyError):
-        return False
-    same = {k: v for k, v in options.items() if k not in ("data_dir", "output_dir")}
-    flat = {**saved, **saved.get("flow", {})}
-    return all(flat.get(k) == v for k, v in same.items()) and \
-        Path(saved["data_dir"]) == Path(options["data_dir"]).resolve()
-
-
-def train_once(options: dict[str, Any], reuse: bool) -> dict[str, Any]:
-    """The trainer's summary: a matching finished run when `reuse`, else a fresh run (this card's
-    own earlier run of the same problem is replaced)."""
-    run_dir = Path(options["output_dir"])
-    if reuse and reusable(run_dir, options):
-        return json.loads((run_dir / "summary.json").read_text())
-    shutil.rmtree(run_dir, ignore_errors=True)
-    return train(options)
-
-
-def learn(name: str, data_dir: Path, run_dir: Path, options: dict[str, Any], budget: Budget,
-          problem: Problem | None, reuse: bool = False) -> Scored:
-    """Train on `data_dir` with the trainer, then score its EMA model on the held-out split."""
-    train_once(options, reuse)
-    loaded = load_model(run_dir)
-    model = loaded.model.to(pick_device(options["device"]))
+def learn(name: str, data_dir: Path, run_dir: Path, budget: Budget, problem: Problem | None,
+          device: str = "auto") -> Scored:
+    """Score a finished run's EMA model on the held-out split of `data_dir`, beside the
+    references."""
+    model = load_model(run_dir).model.to(pick_device(device))
     td = data_mod.open_training_data(data_dir, HELDOUT_FRACTION)
     mean_b, ridge_b = fit_baselines(td.reader, td.train_rows, progress=False)
     ids, clip, eva = data_mod.load_rows(td.reader, td.heldout_rows, td.keys)
@@ -170,6 +141,18 @@ def learn(name: str, data_dir: Path, run_dir: Path, options: dict[str, Any], bud
 
 
 @dataclass(frozen=True)
+class Task:
+    """One learning problem of a card: its data, where its first run goes, how long it trains."""
+
+    name: str
+    data_dir: Path
+    run_dir: Path
+    budget: Budget
+    problem: Problem | None  # None: real shards, scored against ridge (no oracle)
+    grid_dependent: bool
+
+
+@dataclass(frozen=True)
 class Trainer:
     """How a card trains its learning problems."""
 
@@ -179,30 +162,52 @@ class Trainer:
     device: str
     seed: int
     reuse: bool
+    jobs: int = 1  # runs trained at once (`runs.train_all`)
+    around: Around = None  # entered around each run (the zoo's pipeline bugs)
+
+    def options(self, task: Task, attempt: int) -> dict[str, Any]:
+        """The trainer's options for `task` with seed + `attempt` (after the first, in its own
+        run directory)."""
+        seed = self.seed + attempt
+        run = task.run_dir if attempt == 0 else task.run_dir.with_name(f"{task.run_dir.name}-seed{seed}")
+        return train_options(self.backbone, self.variant, task.data_dir, run, task.budget,
+                             self.device, seed=seed)
 
 
-def learn_and_judge(trainer: Trainer, name: str, data_dir: Path, run_dir: Path,
-                    problem: Problem | None, grid_dependent: bool, by_design_set: bool,
-                    say: Callable[[str], Any] = print) -> tuple[Scored, Check]:
-    """Train and judge one learning problem. A problem that fails is trained again with the next
+def learn_and_judge(trainer: Trainer, tasks: list[Task], by_design_set: bool,
+                    say: Callable[[str], Any] = print, also: list[dict[str, Any]] | None = None
+                    ) -> dict[str, tuple[Scored, Check]]:
+    """Train and judge the learning problems. A problem that fails is trained again with the next
     seed, up to `SEEDS_PER_PROBLEM` seeds (a correct cross-attention-only head finds the aligned
-    condition after a seed-dependent number of steps, and some seeds not within the budget); the
-    check is the best seed's and its detail lists every seed's value."""
-    tried: list[tuple[Scored, Check]] = []
+    condition after a seed-dependent number of steps, and some seeds not within the budget); its
+    check is the best seed's and its detail lists every seed's value. The runs of a round (every
+    problem's first seed and the runs in `also`; then the failed problems' next seed) train
+    together, `trainer.jobs` at a time."""
+    tried: dict[str, list[tuple[Scored, Check]]] = {t.name: [] for t in tasks}
     for attempt in range(SEEDS_PER_PROBLEM):
-        seed = trainer.seed + attempt
-        run = run_dir if attempt == 0 else run_dir.with_name(f"{run_dir.name}-seed{seed}")
-        options = train_options(trainer.backbone, trainer.variant, data_dir, run, trainer.budget,
-                                trainer.device, seed=seed)
-        s = learn(name, data_dir, run, options, trainer.budget, problem, trainer.reuse)
-        check = learning_check(s, grid_dependent, by_design_set)
-        tried.append((s, check))
-        say(f"  {check.mark} (seed {seed}): " + ", ".join(f"{k} {v:.3f}" for k, v in s.scores.items()))
-        if check.passed is not False:
+        todo = [t for t in tasks if attempt == 0 or tried[t.name][-1][1].passed is False]
+        if not todo:
             break
+        runs = [trainer.options(t, attempt) for t in todo]
+        extra = (also or []) if attempt == 0 else []
+        say(f"training {len(runs) + len(extra)} run(s), seed {trainer.seed + attempt}, "
+            f"{min(trainer.jobs, len(runs) + len(extra))} at a time: "
+            + ", ".join(f"{Path(o['output_dir']).name} ({o['max_steps']} steps)" for o in runs + extra))
+        train_all(runs + extra, trainer.jobs, trainer.reuse, trainer.around)
+        for t, options in zip(todo, runs, strict=True):
+            s = learn(t.name, t.data_dir, Path(options["output_dir"]), t.budget, t.problem,
+                      trainer.device)
+            check = learning_check(s, t.grid_dependent, by_design_set)
+            tried[t.name].append((s, check))
+            say(f"  {t.name}: {check.mark} (seed {options['seed']}): "
+                + ", ".join(f"{k} {v:.3f}" for k, v in s.scores.items()))
+    return {name: _best(pairs, trainer.seed) for name, pairs in tried.items()}
+
+
+def _best(tried: list[tuple[Scored, Check]], first_seed: int) -> tuple[Scored, Check]:
     s, check = max(tried, key=lambda pair: pair[1].value)
     if len(tried) > 1:
-        seeds = ", ".join(f"seed {trainer.seed + i}: {c.value:.3f}" for i, (_, c) in enumerate(tried))
+        seeds = ", ".join(f"seed {first_seed + i}: {c.value:.3f}" for i, (_, c) in enumerate(tried))
         check = replace(check, detail=f"{check.detail}; gap closed by {seeds}")
     return s, check
 
@@ -367,11 +372,15 @@ def distribution_check(s: Scored) -> Check:
                  "(collapsed or wrong spread)", detail)
 
 
-def overfit_check(backbone: str, variant: str, data_dir: Path, run_dir: Path, budget: Budget,
-                  device: str, reuse: bool = False) -> Check:
-    options = train_options(backbone, variant, data_dir, run_dir, budget, device,
-                            overfit_test_size=16)
-    summary = train_once({**options, "max_steps": budget.overfit_steps}, reuse)
+def overfit_options(trainer: Trainer, data_dir: Path, run_dir: Path) -> dict[str, Any]:
+    b = trainer.budget
+    return train_options(trainer.backbone, trainer.variant, data_dir, run_dir,
+                         replace(b, steps=b.overfit_steps), trainer.device, seed=trainer.seed,
+                         overfit_test_size=16)
+
+
+def overfit_check(summary: dict[str, Any]) -> Check:
+    """The overfit run's verdict, from its trainer summary."""
     v = summary.get("overfit_cosine") or 0.0
     return Check("overfits_16_samples", "learning", v > OVERFIT_BAR, v, f"> {OVERFIT_BAR}",
                  "the network cannot memorise 16 samples: a bug upstream of any data question")
@@ -388,55 +397,54 @@ def build_for(backbone: str, variant: str, problem: Problem, budget: Budget, see
 
 def run_card(backbone: str, output_dir: str | Path, budget: str | Budget = "quick",
              device: str = "auto", variant: str = "eva-repro", real_data: list[str] | None = None,
-             seed: int = 0, say=print, reuse: bool = False) -> dict[str, Any]:
+             seed: int = 0, say=print, reuse: bool = False, jobs: int | str = 1,
+             around: Around = None) -> dict[str, Any]:
     """The whole card; writes check.json, check.md and curves.png in `output_dir`. `reuse`
     judges the finished runs already there (trained with the same options) instead of training
-    them again: the checks change, the runs do not."""
+    them again: the checks change, the runs do not. `jobs` runs train at once (`--jobs`: auto is
+    one per CPU core); `around` is entered around each training run (the zoo's pipeline bugs)."""
     if seed < 0:
         raise UserError(f"--seed must be >= 0, got {seed}")
     b = BUDGETS[budget] if isinstance(budget, str) else budget
     out = Path(output_dir)
+    trainer = Trainer(backbone, variant, b, device, seed, reuse, resolve_jobs(jobs, device), around)
     with DirectoryLock(out, "eva-repro check"):
-        return _card(backbone, out, b, budget if isinstance(budget, str) else "custom",
-                     device, variant, real_data or [], seed, say, reuse)
+        return _card(trainer, out, budget if isinstance(budget, str) else "custom",
+                     real_data or [], say)
 
 
-def _card(backbone, out, b, budget_name, device, variant, real_data, seed, say, reuse
+def _card(trainer: Trainer, out: Path, budget_name: str, real_data: list[str], say
           ) -> dict[str, Any]:
-    fams = problems(b.width, b.samples, seed)
-    model = build_for(backbone, variant, fams["grid"], b, seed)
+    b = trainer.budget
+    fams = problems(b.width, b.samples, trainer.seed)
+    model = build_for(trainer.backbone, trainer.variant, fams["grid"], b, trainer.seed)
     checks = interface_checks(model, fams["grid"].tokens)
     as_set = declared(model, "condition_as_set")
     say(f"interface: {sum(c.passed is True for c in checks)} of {len(checks)} passed")
-    scored: dict[str, Scored] = {}
-    trainer = Trainer(backbone, variant, b, device, seed, reuse)
+    tasks = []
     for name, problem in fams.items():
         if name == "wide" and model.config.prediction == "v":
             checks.append(WIDE_FOR_V)
-            continue
-        if name == "regrid" and as_set:
+        elif name == "regrid" and as_set:
             checks.append(REGRID_FOR_SET)
-            continue
-        data_dir = problem.write(out / "data" / name)
-        longer = replace(trainer, budget=b.for_problem(name))
-        say(f"learning: {name} ({problem.tokens} tokens, target {problem.eva_dim}-d), "
-            f"{longer.budget.steps} steps")
-        scored[name], check = learn_and_judge(longer, name, data_dir, out / "runs" / name,
-                                              problem, name != "global", as_set, say)
-        checks.append(check)
-    for i, path in enumerate(real_data):
-        name = f"real{i}"
-        scored[name], check = learn_and_judge(trainer, name, Path(path), out / "runs" / name,
-                                              None, False, False, say)
-        checks.append(replace(check, detail=f"{path}: {check.detail}"))
-    checks.append(overfit_check(backbone, variant, out / "data" / "grid", out / "runs" / "overfit",
-                                b, device, reuse))
+        else:
+            tasks.append(Task(name, problem.write(out / "data" / name), out / "runs" / name,
+                              b.for_problem(name), problem, name != "global"))
+    tasks += [Task(f"real{i}", Path(path), out / "runs" / f"real{i}", b, None, False)
+              for i, path in enumerate(real_data)]
+    overfit = overfit_options(trainer, out / "data" / "grid", out / "runs" / "overfit")
+    judged = learn_and_judge(trainer, tasks, as_set, say, also=[overfit])
+    for t in tasks:
+        check = judged[t.name][1]
+        checks.append(check if t.problem else replace(check, detail=f"{t.data_dir}: {check.detail}"))
+    checks.append(overfit_check(train_once(overfit, reuse=True)))
+    scored = {name: s for name, (s, _) in judged.items()}
     # a design that reads the condition as a set learns the global problem only: its controls
     # and distribution are measured there
     controlled = scored["global" if as_set else "grid"]
     checks += controls(controlled, b)
     checks.append(distribution_check(controlled))
-    card = _card_record(backbone, variant, budget_name, b, checks, scored, model)
+    card = _card_record(trainer.backbone, trainer.variant, budget_name, b, checks, scored, model)
     atomic_write_json(out / "check.json", card)
     atomic_write_bytes(out / "check.md", markdown(card).encode())
     plot_curves(scored, out / "curves.png")

@@ -9,6 +9,7 @@ import argparse
 
 from eva_repro.model import VARIANTS
 from eva_repro.testbed.card import BUDGETS, run_card
+from eva_repro.testbed.runs import JOBS_HELP
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
@@ -22,6 +23,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="quick: minutes on a CPU; full: the GPU setting; toy: seconds, too short "
                    "to judge (the test suite's)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--jobs", default="auto", help=JOBS_HELP)
     p.add_argument("--data", action="append", default=[], metavar="SHARDS",
                    help="also learn these shard directories (eva-repro extract output; repeatable)")
     p.add_argument("--seed", type=int, default=0)
@@ -32,5 +34,5 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     card = run_card(args.backbone, args.output_dir, args.budget, args.device, args.model_variant,
-                    args.data, args.seed, reuse=args.reuse)
+                    args.data, args.seed, reuse=args.reuse, jobs=args.jobs)
     return 0 if card["passed"] else 1

@@ -41,6 +41,7 @@ from eva_repro.model.dit import (
     sincos_embedding,
 )
 from eva_repro.testbed.card import BUDGETS, run_card
+from eva_repro.testbed.runs import JOBS_HELP
 from eva_repro.training import optim
 from eva_repro.training import train as train_mod
 from eva_repro.utils.files import atomic_write_bytes, atomic_write_json
@@ -267,14 +268,14 @@ MUTANTS = {m.name: m for m in [
 
 
 def judge(mutant: Mutant, output_dir: Path, budget: str, device: str = "auto",
-          head: str = "blip3o", say: Callable[[str], None] = print, reuse: bool = False
-          ) -> dict[str, Any]:
-    """The card of one mutant of `head` (its pipeline patch active while it runs)."""
+          head: str = "blip3o", say: Callable[[str], None] = print, reuse: bool = False,
+          jobs: int | str = 1) -> dict[str, Any]:
+    """The card of one mutant of `head` (its pipeline patch active while each run trains)."""
     b = BUDGETS[budget]
     if head != "blip3o" and mutant.factory.startswith(HERE):
         b = replace(b, extra_hints=(("head", head),))
-    with mutant.pipeline() if mutant.pipeline else contextlib.nullcontext():
-        return run_card(mutant.factory, output_dir, b, device, say=say, reuse=reuse)
+    return run_card(mutant.factory, output_dir, b, device, say=say, reuse=reuse, jobs=jobs,
+                    around=mutant.pipeline)
 
 
 def table(cards: dict[str, dict[str, Any]]) -> str:
@@ -298,6 +299,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", default="quick", choices=list(BUDGETS),
                    help="quick: minutes per card on a CPU; full: a GPU; toy: the test suite's")
     p.add_argument("--device", default="auto")
+    p.add_argument("--jobs", default="auto", help=JOBS_HELP)
     p.add_argument("--reuse", action="store_true", help="judge the finished runs already under "
                    "--output_dir (same settings) instead of training them again")
     p.add_argument("--head", default="blip3o", choices=sorted(VARIANTS),
@@ -315,7 +317,7 @@ def run(args: argparse.Namespace) -> int:
     for name, mutant in jobs:
         start = time.time()
         card = judge(mutant, out / _slug(name), args.budget, args.device, args.head,
-                     reuse=args.reuse)
+                     reuse=args.reuse, jobs=args.jobs)
         results[name] = {"what": mutant.what, "wall_s": round(time.time() - start, 1),
                          "must_pass": name == "correct" or name in args.reference,
                          **{k: card[k] for k in ("passed", "summary", "checks", "scores")}}
