@@ -15,8 +15,7 @@ range, [0, 1000], carries over.)
 
 The condition is read as a set, as PixArt's own text conditioning reads a caption: its tokens carry
 no position, so the plugin declares `condition_as_set` and `eva-repro check` reports its grid
-checks as not applicable by design. (Adding a sin-cos table to the condition before the caption
-projection did not let it learn the grid problems at the quick budget: docs/testbed.md.)
+checks as not applicable by design.
 
 The network is diffusers' own class, unchanged: `caption_channels = Dc` (its caption MLP takes the
 condition to `cross_attention_dim` = hidden), `out_channels = D` (PixArt's default of 8 is the doubled

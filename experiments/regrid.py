@@ -17,7 +17,8 @@ from pathlib import Path
 
 from eva_repro.testbed.card import BUDGETS, SEEDS_PER_PROBLEM, learn, learning_check
 from eva_repro.testbed.problems import problems
-from eva_repro.testbed.runs import available_cores, train_all, train_options
+from eva_repro.testbed.runs import train_all, train_options
+from eva_repro.utils.devices import available_cores
 from eva_repro.utils.files import atomic_write_json
 
 HERE = Path(__file__).resolve().parent

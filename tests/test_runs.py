@@ -12,6 +12,7 @@ from eva_repro.testbed import runs as runs_mod
 from eva_repro.testbed.card import BUDGETS
 from eva_repro.testbed.problems import problems
 from eva_repro.testbed.zoo import _ema_frozen
+from eva_repro.utils.devices import available_cores
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SHORT = replace(BUDGETS["toy"], steps=40, eval_every=20)
@@ -50,7 +51,7 @@ def test_a_workers_error_is_raised_here_as_its_one_line_error(tmp_path, one_line
 
 
 def test_jobs_is_a_count_or_one_per_core_on_a_cpu(one_line_error):
-    assert runs_mod.resolve_jobs("auto", "cpu") == runs_mod.available_cores()
+    assert runs_mod.resolve_jobs("auto", "cpu") == available_cores()
     assert runs_mod.resolve_jobs("3", "cpu") == 3
     for bad in ("0", "two"):
         one_line_error(lambda bad=bad: runs_mod.resolve_jobs(bad, "cpu"), "--jobs must be auto")

@@ -36,6 +36,7 @@ from eva_repro.data.demo_images import PHOTOS, VIEW_GROUP, write_demo_images
 from eva_repro.data.extract import extract
 from eva_repro.utils import files
 from eva_repro.utils.errors import UserError
+from eva_repro.utils.flags import count_or_auto
 from eva_repro.utils.lockfile import refuse_a_file
 
 EVA, CLIP, GRID = "EVA02-L-14", "ViT-L-14", 8  # 8 x 8 = 64 tokens, the BLIP3-o setting
@@ -117,18 +118,13 @@ def set_threads(threads: str, own: int = 0, large_matmuls: bool = False) -> int:
 
     import torch
 
-    cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-             else os.cpu_count()) or 1
-    if threads == "auto":
+    from eva_repro.utils.devices import available_cores
+
+    n = count_or_auto(threads, "threads", DemoError)
+    if n is None:
+        cores = available_cores()
         others = max(0.0, os.getloadavg()[0] - own) if hasattr(os, "getloadavg") else 0.0
         n = cores if large_matmuls else max(1, min(cores, round(cores - others)))
-    else:
-        try:
-            n = int(threads)
-        except ValueError:
-            n = 0
-        if n < 1:
-            raise DemoError(f"--threads must be auto or a number >= 1, got {threads!r}")
     torch.set_num_threads(n)
     return n
 

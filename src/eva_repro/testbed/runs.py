@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import multiprocessing
-import os
 import shutil
 import sys
 from collections.abc import Callable
@@ -26,8 +25,9 @@ from typing import Any, TextIO
 import torch
 
 from eva_repro.training.train import train
-from eva_repro.utils.devices import pick_device
+from eva_repro.utils.devices import available_cores, pick_device
 from eva_repro.utils.errors import UserError
+from eva_repro.utils.flags import count_or_auto
 
 HELDOUT_FRACTION = 0.2  # of each problem's samples, held out from training and scored
 Around = Callable[[], contextlib.AbstractContextManager] | None  # entered around each run
@@ -67,11 +67,6 @@ def train_once(options: dict[str, Any], reuse: bool) -> dict[str, Any]:
     return train(options)
 
 
-def available_cores() -> int:
-    return (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-            else os.cpu_count()) or 1
-
-
 JOBS_HELP = ("training runs at once, each in its own process: a number, or auto (one per CPU core "
              "on a CPU, one at a time on a GPU)")
 
@@ -79,14 +74,9 @@ JOBS_HELP = ("training runs at once, each in its own process: a number, or auto 
 def resolve_jobs(jobs: int | str, device: str) -> int:
     """`--jobs`: a number >= 1, or auto (one run per core on a CPU; one at a time elsewhere,
     where running several has not been measured)."""
-    if jobs == "auto":
+    n = count_or_auto(jobs, "jobs", UserError)
+    if n is None:
         return available_cores() if pick_device(device).type == "cpu" else 1
-    try:
-        n = int(jobs)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise UserError(f"--jobs must be auto or a number >= 1, got {jobs!r}")
     return n
 
 

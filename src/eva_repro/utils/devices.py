@@ -10,6 +10,7 @@ On the CPU nothing is autocast: a CPU without native bf16 emulates its matmuls, 
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
@@ -36,6 +37,12 @@ def pick_device(name: str | None = None, local_rank: int = 0) -> torch.device:
         if device.index is None:
             device = torch.device("cuda", local_rank % torch.cuda.device_count())
     return device
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, where the OS has one)."""
+    return (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+            else os.cpu_count()) or 1
 
 
 def device_of(module: torch.nn.Module) -> torch.device:

@@ -41,6 +41,20 @@ def option(default: Any = dataclasses.MISSING, help: str = "", *,
     return dataclasses.field(default=default, metadata=meta)
 
 
+def count_or_auto(value: str | int, flag: str, error: type[Exception] = ValueError) -> int | None:
+    """A flag that takes `auto` (None) or a whole number >= 1; anything else raises `error` with
+    one line naming the flag."""
+    if value == "auto":
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise error(f"--{flag} must be auto or a number >= 1, got {value!r}")
+    return n
+
+
 def add_flags(parser: argparse.ArgumentParser, config: Any,
               choices: dict[str, Sequence[Any]] | None = None,
               exclude: Sequence[str] = (), unset: bool = False) -> None:
