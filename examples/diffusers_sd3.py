@@ -17,8 +17,7 @@ output to return eva-repro's velocity v = x1 - x0.
 
 The condition is read as a set, as SD3's own text conditioning reads a caption: its tokens carry
 no position, so the plugin declares `condition_as_set` and `eva-repro check` reports its grid
-checks as not applicable by design. (Adding a sin-cos table to the condition before the caption
-projection did not let it learn the grid problems at the quick budget: docs/testbed.md.)
+checks as not applicable by design.
 
 The network is diffusers' own class, unchanged: `joint_attention_dim = pooled_projection_dim = Dc`,
 `caption_projection_dim = hidden` (the context stream's width must equal the image stream's),
