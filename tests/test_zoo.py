@@ -62,6 +62,9 @@ def test_the_pipeline_mutants_plant_their_bug_in_the_trainer():
     with zoo._target_leak():
         transport.velocity_loss(model, torch.randn(2, 4, 5), cond, *args, prediction="v")
     assert torch.equal(seen[0], cond) and not torch.allclose(seen[1], cond)
+    with zoo._target_leak():  # a condition on a finer grid than the target (the regrid problem)
+        transport.velocity_loss(model, torch.randn(2, 4, 5), torch.randn(2, 16, 3), *args, prediction="v")
+    assert seen[2].shape == (2, 16, 3)
     ema, raw = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
     before = ema.weight.clone()
     with zoo._ema_frozen():

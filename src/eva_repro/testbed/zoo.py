@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from eva_repro.data import layout
 from eva_repro.flow import transport
 from eva_repro.model.dit import (
     ROPE_THETA,
@@ -224,7 +225,9 @@ def _target_leak() -> Iterator[None]:
     def leaking(model, target, cond, *args, **kwargs):
         g = torch.Generator().manual_seed(0)
         proj = torch.randn(target.shape[-1], cond.shape[-1], generator=g).to(cond) / target.shape[-1] ** 0.5
-        return loss(model, target, cond + transport.normalize_target(target) @ proj, *args, **kwargs)
+        leak = transport.normalize_target(target) @ proj  # on the condition's grid when it has its own
+        return loss(model, target, cond + layout.align_condition(leak, cond.shape[1], False),
+                    *args, **kwargs)
 
     with mock.patch.object(transport, "velocity_loss", leaking):
         yield
