@@ -3,6 +3,7 @@ reaching the worker, a worker's error raised here, and `--jobs`."""
 
 import io
 import json
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -63,3 +64,11 @@ def test_a_workers_lines_name_its_run():
     stream.write("[train] step 0")
     stream.write(": 0.5\n[train] step 20\n")
     assert out.getvalue() == "[grid] [train] step 0: 0.5\n[grid] [train] step 20\n"
+
+
+def test_runs_one_after_another_in_a_worker_each_name_only_their_own_lines(capsys):
+    for name in ("grid", "regrid"):
+        with runs_mod.lines_named(name):
+            print("[train] step 0", file=sys.stderr)
+    print("after", file=sys.stderr)
+    assert capsys.readouterr().err == "[grid] [train] step 0\n[regrid] [train] step 0\nafter\n"

@@ -103,9 +103,14 @@ def train_all(runs: list[dict[str, Any]], jobs: int = 1, reuse: bool = False,
 
 def _worker(options: dict[str, Any], reuse: bool, around: Around, threads: int) -> dict[str, Any]:
     torch.set_num_threads(threads)
-    sys.stderr = Prefixed(sys.stderr, f"[{Path(options['output_dir']).name}] ")
-    with around() if around else contextlib.nullcontext():
+    with lines_named(Path(options["output_dir"]).name), around() if around else contextlib.nullcontext():
         return train_once(options, reuse)
+
+
+def lines_named(name: str) -> contextlib.AbstractContextManager:
+    """Standard error with every line starting `[name] ` until the block ends: a worker process
+    trains several runs one after another, and each run's lines carry its own name only."""
+    return contextlib.redirect_stderr(Prefixed(sys.stderr, f"[{name}] "))
 
 
 class Prefixed:
