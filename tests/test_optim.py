@@ -41,3 +41,31 @@ def test_ema_follows_early_and_averages_late():
     ema.weight.data.zero_()
     optim.ema_update(ema, model, step=10 ** 6, decay=0.999)  # d = the decay itself
     assert torch.allclose(ema.weight, torch.full((2, 2), 0.001))
+
+
+def test_the_cpu_optimiser_steps_all_parameters_at_once_with_the_loop_s_values():
+    """On the CPU the trainer's AdamW is the multi-tensor one (fewer ops a step), and it moves
+    the weights exactly as the per-parameter loop does: a card measured before it still holds."""
+    from eva_repro.flow import transport
+
+    def five_steps(make):
+        torch.manual_seed(0)
+        model = DiT(DiTConfig.preset("tiny", depth=1, target_dim=8, cond_dim=6, hidden=32,
+                                     n_heads=2, n_kv_heads=1))
+        start = {k: v.clone() for k, v in model.state_dict().items()}
+        opt = make(model)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            x1, c = torch.randn(4, 4, 8, generator=g), torch.randn(4, 4, 6, generator=g)
+            opt.zero_grad()
+            transport.flow_loss(model, x1, c, generator=g).loss.backward()
+            opt.step()
+        return opt, start, model.state_dict()
+
+    opt, start, built = five_steps(
+        lambda m: optim.build_optimizer(m, 1e-3, 0.05, (0.9, 0.95), fused=False))
+    assert all(g["foreach"] is True and not g["fused"] for g in opt.param_groups)
+    _, _, loop = five_steps(lambda m: torch.optim.AdamW(optim.param_groups(m, 0.05), lr=1e-3,
+                                                        betas=(0.9, 0.95), foreach=False))
+    assert sum(not torch.equal(start[k], built[k]) for k in built) > len(built) // 2
+    assert all(torch.equal(built[k], loop[k]) for k in built)

@@ -1,6 +1,7 @@
 """The shard format: atomic writes, manifest, bounded-memory reads, checksums, held-out split."""
 
 import json
+import os
 import pickle
 import re
 
@@ -123,8 +124,6 @@ def test_split_is_deterministic_by_key_and_near_the_fraction():
 
 
 def test_atomic_files_get_normal_permissions(tmp_path):
-    import os
-
     old = os.umask(0o022)
     try:
         _write(tmp_path, 0, 1)
@@ -136,8 +135,8 @@ def test_atomic_files_get_normal_permissions(tmp_path):
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
 def test_reader_matches_safetensors_and_keeps_no_maps(tmp_path, dtype):
-    """Rows come back bit-exact in the stored dtype, and no file stays mapped after a read (a
-    reader that keeps its maps grows resident memory to the dataset size over an epoch)."""
+    """Rows come back bit-exact in the stored dtype, and no file stays mapped or open after a
+    read (a reader that keeps its maps grows resident memory to the dataset size over an epoch)."""
     stored = []
     for index, start in ((0, 0), (1, 8), (2, 16)):
         _, clip, eva = _write(tmp_path, index, 8 if index < 2 else 4, start=start, dtype=dtype)
@@ -150,6 +149,8 @@ def test_reader_matches_safetensors_and_keeps_no_maps(tmp_path, dtype):
     assert torch.equal(reader.read_rows(1, 2, 6)["eva"], stored[1]["eva"][2:6])
     with open("/proc/self/maps") as f:
         assert not [line for line in f if str(tmp_path) in line]
+    assert not [fd for fd in os.listdir("/proc/self/fd")
+                if str(tmp_path) in os.path.realpath(f"/proc/self/fd/{fd}")]
     again = pickle.loads(pickle.dumps(reader))  # DataLoader workers get a header-less copy
     assert torch.equal(again.read(19)["clip"], stored[2]["clip"][3])
 

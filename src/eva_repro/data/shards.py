@@ -11,8 +11,8 @@ A shard is finished when its sidecar exists: the tensors are renamed into place 
 sidecar (which records their sha256) second, both atomically, so a killed writer leaves either
 a finished shard or nothing that counts. Every command that reads shards opens them with
 `open_shards`: manifest, sizes and shapes always, sha256 unless --no_verify (then it warns).
-`ShardReader` maps only the rows it reads, so memory stays bounded whatever the data size. No
-pickle anywhere.
+`ShardReader` reads only the rows it is asked for, so memory stays bounded whatever the data
+size. No pickle anywhere.
 """
 
 from __future__ import annotations
@@ -340,15 +340,30 @@ def open_shards(root: str | os.PathLike, verify: bool = True, warn: bool = True)
     return reader
 
 
+def _read_exactly(fd: int, buf: np.ndarray, offset: int, what: str) -> None:
+    """Fill `buf` from `offset` of the open file: a read may return fewer bytes than asked (the
+    kernel caps one call near 2 GiB), and none at all means the file ends early."""
+    view, done = memoryview(buf).cast("B"), 0
+    while done < len(view):
+        try:
+            got = os.preadv(fd, [view[done:]], offset + done)
+        except OSError as e:
+            raise ShardError(f"{what} ({e}); re-extract it") from e
+        if got == 0:
+            raise ShardError(f"{what} (the file ends {len(view) - done} bytes early: truncated); "
+                             "re-extract it")
+        done += got
+
+
 class ShardReader:
     """Row access to every shard of a manifest, in bounded memory.
 
     Rows are addressed globally (0 .. num_samples-1) in manifest order; `locate(i)` gives the
-    (shard, row) pair. Each read maps exactly the bytes of its rows, copies them and unmaps at
-    once: a reader that stays mapped keeps every page it touched resident, so over an epoch its
-    memory would grow to the dataset size (the page cache still serves repeated reads). Headers
-    (safetensors: u64 length, JSON, raw bytes) are read once per shard and process; a pickled
-    reader (a DataLoader worker) re-reads them lazily.
+    (shard, row) pair. Each read copies exactly the bytes of its rows with one positioned read
+    (`os.preadv`) and maps nothing: a reader that stayed mapped would keep every page it touched
+    resident, so over an epoch its memory would grow to the dataset size (the page cache still
+    serves repeated reads). Headers (safetensors: u64 length, JSON, raw bytes) are read once per
+    shard and process; a pickled reader (a DataLoader worker) re-reads them lazily.
     """
 
     def __init__(self, manifest: Manifest | str | os.PathLike):
@@ -395,23 +410,24 @@ class ShardReader:
 
     def read_into(self, shard: int, start: int, out: dict[str, torch.Tensor]) -> None:
         """Copy rows [start, start + len(out[k])) of one shard straight into the tensors `out`
-        (one copy from the page cache, no intermediate buffers)."""
+        (one positioned read per tensor from the page cache, no mapping, no intermediate buffer)."""
         path, base, header = self._header(shard)
-        for key, dst in out.items():
-            info = header[key]
-            if SAFETENSORS_DTYPES[info["dtype"]] != dst.dtype:
-                raise ShardError(f"{path}: {key} is {info['dtype']} but other shards hold "
-                                 f"{dst.dtype}; re-extract the shards with one --dtype")
-            row_bytes = math.prod(info["shape"][1:]) * dst.dtype.itemsize
-            flat = dst.view(torch.uint8).reshape(-1).numpy()
-            try:
-                mapped = np.memmap(path, dtype=np.uint8, mode="r", shape=(flat.size,),
-                                   offset=base + info["data_offsets"][0] + start * row_bytes)
-            except (OSError, ValueError) as e:  # e.g. a truncated file
-                raise ShardError(f"{path}: cannot read rows {start}.. of {key} ({e}); re-extract "
-                                 "it") from e
-            flat[:] = mapped
-            del mapped  # unmap now: nothing of the file stays resident in this process
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as e:
+            raise ShardError(f"{path}: cannot open ({e}); re-extract it") from e
+        try:
+            for key, dst in out.items():
+                info = header[key]
+                if SAFETENSORS_DTYPES[info["dtype"]] != dst.dtype:
+                    raise ShardError(f"{path}: {key} is {info['dtype']} but other shards hold "
+                                     f"{dst.dtype}; re-extract the shards with one --dtype")
+                row_bytes = math.prod(info["shape"][1:]) * dst.dtype.itemsize
+                flat = dst.view(torch.uint8).reshape(-1).numpy()
+                _read_exactly(fd, flat, base + info["data_offsets"][0] + start * row_bytes,
+                              f"{path}: cannot read rows {start}.. of {key}")
+        finally:
+            os.close(fd)
 
     def read_rows(self, shard: int, start: int, stop: int) -> dict[str, torch.Tensor]:
         """Rows [start, stop) of one shard as {'clip': ..., 'eva': ...} in the stored dtype."""
