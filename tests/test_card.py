@@ -170,3 +170,29 @@ def test_a_failed_learning_problem_is_trained_again_with_the_next_seed(tmp_path,
     learns = {"grid": {3}, "neighbour": {3}}
     judge()
     assert rounds == [["grid", "neighbour", "overfit"]]
+
+
+def test_no_second_seed_when_the_card_fails_another_check_whatever_the_problems_score(
+        tmp_path, monkeypatch):
+    """A second seed can only rescue a problem; when the interface or the overfit run has already
+    failed the card, the failed problem keeps its one seed and says why."""
+    p = problems(16, 64)["grid"]
+    clip, target = p.pairs(0, 64)
+    target = transport.normalize_target(target)
+    mean = target.mean(0, keepdim=True).expand_as(target)
+    rounds = []
+    monkeypatch.setattr(card_mod, "train_all", lambda runs, *_: rounds.append(len(runs)))
+    monkeypatch.setattr(card_mod, "learn", lambda name, *_: Scored(
+        name, None, clip, target, list(range(64)), mean, {"mean": mean, "ridge": target,
+                                                          "oracle": target}, []))
+    trainer = card_mod.Trainer("next-dit", "eva-repro", TOY, "cpu", seed=0, reuse=False)
+    tasks = [card_mod.Task("grid", tmp_path, tmp_path / "grid", TOY, p, True)]
+    asked = []
+    check = card_mod.learn_and_judge(trainer, tasks, False, say=lambda _: None,
+                                     failing=lambda: asked.append(1) or ["uses_t"])["grid"][1]
+    assert rounds == [1] and asked == [1] and check.passed is False
+    assert check.detail.endswith("one seed: not trained again, the card fails uses_t whatever "
+                                 "this problem scores")
+    rounds.clear()
+    card_mod.learn_and_judge(trainer, tasks, False, say=lambda _: None, failing=list)
+    assert rounds == [1, 1]  # nothing else fails: the second seed is trained

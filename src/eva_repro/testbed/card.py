@@ -175,17 +175,23 @@ class Trainer:
 
 
 def learn_and_judge(trainer: Trainer, tasks: list[Task], by_design_set: bool,
-                    say: Callable[[str], Any] = print, also: list[dict[str, Any]] | None = None
-                    ) -> dict[str, tuple[Scored, Check]]:
+                    say: Callable[[str], Any] = print, also: list[dict[str, Any]] | None = None,
+                    failing: Callable[[], list[str]] = list) -> dict[str, tuple[Scored, Check]]:
     """Train and judge the learning problems. A problem that fails is trained again with the next
     seed, up to `SEEDS_PER_PROBLEM` seeds (a correct cross-attention-only head finds the aligned
     condition after a seed-dependent number of steps, and some seeds not within the budget); its
     check is the best seed's and its detail lists every seed's value. The runs of a round (every
     problem's first seed and the runs in `also`; then the failed problems' next seed) train
-    together, `trainer.jobs` at a time."""
+    together, `trainer.jobs` at a time. No problem is trained again once `failing()` (asked
+    after the first round) names a check the card fails whatever the problems score: another
+    seed could not change the verdict."""
     tried: dict[str, list[tuple[Scored, Check]]] = {t.name: [] for t in tasks}
     for attempt in range(SEEDS_PER_PROBLEM):
         todo = [t for t in tasks if attempt == 0 or tried[t.name][-1][1].passed is False]
+        if todo and attempt == 1 and (settled := failing()):
+            say(f"no second seed for {', '.join(t.name for t in todo)}: the card fails "
+                f"{', '.join(settled)} whatever they score")
+            return {name: _one_seed(pairs, settled) for name, pairs in tried.items()}
         if not todo:
             break
         runs = [trainer.options(t, attempt) for t in todo]
@@ -202,6 +208,14 @@ def learn_and_judge(trainer: Trainer, tasks: list[Task], by_design_set: bool,
             say(f"  {t.name}: {check.mark} (seed {options['seed']}): "
                 + ", ".join(f"{k} {v:.3f}" for k, v in s.scores.items()))
     return {name: _best(pairs, trainer.seed) for name, pairs in tried.items()}
+
+
+def _one_seed(tried: list[tuple[Scored, Check]], settled: list[str]) -> tuple[Scored, Check]:
+    s, check = tried[0]
+    if check.passed is False:
+        check = replace(check, detail=f"{check.detail}; one seed: not trained again, the card "
+                        f"fails {', '.join(settled)} whatever this problem scores")
+    return s, check
 
 
 def _best(tried: list[tuple[Scored, Check]], first_seed: int) -> tuple[Scored, Check]:
@@ -433,7 +447,12 @@ def _card(trainer: Trainer, out: Path, budget_name: str, real_data: list[str], s
     tasks += [Task(f"real{i}", Path(path), out / "runs" / f"real{i}", b, None, False)
               for i, path in enumerate(real_data)]
     overfit = overfit_options(trainer, out / "data" / "grid", out / "runs" / "overfit")
-    judged = learn_and_judge(trainer, tasks, as_set, say, also=[overfit])
+
+    def failing() -> list[str]:  # asked after the first round, when the overfit run has finished
+        fixed = checks + [overfit_check(train_once(overfit, reuse=True))]
+        return [c.name for c in fixed if c.passed is False]
+
+    judged = learn_and_judge(trainer, tasks, as_set, say, also=[overfit], failing=failing)
     for t in tasks:
         check = judged[t.name][1]
         checks.append(check if t.problem else replace(check, detail=f"{t.data_dir}: {check.detail}"))
