@@ -2,7 +2,7 @@
 # docs/testbed.md: the bug zoo and the reference cards at the quick budget (CPU, one thread each),
 # and the default head's zoo (what its score depends on). Writes zoo.json / zoo.md per table
 # under OUT and copies them to experiments/results/testbed/.
-#   experiments/testbed.sh [OUT] [BUDGET]   (quick: 6 to 8 minutes a correct card on a 2-core CPU)
+#   experiments/testbed.sh [OUT] [BUDGET]   (quick: 5 to 6 minutes a correct card on a 2-core CPU)
 set -euo pipefail
 out=${1:-testbed}
 budget=${2:-quick}
