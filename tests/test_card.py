@@ -47,6 +47,8 @@ def test_the_cli_writes_the_card_and_exits_with_its_verdict(tmp_path, capsys, sy
     assert json.loads((out / "check.json").read_text())["checks"] == card["checks"]
     md = (out / "check.md").read_text()
     assert md.startswith("# eva-repro check: next-dit") and md.count("| learns_") == 6
+    # the default head's pass says in its first lines what the card cannot see in it
+    assert md.splitlines()[4] == f"> {card['caveat']}" and "3D RoPE" in card["caveat"]
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 

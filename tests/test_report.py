@@ -137,11 +137,12 @@ def test_markdown_says_how_the_split_grouped_its_keys(report):
 
 def test_the_first_lines_say_what_the_score_of_the_default_head_does_not_measure(report):
     from eva_repro.model import DiTConfig, model_config
-    from eva_repro.model.dit import score_caveat
+    from eva_repro.model.dit import card_caveat, score_caveat
 
     default = model_config("next-dit", "tiny", "eva-repro", target_dim=8, cond_dim=8)
     pure = model_config("next-dit", "tiny", "blip3o", target_dim=8, cond_dim=8)
     assert score_caveat(pure) is None and score_caveat(DiTConfig(cond_align=False, cond_linear=False)) is None
+    assert card_caveat(pure) is None and card_caveat(default).startswith("This is eva-repro's default")
     with_caveat = {**report, "model": {**report["model"], "caveat": score_caveat(default)}}
     lines = markdown(with_caveat).splitlines()
     assert lines[2].startswith("> This is eva-repro's default head") and "3D RoPE, timestep" in lines[2]

@@ -86,9 +86,21 @@ ALIGNED_HEAD_CAVEAT = (
     "`eva-repro check`; BLIP3-o's own head is `--model_variant blip3o`.")
 
 
+ALIGNED_HEAD_CARD_CAVEAT = (
+    "This is eva-repro's default head: its aligned-condition input and linear path solve the "
+    "card's problems without the BLIP3-o parts, so its learning checks do not depend on its "
+    "cross-attention, 3D RoPE, timestep or adaLN modulation, and 1D positions in its RoPE pass "
+    "this card (docs/testbed.md). To judge BLIP3-o's own head: `--model_variant blip3o`.")
+
+
 def score_caveat(config) -> str | None:
     """What a held-out score of this model does not measure, for the first lines of a report."""
     return ALIGNED_HEAD_CAVEAT if getattr(config, "cond_align", False) else None
+
+
+def card_caveat(config) -> str | None:
+    """What the test bed's report card of this model cannot catch, for its first lines."""
+    return ALIGNED_HEAD_CARD_CAVEAT if getattr(config, "cond_align", False) else None
 
 
 # width, depth, heads, kv heads: the public reference's sizes, so results compare.

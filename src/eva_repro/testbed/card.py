@@ -34,6 +34,7 @@ from eva_repro.flow import sampling, transport
 from eva_repro.flow.transport import token_cosine
 from eva_repro.model import build_model, model_config
 from eva_repro.model.checkpoint import load_model
+from eva_repro.model.dit import card_caveat
 from eva_repro.testbed.interface import DEPENDS, declared, interface_checks, relative
 from eva_repro.testbed.problems import Problem, problems
 from eva_repro.testbed.runs import (
@@ -480,6 +481,7 @@ def _card_record(backbone, variant, budget_name, b, checks, scored, model) -> di
         "passed": not failed,
         "summary": (f"{len(applicable) - len(failed)} of {len(applicable)} checks passed"
                     + (f"; failed: {', '.join(failed)}" if failed else "")),
+        "caveat": card_caveat(model.config),
         "backbone": backbone, "variant": variant, "budget": budget_name,
         "budget_settings": {k: v for k, v in b.__dict__.items() if k != "extra_hints"},
         "steps_per_problem": {k: b.for_problem(k).steps for k in scored},
@@ -498,6 +500,7 @@ def markdown(card: dict[str, Any]) -> str:
              f"**{'PASSED' if card['passed'] else 'FAILED'}**: {card['summary']} "
              f"(budget {card['budget']}, prediction {card['prediction']}, "
              f"{card['params_m']}M parameters).", "",
+             *([f"> {card['caveat']}", ""] if card.get("caveat") else []),
              "| check | group | verdict | value | threshold | a failure means |",
              "|---|---|---|---|---|---|"]
     for c in card["checks"]:
