@@ -249,7 +249,8 @@ class Mutant:
 
 HERE = "eva_repro.testbed.zoo"
 MUTANTS = {m.name: m for m in [
-    Mutant("correct", f"{HERE}:correct", "the pure head, unmodified (must pass)"),
+    Mutant("correct", f"{HERE}:correct", "the head the bugs are planted in, unmodified (must "
+           "pass)"),
     Mutant("rope_1d", f"{HERE}:rope_1d", rope_1d.__doc__),
     Mutant("sampler_time_reversed", f"{HERE}:sampler_time_reversed", sampler_time_reversed.__doc__),
     Mutant("unit_norm_noise", f"{HERE}:correct", "training noise scaled to unit norm per sample "
