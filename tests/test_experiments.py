@@ -100,8 +100,8 @@ def _finite(report: dict) -> None:
 
 def test_every_script_is_tested():
     scripts = {p.name for p in (ROOT / "experiments").iterdir() if p.suffix in (".sh", ".py")}
-    assert scripts == {"demo.sh", "fsync_cost.py", "imagenet.sh", "learning.sh", "noise_cost.py",
-                       "quality.sh", "regrid.py", "testbed.sh"}
+    assert scripts == {"blip3o_photos.sh", "demo.sh", "fsync_cost.py", "imagenet.sh", "learning.sh",
+                       "noise_cost.py", "quality.sh", "regrid.py", "testbed.sh"}
 
 
 @pytest.mark.usefixtures("one_thread")
@@ -153,6 +153,22 @@ def test_imagenet_extracts_trains_and_evaluates_at_toy_size(tmp_path):
     plain = json.loads((out / "in8" / "run-nowhiten" / "model" / "config.json").read_text())
     assert plain["cond_whiten"] is None  # the pair differs in the whitening only
     _finite(json.loads((out / "in8" / "report-nowhiten" / "report.json").read_text()))
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_blip3o_photos_trains_the_pure_head_longer_and_evaluates_it_at_toy_size(tmp_path):
+    shards, out = tmp_path / "shards", tmp_path / "out"
+    assert cli.main(["synth", "--output_dir", str(shards), *TOY["synth"]]) == 0
+    argvs = _record(ROOT / "experiments" / "blip3o_photos.sh", tmp_path, str(shards), str(out), "3")
+    assert [a[0] for a in argvs] == ["train", "evaluate"]
+    train = parse_exactly(argvs[0])
+    assert (train.model_variant, train.loss_weight, train.num_epochs) == ("blip3o", "velocity", 3)
+    assert train.eval_every == 3 * 4 // 6  # 32 of the 40 samples train: 4 batches of 8 an epoch
+    _replay(argvs)
+    _finite(json.loads((out / "report" / "report.json").read_text()))
+    config = json.loads((out / "run" / "model" / "config.json").read_text())
+    # the pure head: v-prediction, and the condition reaches it through cross-attention only
+    assert (config["prediction"], config["cond_align"], config["cond_linear"]) == ("v", False, False)
 
 
 @pytest.mark.usefixtures("one_thread")
