@@ -159,10 +159,12 @@ def test_imagenet_extracts_trains_and_evaluates_at_toy_size(tmp_path):
 def test_blip3o_photos_trains_the_pure_head_longer_and_evaluates_it_at_toy_size(tmp_path):
     shards, out = tmp_path / "shards", tmp_path / "out"
     assert cli.main(["synth", "--output_dir", str(shards), *TOY["synth"]]) == 0
-    argvs = _record(ROOT / "experiments" / "blip3o_photos.sh", tmp_path, str(shards), str(out), "3")
+    argvs = _record(ROOT / "experiments" / "blip3o_photos.sh", tmp_path, str(shards), str(out), "3",
+                    "--group_by", "(.+)")  # flags after EPOCHS reach the trainer
     assert [a[0] for a in argvs] == ["train", "evaluate"]
     train = parse_exactly(argvs[0])
     assert (train.model_variant, train.loss_weight, train.num_epochs) == ("blip3o", "velocity", 3)
+    assert train.group_by == "(.+)"
     assert train.eval_every == 3 * 4 // 6  # 32 of the 40 samples train: 4 batches of 8 an epoch
     _replay(argvs)
     _finite(json.loads((out / "report" / "report.json").read_text()))
