@@ -27,7 +27,7 @@ def test_the_cli_writes_the_card_and_exits_with_its_verdict(tmp_path, capsys, sy
     card = json.loads((out / "check.json").read_text())
     assert code == (0 if card["passed"] else 1)
     names = [c["name"] for c in card["checks"]]
-    assert len(names) == 24 and len(set(names)) == 24
+    assert len(names) == 25 and len(set(names)) == 25
     shards = next(c for c in card["checks"] if c["name"] == "learns_real0")  # --data: vs ridge
     assert shards["detail"].startswith(f"{real}: dit ") and "oracle" not in shards["detail"]
     assert {"learns_global", "learns_grid", "learns_neighbour", "learns_wide", "learns_regrid",
@@ -46,7 +46,7 @@ def test_the_cli_writes_the_card_and_exits_with_its_verdict(tmp_path, capsys, sy
     assert again == code and [p.stat().st_mtime_ns for p in runs] == stamps  # judged, not retrained
     assert json.loads((out / "check.json").read_text())["checks"] == card["checks"]
     md = (out / "check.md").read_text()
-    assert md.startswith("# eva-repro check: next-dit") and md.count("| learns_") == 6
+    assert md.startswith("# eva-repro check: next-dit") and md.count("| learns_") == 7
     # the default head's pass says in its first lines what the card cannot see in it
     assert md.splitlines()[4] == f"> {card['caveat']}" and "3D RoPE" in card["caveat"]
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
@@ -135,6 +135,14 @@ def test_the_learning_and_distribution_checks_fail_a_regressor_of_the_mean():
     assert card_mod.learning_check(replace(s, samples=mean), True, False).value == pytest.approx(0, abs=1e-6)
     assert card_mod.learning_check(s, True, False).value == pytest.approx(1.0, abs=1e-6)
     assert card_mod.learning_check(s, True, True).passed is None  # a set reader, by design
+    assert card_mod.every_position_check(s).passed is True
+    # one position at the mean, the other 15 right: the problem is learned, that position is not
+    one_off = oracle.clone()
+    one_off[:, 4] = mean[:, 4]
+    assert card_mod.learning_check(replace(s, samples=one_off), True, False).passed is True
+    worst = card_mod.every_position_check(replace(s, samples=one_off))
+    assert worst.passed is False and worst.value == pytest.approx(0, abs=1e-6)
+    assert "position 4 (row 1, column 0)" in worst.detail
 
 
 def test_a_failed_learning_problem_is_trained_again_with_the_next_seed(tmp_path, monkeypatch):

@@ -100,8 +100,8 @@ def _finite(report: dict) -> None:
 
 def test_every_script_is_tested():
     scripts = {p.name for p in (ROOT / "experiments").iterdir() if p.suffix in (".sh", ".py")}
-    assert scripts == {"blip3o_photos.sh", "demo.sh", "fsync_cost.py", "imagenet.sh", "learning.sh",
-                       "noise_cost.py", "quality.sh", "regrid.py", "testbed.sh"}
+    assert scripts == {"blip3o_photos.sh", "demo.sh", "fsync_cost.py", "heldout_bugs.py", "imagenet.sh",
+                       "learning.sh", "noise_cost.py", "quality.sh", "regrid.py", "testbed.sh"}
 
 
 @pytest.mark.usefixtures("one_thread")
@@ -183,6 +183,52 @@ def test_testbed_judges_a_mutant_and_collects_its_table_at_toy_size(tmp_path):
     table = json.loads((out / "zoo" / "zoo.json").read_text())
     failed = {c["name"] for c in table["t_ignored"]["checks"] if c["passed"] is False}
     assert "uses_t" in failed and not table["t_ignored"]["passed"]
+
+
+def test_every_heldout_bug_changes_its_network_and_the_rewrites_are_named_must_pass():
+    script = runpy.run_path(str(ROOT / "experiments" / "heldout_bugs.py"))
+    from eva_repro.model import build_model, model_config
+    from eva_repro.testbed.interface import perturbed, relative
+
+    def net(name: str) -> torch.nn.Module:
+        torch.manual_seed(0)
+        cfg = model_config(f"{ROOT}/experiments/heldout_bugs.py:{name}", "tiny", "eva-repro",
+                           target_dim=16, cond_dim=8, tokens=16, token_mode="patch_only", hidden=32,
+                           depth=1, n_heads=4, n_kv_heads=2)
+        return perturbed(build_model(cfg)).eval()
+
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 16, 16, generator=g), torch.rand(2, generator=g)
+    conds = torch.randn(2, 16, 8, generator=g), torch.randn(2, 64, 8, generator=g)  # grid, regrid
+    drop = torch.tensor([True, False])  # one row takes the null condition
+    for f in script["FACTORIES"]:
+        name = f.__name__
+        reference = net("plain_correct" if name.startswith("plain_") else "head_correct")
+        bugged = net(name)
+        bugged.load_state_dict(reference.state_dict())
+        with torch.no_grad():
+            bugged.train(name == "plain_pairs_shifted_in_training")  # that bug lives in training
+            change = max(relative(bugged(x, t, c, drop), reference(x, t, c, drop)) for c in conds)
+        assert change > 1e-4, f"{name} computes what its unmodified network computes"
+    assert [f.__name__ for f in script["FACTORIES"] if script["must_pass"](f.__name__)] == [
+        "plain_shift_scale_swapped_equivalent", "head_gqa_tiled_equivalent"]
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_heldout_bugs_judges_a_factory_and_tabulates_its_card_at_toy_size(tmp_path):
+    script = runpy.run_path(str(ROOT / "experiments" / "heldout_bugs.py"))
+    rows = script["main"](tmp_path, "toy", ["head_queries_normalised_over_batch"])
+    row = rows["head_queries_normalised_over_batch"]
+    assert row["passed"] is False and row["must_pass"] is False and row["wall_s"] >= 0
+    assert "batch_independent" in row["failed"]
+    md = (tmp_path / "heldout.md").read_text().splitlines()
+    assert md[2].startswith("| head_queries_normalised_over_batch | pure Next-DiT | FAILS | ")
+    card = tmp_path / "head_queries_normalised_over_batch" / "runs" / "grid" / "metrics.jsonl"
+    stamp = card.stat().st_mtime_ns
+    again = script["main"](tmp_path, "toy", ["head_queries_normalised_over_batch"], reuse=True)
+    assert again == rows and card.stat().st_mtime_ns == stamp  # judged again, not retrained
+    with pytest.raises(SystemExit, match="no factory"):
+        script["main"](tmp_path, "toy", ["no_such_bug"])
 
 
 @pytest.mark.usefixtures("one_thread", "toy_quality")
