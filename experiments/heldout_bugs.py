@@ -338,8 +338,9 @@ def collect(out: Path) -> dict[str, Any]:
     atomic_write_json(out / "heldout.json", rows)
     lines = ["| bug | host | verdict | failed checks |", "|---|---|---|---|"]
     for name, r in rows.items():
-        verdict = ("passes" if r["passed"] else "FAILS") + (
-            "" if r["passed"] == r["must_pass"] else " (unexpected)")
+        verdict = {(True, True): "passes", (True, False): "FAILS: a false alarm",
+                   (False, False): "FAILS: caught", (False, True): "passes: not caught"}[
+            (r["must_pass"], r["passed"])]
         host = "plain DiT" if name.startswith("plain_") else "pure Next-DiT"
         lines.append(f"| {name} | {host} | {verdict} | {', '.join(r['failed']) or '-'} |")
     atomic_write_bytes(out / "heldout.md", ("\n".join(lines) + "\n").encode())
@@ -348,6 +349,8 @@ def collect(out: Path) -> dict[str, Any]:
 
 if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if a != "--reuse"]
+    if any(a.startswith("-") for a in args):
+        sys.exit("usage: python experiments/heldout_bugs.py [OUT] [BUDGET] [NAME ...] [--reuse]")
     out = Path(args[0] if args else "heldout")
     main(out, *(args[1:2] or ["quick"]), args[2:] or None, reuse="--reuse" in sys.argv)
     print((out / "heldout.md").read_text())

@@ -222,7 +222,7 @@ def test_heldout_bugs_judges_a_factory_and_tabulates_its_card_at_toy_size(tmp_pa
     assert row["passed"] is False and row["must_pass"] is False and row["wall_s"] >= 0
     assert "batch_independent" in row["failed"]
     md = (tmp_path / "heldout.md").read_text().splitlines()
-    assert md[2].startswith("| head_queries_normalised_over_batch | pure Next-DiT | FAILS | ")
+    assert md[2].startswith("| head_queries_normalised_over_batch | pure Next-DiT | FAILS: caught | ")
     card = tmp_path / "head_queries_normalised_over_batch" / "runs" / "grid" / "metrics.jsonl"
     stamp = card.stat().st_mtime_ns
     again = script["main"](tmp_path, "toy", ["head_queries_normalised_over_batch"], reuse=True)
