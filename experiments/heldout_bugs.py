@@ -79,7 +79,7 @@ class PlainTimestepScaledTwice(plain_dit.PlainDiT):
 
 
 def plain_timestep_scaled_twice(**kw) -> nn.Module:
-    """The timestep scaled to [0, 1000] twice: the embedding sees 10^6 t, aliased noise of t."""
+    """The timestep scaled to [0, 1000] twice: the embedder sees 10^6 t."""
     return _plain(PlainTimestepScaledTwice, **kw)
 
 
