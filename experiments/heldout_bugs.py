@@ -31,7 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from eva_repro import cli
-from eva_repro.model.dit import VARIANTS, DiT, DiTConfig, apply_rope
+from eva_repro.model.dit import DiT, apply_rope
+from eva_repro.testbed import zoo
+from eva_repro.testbed.zoo import Wrapped, head
 from eva_repro.utils.files import atomic_write_bytes, atomic_write_json
 
 HERE = Path(__file__).resolve().parent
@@ -133,31 +135,7 @@ def _plain(cls: type, **kw) -> nn.Module:
 # -- bugs in the pure Next-DiT head (BLIP3-o / Lumina-Next) -------------------------------------
 
 
-class Head(nn.Module):
-    """The pure head as a plugin (its raw prediction and declared type), optionally with its
-    attention's forward replaced in every block or its positions edited."""
-
-    def __init__(self, net: DiT):
-        super().__init__()
-        self.net, self.prediction = net, net.config.prediction
-
-    @property
-    def blocks(self) -> nn.ModuleList:
-        return self.net.blocks
-
-    def forward(self, x, t, cond, drop_cond=None):
-        return self.net(x, t, cond, drop_cond)
-
-
-def _head(target_dim: int, cond_dim: int, tokens: int, hidden: int = 384, depth: int = 6,
-          n_heads: int = 6, n_kv_heads: int = 2, **_: Any) -> DiT:
-    return DiT(DiTConfig(target_dim=target_dim, cond_dim=cond_dim, tokens=tokens, hidden=hidden,
-                         depth=depth, n_heads=n_heads, n_kv_heads=n_kv_heads, **VARIANTS["blip3o"]))
-
-
-def head_correct(**kw) -> nn.Module:
-    """The pure Next-DiT head, unmodified (must pass)."""
-    return Head(_head(**kw))
+head_correct = zoo.correct  # the pure Next-DiT head, unmodified (must pass)
 
 
 def _attention(self, x, c, rope_x, rope_c, *, rope_keys=True, tile_kv=False, untransposed=False,
@@ -190,10 +168,10 @@ def _attention(self, x, c, rope_x, rope_c, *, rope_keys=True, tile_kv=False, unt
 
 def _with_attention(name: str, doc: str, **switch):
     def factory(**kw) -> nn.Module:
-        net = _head(**kw)
+        net = head(**kw)
         for block in net.blocks:
             block.attn.forward = types.MethodType(functools.partial(_attention, **switch), block.attn)
-        return Head(net)
+        return Wrapped(net)
     factory.__name__ = factory.__qualname__ = name
     factory.__doc__ = doc
     return factory
@@ -215,15 +193,15 @@ head_gqa_tiled_equivalent = _with_attention(
     "heads, the same family of functions (must pass).", tile_kv=True)
 
 
-class ConditionPositions(Head):
-    """The head with the condition's positions computed by `edit(positions, tokens, grid_tokens,
-    device)` instead of `positions(tokens, grid_tokens, device)`. DiT.forward asks `positions`
+class ConditionPositions(Wrapped):
+    """The head with the condition's positions computed by `edit_positions(positions, tokens,
+    grid_tokens, device)` instead of `positions(tokens, grid_tokens, device)`. DiT.forward asks `positions`
     for the target's first and the condition's second, with the same arguments when both lie on
     one grid, so the second call is the condition's."""
 
-    def __init__(self, net: DiT, edit):
+    def __init__(self, net: DiT, edit_positions):
         super().__init__(net)
-        self.edit = edit
+        self.edit_positions = edit_positions
 
     def forward(self, x, t, cond, drop_cond=None):
         real, calls = self.net.positions, []
@@ -232,7 +210,7 @@ class ConditionPositions(Head):
             calls.append(tokens)
             if len(calls) == 1:
                 return real(tokens, grid_tokens, device)
-            return self.edit(real, tokens, grid_tokens, device)
+            return self.edit_positions(real, tokens, grid_tokens, device)
 
         self.net.positions = positions  # this call only
         try:
@@ -267,18 +245,18 @@ def _own_units(real, tokens, grid_tokens, device):
 def head_condition_rows_cols_swapped(**kw) -> nn.Module:
     """The condition's patch grid read column-major (its rows and columns swapped); the target's
     row-major."""
-    return ConditionPositions(_head(**kw), _reordered(_transposed))
+    return ConditionPositions(head(**kw), _reordered(_transposed))
 
 
 def head_condition_positions_off_by_one(**kw) -> nn.Module:
     """Every condition token at its predecessor's position (a CLS strip on tokens that have none)."""
-    return ConditionPositions(_head(**kw), _reordered(_shifted_one))
+    return ConditionPositions(head(**kw), _reordered(_shifted_one))
 
 
 def head_condition_in_own_units(**kw) -> nn.Module:
     """The condition's RoPE positions counted on its own grid (0 .. gc - 1), not mapped onto the
     target grid: a finer condition grid's positions do not line up with the target's."""
-    return ConditionPositions(_head(**kw), _own_units)
+    return ConditionPositions(head(**kw), _own_units)
 
 
 # -- the table -------------------------------------------------------------------------------
@@ -303,7 +281,7 @@ def main(out: Path, budget: str = "quick", names: list[str] | None = None, reuse
     if unknown := set(names or []) - known:
         raise SystemExit(f"heldout_bugs.py: no factory {sorted(unknown)}; known: {sorted(known)}")
     walls = out / "wall.json"
-    for name in names or sorted(known, key=[f.__name__ for f in FACTORIES].index):
+    for name in names or [f.__name__ for f in FACTORIES]:
         start = time.time()
         cli.main(["check", "--backbone", f"{Path(__file__).resolve()}:{name}", "--output_dir",
                   str(out / name), "--budget", budget, *(["--reuse"] if reuse else [])])

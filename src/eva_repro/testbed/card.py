@@ -266,7 +266,8 @@ PROBLEM_MEANING = {
 def every_position_check(s: Scored) -> Check:
     """The grid problem's gap closed at its worst-learned target position: a bug at particular
     positions (one token dropped or shifted) costs only those positions' share of the mean."""
-    per = {k: token_cosine(v, s.target).mean(0) for k, v in {"dit": s.samples, **s.references}.items()}
+    per = {k: token_cosine(v, s.target).mean(0) for k, v in
+           {"dit": s.samples, "mean": s.references["mean"], "oracle": s.references["oracle"]}.items()}
     gap = (per["dit"] - per["mean"]) / (per["oracle"] - per["mean"]).clamp_min(1e-6)
     worst, g = int(gap.argmin()), math.isqrt(gap.numel())
     return Check("learns_every_position", "learning", bool(gap[worst] >= EVERY_POSITION_BAR),
